@@ -1,0 +1,22 @@
+# make demo: run the main job on the embedded default; make test: the whole test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+.PHONY: install test demo lint
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m hyperlora_jax.cli demo
+
+lint: install
+	$(VENV)/bin/ruff check .
