@@ -12,7 +12,8 @@ from hyperlora_jax.errors import HyperLoraError
 COMMAND_MODULES = (
     "hyperlora_jax.models.cli",  # fetch-model, chat
     "hyperlora_jax.lora.cli",  # export-peft
-    "hyperlora_jax.hypernet.cli",  # internalize, generate-adapter
+    "hyperlora_jax.hypernet.doc_to_lora_cli",  # internalize
+    "hyperlora_jax.hypernet.text_to_lora_cli",  # generate-adapter
     "hyperlora_jax.convert.cli",  # convert official-d2l | official-t2l
     "hyperlora_jax.data.cli",  # data niah | selfgen | ...
     "hyperlora_jax.train.cli",  # train, plan

@@ -13,6 +13,9 @@ def register(subparsers) -> None:
     t2l = kinds.add_parser("official-t2l", help="a released T2L folder (hypermod.pt, args.yaml)")
     t2l.add_argument("src", help="release folder holding hypermod.pt, args.yaml, adapter_config.json")
     t2l.add_argument("out", help="output checkpoint folder")
+    t2l.add_argument(
+        "--base-model", default=None, help="HF model folder to check the hypernet's shapes against"
+    )
     t2l.set_defaults(func=_convert_t2l)
 
 
@@ -26,5 +29,5 @@ def _convert_d2l(args) -> int:
 def _convert_t2l(args) -> int:
     from hyperlora_jax.convert.official_t2l import convert
 
-    print(convert(args.src, args.out))
+    print(convert(args.src, args.out, base_model=args.base_model))
     return 0

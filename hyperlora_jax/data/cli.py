@@ -1,5 +1,209 @@
-"""CLI subcommands of this area (see hyperlora_jax/cli.py)."""
+"""`hyperlora-jax data niah | selfgen | inspect`: build datasets on disk."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from hyperlora_jax.errors import ConfigError, InputError
 
 
 def register(subparsers) -> None:
-    """Add this area's subcommands to the `hyperlora-jax` parser."""
+    """Add `data` and its subcommands to the `hyperlora-jax` parser."""
+    p = subparsers.add_parser("data", help="build training / evaluation datasets")
+    sub = p.add_subparsers(dest="data_command", required=True)
+
+    n = sub.add_parser("niah", help="needle-in-a-haystack data binned by the base tokenizer")
+    n.add_argument("--tokenizer", required=True, help="base model folder (or known model name)")
+    n.add_argument("--out", required=True, help="output folder")
+    n.add_argument(
+        "--bins",
+        default="32-128,128-256",
+        help="token bins LO-HI,LO-HI,... or 'official' (32 .. 128K)",
+    )
+    n.add_argument("--n-train", type=int, default=320_000, help="training examples per bin")
+    n.add_argument("--n-val", type=int, default=1000)
+    n.add_argument("--n-test", type=int, default=1000)
+    n.add_argument(
+        "--train-max-hi",
+        type=int,
+        default=1024,
+        help="only bins with hi <= this get training data (official: 1024)",
+    )
+    n.add_argument("--seed", type=int, default=42)
+    n.add_argument("--format", default="jsonl", choices=("jsonl", "parquet", "array_record"))
+    n.set_defaults(func=_niah)
+
+    s = sub.add_parser("selfgen", help="self-generated QA distillation data (teacher top-k)")
+    s.add_argument("--model", required=True, help="base (teacher) model folder or known name")
+    s.add_argument(
+        "--docs",
+        nargs="+",
+        required=True,
+        help="documents: JSONL / Parquet / text files, folders or globs",
+    )
+    s.add_argument("--out", required=True, help="output file (.parquet, .jsonl, .array_record)")
+    s.add_argument("--text-field", default="text")
+    s.add_argument(
+        "--max-chars",
+        type=int,
+        default=2000,
+        help="keep documents of at most this many characters (official 2000)",
+    )
+    s.add_argument(
+        "--question-model",
+        default=None,
+        help="instruct model writing the questions (default: --model)",
+    )
+    s.add_argument(
+        "--questions-field",
+        default=None,
+        help="use questions stored in this field of each record instead of generating",
+    )
+    s.add_argument("--n-qa-pairs", type=int, default=5)
+    s.add_argument("--no-repeat-round", action="store_true", help="only the level-0 questions")
+    s.add_argument("--q-max-new-tokens", type=int, default=2048)
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--top-k", type=int, default=16)
+    s.add_argument("--logprob-dtype", default="float32", choices=("float32", "float16"))
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--limit", type=int, default=None, help="use only the first N documents")
+    s.add_argument("--on-error", default="raise", choices=("raise", "skip"))
+    s.set_defaults(func=_selfgen)
+
+    i = sub.add_parser("inspect", help="count and size of a dataset file or folder")
+    i.add_argument("path")
+    i.set_defaults(func=_inspect)
+
+
+def _tokenizer(name: str):
+    from hyperlora_jax.models.fetch import fetch_model
+    from hyperlora_jax.models.tokenizer import load_tokenizer
+
+    p = Path(name)
+    if p.is_dir() and ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
+        return load_tokenizer(p)
+    return load_tokenizer(fetch_model(name))
+
+
+def _niah(args: argparse.Namespace) -> int:
+    from hyperlora_jax.data import niah, storage
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.time()
+    summary = niah.generate_niah(
+        _tokenizer(args.tokenizer),
+        args.out,
+        bins=niah.parse_bins(args.bins),
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        train_max_hi=args.train_max_hi,
+        seed=args.seed,
+        fmt=args.format,
+    )
+    print(
+        json.dumps(
+            {
+                "datasets": summary,
+                "bytes": storage.dir_size(args.out),
+                "seconds": round(time.time() - t0, 1),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _selfgen(args: argparse.Namespace) -> int:
+    from hyperlora_jax.data import selfgen, storage
+    from hyperlora_jax.models.fetch import fetch_model
+    from hyperlora_jax.models.hf import load_hf_model
+    from hyperlora_jax.models.tokenizer import load_tokenizer
+
+    out = Path(args.out)
+    if out.suffix not in (".parquet", ".jsonl", ".array_record"):
+        raise ConfigError(f"--out {out}: use a .parquet, .jsonl or .array_record file")
+    docs, bad = storage.read_documents(
+        args.docs, text_field=args.text_field, on_error=args.on_error, max_chars=args.max_chars
+    )
+    if args.limit:
+        docs = docs[: args.limit]
+    if not docs:
+        raise InputError(f"no usable documents in {args.docs}")
+    path = fetch_model(args.model)
+    tok = load_tokenizer(path)
+    config, params = load_hf_model(path)
+    cfg = selfgen.SelfGenConfig(
+        n_qa_pairs=args.n_qa_pairs,
+        repeat_round=not args.no_repeat_round,
+        q_max_new_tokens=args.q_max_new_tokens,
+        max_new_tokens=args.max_new_tokens,
+        top_k=args.top_k,
+        logprob_dtype=args.logprob_dtype,
+    )
+    gen = selfgen.make_jax_generate(params, config, tok, batch_size=args.batch_size)
+    topk = selfgen.make_jax_topk(params, config, k=args.top_k, batch_size=args.batch_size)
+    questions = q_tok = q_gen = None
+    if args.questions_field:
+        questions = []
+        for d in docs:
+            qs = d.get(args.questions_field)
+            if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
+                raise InputError(
+                    f"{d['source']} record {d['index']}: field {args.questions_field!r} is not a "
+                    "list of strings"
+                )
+            questions.append(qs)
+    elif args.question_model and args.question_model != args.model:
+        qpath = fetch_model(args.question_model)
+        q_tok = load_tokenizer(qpath)
+        qc, qp = load_hf_model(qpath)
+        q_gen = selfgen.make_jax_generate(qp, qc, q_tok, batch_size=args.batch_size)
+    else:
+        q_tok, q_gen = tok, gen
+    t0 = time.time()
+    recs, stats = selfgen.self_generate(
+        [d[args.text_field] for d in docs],
+        tokenizer=tok,
+        generate=gen,
+        topk=topk,
+        q_tokenizer=q_tok,
+        q_generate=q_gen,
+        questions=questions,
+        cfg=cfg,
+        on_error=args.on_error,
+    )
+    dt = time.time() - t0
+    storage.write_records(out, recs)
+    stats.update(
+        documents=len(docs),
+        records=len(recs),
+        bad_input_records=[str(b) for b in bad],
+        seconds=round(dt, 1),
+        response_tokens_per_s=round(stats["response_tokens"] / max(dt, 1e-9), 2),
+        bytes=storage.dir_size(out),
+        out=str(out),
+    )
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from hyperlora_jax.data import storage
+
+    p = Path(args.path)
+    files = storage.expand_paths(p) if p.is_dir() else [p]
+    files += sorted(p.rglob("*.array_record")) if p.is_dir() else []
+    info = {}
+    for f in files:
+        try:
+            n = len(storage.RecordSource(f))
+        except (InputError, OSError, ValueError) as e:
+            n = f"unreadable: {e}"
+        info[str(f)] = {"records": n, "bytes": storage.dir_size(f)}
+    print(json.dumps(info, indent=2))
+    return 0

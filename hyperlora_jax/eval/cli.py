@@ -1,5 +1,322 @@
-"""CLI subcommands of this area (see hyperlora_jax/cli.py)."""
+"""`hyperlora-jax eval d2l ...` and `hyperlora-jax eval t2l ...`: JSON, markdown table, PNG plots.
+
+  hyperlora-jax eval d2l --base smollm2-135m-instruct --checkpoint ckpt/ \\
+      --niah-bins 256-512,1024-2048 --niah-per-bin 10 --out runs/eval_niah
+  hyperlora-jax eval d2l --base DIR --checkpoint ckpt/ --qa squad_val.jsonl --qa-format squad \\
+      --methods d2l,full_context,no_context,cd_oracle --out runs/eval_squad
+  hyperlora-jax eval t2l --base DIR --checkpoint t2l/ --task arc_easy=arc_easy_test.jsonl \\
+      --task boolq=boolq_val.jsonl --parity --out runs/eval_t2l
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hyperlora_jax.errors import ConfigError
+
+MiB = 2**20
+
+
+def _load_base(name_or_path: str):
+    from hyperlora_jax.models.fetch import fetch_model
+    from hyperlora_jax.models.hf import load_hf_model
+    from hyperlora_jax.models.tokenizer import load_tokenizer
+
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        path = fetch_model(name_or_path)
+    config, params = load_hf_model(path)
+    return path, config, params, load_tokenizer(path)
+
+
+def _methods(text: str, allowed) -> tuple[str, ...]:
+    out = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in out if m not in allowed]
+    if bad or not out:
+        raise ConfigError(f"unknown method(s) {bad or text!r}; choose from {', '.join(allowed)}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ D2L
+def run_d2l(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from hyperlora_jax.eval import baselines, niah, plots, qa
+
+    methods = _methods(args.methods, qa.METHODS)
+    if "d2l" in methods and not args.checkpoint:
+        raise ConfigError(
+            "method d2l needs --checkpoint (a D2L checkpoint folder or official .bin)"
+        )
+    sources = [bool(args.niah), bool(args.niah_bins), bool(args.qa)]
+    if sum(sources) != 1:
+        raise ConfigError(
+            "give exactly one data source: --niah PATH, --niah-bins LO-HI,... or --qa"
+        )
+    t0 = time.perf_counter()
+    base_path, config, params, tok = _load_base(args.base)
+    d2l = None
+    if args.checkpoint:
+        from hyperlora_jax.hypernet.doc_to_lora import DocToLoRA
+
+        d2l = DocToLoRA.from_checkpoint(args.checkpoint, base_model=(config, params), tokenizer=tok)
+    if args.niah:
+        examples = niah.load_niah(args.niah, args.limit)
+    elif args.niah_bins:
+        from hyperlora_jax.data.niah import parse_bins
+
+        examples = niah.make_niah(tok, parse_bins(args.niah_bins), args.niah_per_bin, args.seed)
+    else:
+        examples = qa.load_qa(args.qa, args.qa_format, args.limit)
+    cd = baselines.CDConfig(iterations=args.cd_iterations, lr=args.cd_lr)
+    ev = qa.D2LEvaluator(
+        params,
+        config,
+        tok,
+        d2l,
+        chunk_size=args.chunk_size if args.chunk_size > 0 else None,
+        max_new_tokens=args.max_new_tokens,
+        window=args.window,
+        cd=cd,
+        iterative=args.iterative,
+        dtype=jnp.dtype(args.dtype),
+    )
+    records = qa.run(ev, examples, methods)
+    summary = qa.summarize(records)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "kind": "d2l",
+        "base_model": str(base_path),
+        "checkpoint": args.checkpoint,
+        "data": args.niah or args.niah_bins or args.qa,
+        "metric": "rougeL_f1" if examples[0].metric == "rougeL" else "qa_f1",
+        "methods": list(methods),
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "summary": summary,
+        "stages": ev.tracker.summary(),
+        "records": records,
+        "wall_s": time.perf_counter() - t0,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    ev.tracker.save_csv(out / "tracked_stats.csv")
+    (out / "results.md").write_text(d2l_markdown(result))
+    _d2l_plots(records, summary, result["metric"], ev, out, plots)
+    print((out / "results.md").read_text())
+    print(f"wrote {out}/results.json, results.md, accuracy_vs_length.png, memory_vs_length.png")
+    return 0
+
+
+def _bin_x(records, method):
+    """(x = mean context tokens per bin, score) points of one method, sorted by length."""
+    bins: dict[Any, list] = {}
+    for r in records:
+        if r["method"] == method:
+            key = r.get("bin") or r["length"]
+            bins.setdefault(key, []).append(r)
+    pts = sorted(
+        (sum(r["length"] for r in v) / len(v), sum(r["score"] for r in v) / len(v))
+        for v in bins.values()
+    )
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _d2l_plots(records, summary, metric, ev, out, plots) -> None:
+    acc = {m: _bin_x(records, m) for m in summary}
+    plots.plot_accuracy_vs_length(
+        acc,
+        out / "accuracy_vs_length.png",
+        metric=metric,
+        window=ev.window,
+        title="D2L evaluation: score vs context length",
+    )
+    mem: dict[str, tuple[list, list]] = {}
+    for key, label in (
+        ("kv_cache_bytes", "KV cache (document in prompt)"),
+        ("adapter_bytes", "adapter (internalized)"),
+    ):
+        pts: dict[int, list] = {}
+        for r in records:
+            if key in r:
+                pts.setdefault(r["length"], []).append(r[key] / MiB)
+        if pts:
+            xs = sorted(pts)
+            mem[label] = (xs, [sum(pts[x]) / len(pts[x]) for x in xs])
+    peaks: dict[int, float] = {}
+    lengths = {r["example"]: r["length"] for r in records}
+    for rec in ev.tracker.records:
+        n = lengths.get(rec.example)
+        if n is not None:
+            peaks[n] = max(peaks.get(n, 0.0), rec.peak_bytes / MiB)
+    if peaks:
+        xs = sorted(peaks)
+        mem["peak stage memory (measured)"] = (xs, [peaks[x] for x in xs])
+    if not mem:
+        mem["(no memory figures)"] = ([1], [0.0])
+    plots.plot_memory_vs_length(mem, out / "memory_vs_length.png")
+
+
+def d2l_markdown(result: dict) -> str:
+    summ = result["summary"]
+    methods = list(summ)
+    bins = sorted(
+        {b for m in methods for b in summ[m].get("bins", {})},
+        key=lambda b: (float(b.split("-")[0]), b),
+    )
+    lines = [
+        f"# D2L evaluation ({result['metric']})",
+        "",
+        f"data: `{result['data']}`; base: `{result['base_model']}`",
+        "",
+    ]
+    lines.append("| bin (tokens) | " + " | ".join(methods) + " |")
+    lines.append("|---|" + "---|" * len(methods))
+    for b in bins:
+        cells = []
+        for m in methods:
+            e = summ[m].get("bins", {}).get(b)
+            cells.append(f"{e['score']:.3f} (n={e['count']})" if e else "")
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines.append("| **overall** | " + " | ".join(f"{summ[m]['score']:.3f}" for m in methods) + " |")
+    lines += ["", "| method | mean adapter MiB | mean KV-cache MiB |", "|---|---|---|"]
+    for m in methods:
+        a, k = summ[m].get("mean_adapter_bytes"), summ[m].get("mean_kv_cache_bytes")
+        lines.append(f"| {m} | {a / MiB:.3f} |" if a else f"| {m} | |")
+        lines[-1] += f" {k / MiB:.3f} |" if k else " |"
+    lines += ["", "| stage | n | mean s | median s | max peak MiB |", "|---|---|---|---|---|"]
+    for st, v in result["stages"].items():
+        lines.append(
+            f"| {st} | {v['count']} | {v['mean_s']:.3f} | {v['median_s']:.3f} | "
+            f"{v['max_peak_bytes'] / MiB:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ T2L
+def run_t2l(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from hyperlora_jax.eval import plots, tasks
+    from hyperlora_jax.eval.trackers import StageTracker
+
+    modes = _methods(args.modes, tasks.T2L_MODES)
+    if not args.task:
+        raise ConfigError("give at least one --task NAME=FILE (e.g. arc_easy=arc_easy_test.jsonl)")
+    data = {}
+    for spec in args.task:
+        if "=" not in spec:
+            raise ConfigError(f"--task {spec!r}: write NAME=FILE, e.g. boolq=boolq_val.jsonl")
+        name, path = spec.split("=", 1)
+        data[name] = tasks.load_examples(name, path, args.limit)
+    t2l = None
+    if "t2l" in modes:
+        if not args.checkpoint:
+            raise ConfigError("mode t2l needs --checkpoint (a T2L checkpoint folder)")
+        from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+
+        t2l = TextToLoRA.from_checkpoint(args.checkpoint, encoder=args.encoder)
+    t0 = time.perf_counter()
+    base_path, config, params, tok = _load_base(args.base)
+    tracker = StageTracker()
+    res = tasks.evaluate_t2l(
+        params,
+        config,
+        tok,
+        data,
+        t2l=t2l,
+        modes=modes,
+        parity=args.parity,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        dtype=jnp.dtype(args.dtype),
+        tracker=tracker,
+    )
+    res.update(
+        kind="t2l",
+        base_model=str(base_path),
+        checkpoint=args.checkpoint,
+        stages=tracker.summary(),
+        wall_s=time.perf_counter() - t0,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
+    (out / "results.md").write_text(t2l_markdown(res, modes))
+    tracker.save_csv(out / "tracked_stats.csv")
+    names = list(data)
+    plots._line_plot(
+        {m: (list(range(len(names))), [res["tasks"][t].get(m, 0.0) for t in names]) for m in modes},
+        out / "accuracy_by_task.png",
+        "task index (" + ", ".join(names) + ")",
+        "accuracy",
+        "T2L evaluation",
+        logx=False,
+        ylim=(-0.02, 1.02),
+    )
+    print((out / "results.md").read_text())
+    return 0
+
+
+def t2l_markdown(res: dict, modes) -> str:
+    names = list(res["tasks"])
+    lines = [
+        f"# T2L evaluation ({'README-parity' if res['parity'] else 'corrected parsers'})",
+        "",
+        "| mode | " + " | ".join(names) + " | avg |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for m in modes:
+        cells = [f"{100 * res['tasks'][t][m]:.2f}" for t in names]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {100 * res['average'][m]:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def register(subparsers) -> None:
-    """Add this area's subcommands to the `hyperlora-jax` parser."""
+    """Add `eval d2l` and `eval t2l`."""
+    p = subparsers.add_parser("eval", help="evaluate D2L / T2L (JSON, markdown, PNG plots)")
+    sub = p.add_subparsers(dest="eval_kind", required=True)
+
+    d = sub.add_parser("d2l", help="NIAH or QA: D2L vs full context vs no context vs CD oracle")
+    d.add_argument("--base", required=True, help="base model folder or known name")
+    d.add_argument("--checkpoint", help="D2L checkpoint folder or official pytorch_model.bin")
+    d.add_argument("--niah", nargs="+", help="NIAH folders/files from `hyperlora-jax data niah`")
+    d.add_argument("--niah-bins", help="generate NIAH test examples in these bins, e.g. 256-512")
+    d.add_argument("--niah-per-bin", type=int, default=10)
+    d.add_argument("--qa", help="QA file (JSONL / JSON list)")
+    d.add_argument(
+        "--qa-format", default="squad", help="squad, drop, ropes, longbench, qasper, plain"
+    )
+    d.add_argument("--methods", default="d2l,full_context,no_context")
+    d.add_argument("--chunk-size", type=int, default=1024, help="<= 0: one chunk per document")
+    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--window", type=int, help="base context window (default: the model's)")
+    d.add_argument("--iterative", action="store_true", help="layer-by-layer Perceiver")
+    d.add_argument("--cd-iterations", type=int, default=300)
+    d.add_argument("--cd-lr", type=float, default=1e-4)
+    d.add_argument("--limit", type=int, help="examples per file / bin")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--dtype", default="float32")
+    d.add_argument("--out", required=True)
+    d.set_defaults(func=run_d2l)
+
+    t = sub.add_parser("t2l", help="T2L benchmark suite from local files")
+    t.add_argument("--base", required=True, help="base model folder or known name")
+    t.add_argument("--checkpoint", help="T2L checkpoint folder")
+    t.add_argument("--encoder", help="task encoder: embeddings file or sentence-encoder folder")
+    t.add_argument("--task", action="append", help="NAME=FILE, repeatable")
+    t.add_argument("--modes", default="base,base_desc,t2l")
+    t.add_argument(
+        "--parity",
+        action="store_true",
+        help="README parity: official parser quirks, scale alpha/r, double BOS, 512 tok",
+    )
+    t.add_argument("--max-new-tokens", type=int)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--limit", type=int)
+    t.add_argument("--dtype", default="float32")
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=run_t2l)

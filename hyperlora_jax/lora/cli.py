@@ -1,5 +1,56 @@
-"""CLI subcommands of this area (see hyperlora_jax/cli.py)."""
+"""CLI subcommands of this area (see hyperlora_jax/cli.py): export-peft."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _export_peft(args: argparse.Namespace) -> int:
+    from hyperlora_jax.lora.peft import export_peft
+    from hyperlora_jax.lora.storage import load_adapter, read_adapter_meta
+    from hyperlora_jax.models.config import ModelConfig
+
+    meta = read_adapter_meta(args.adapter_dir)
+    adapter = load_adapter(args.adapter_dir)
+    base = args.base_model or meta.get("base_model")
+    model_config = None
+    if meta.get("model_config") and not (base and _is_dir(base)):
+        model_config = ModelConfig.from_json(meta["model_config"])
+    out = export_peft(
+        adapter,
+        base,
+        args.out_dir,
+        model_config=model_config,
+        rslora=args.rslora,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote PEFT adapter (rank {adapter.rank}, scale {adapter.scale:g}) to {out}")
+    return 0
+
+
+def _is_dir(p: str) -> bool:
+    from pathlib import Path
+
+    return Path(p).is_dir()
 
 
 def register(subparsers) -> None:
     """Add this area's subcommands to the `hyperlora-jax` parser."""
+    p = subparsers.add_parser(
+        "export-peft",
+        help="write a saved adapter as a HF PEFT LoRA folder (PEFT, vLLM)",
+        description="Convert an adapter folder written by save_adapter into adapter_model."
+        "safetensors + adapter_config.json. PEFT's scaling equals ours exactly: "
+        "lora_alpha = scale*r, or scale*sqrt(r) with --rslora.",
+    )
+    p.add_argument("adapter_dir", help="folder with adapter.safetensors + adapter.json")
+    p.add_argument("out_dir", help="new folder for the PEFT adapter")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="base model folder (its config.json is copied for vLLM) or hub id; "
+        "default: the base_model recorded in adapter.json",
+    )
+    p.add_argument("--rslora", action="store_true", help="write use_rslora=True (T2L style)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.set_defaults(func=_export_peft)

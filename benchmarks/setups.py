@@ -1,0 +1,55 @@
+"""Model / hypernetwork shapes the benchmarks run (random weights: speed does not depend on them).
+
+Base models: "tiny" (quick mode), "smollm2" (SmolLM2-135M-Instruct shape), "gemma2_2b"
+(Gemma-2-2b-it shape). D2L hypernetworks: "official" = the official main architecture
+(reference/official-cpu-timings.md: 157,481,440 params on SmolLM2), "cpu_default" = the embedded
+CPU-sized default of configs/d2l.py:smollm2_qa, "tiny" for smoke runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hyperlora_jax.data.chat import split_ctx_ids
+from hyperlora_jax.errors import ConfigError
+from hyperlora_jax.hypernet.d2l import D2LConfig
+from hyperlora_jax.models.config import ModelConfig, get_preset
+
+TINY_BASE = ModelConfig(
+    family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
+)  # fmt: skip
+BASES = {
+    "tiny": lambda: TINY_BASE,
+    "smollm2": lambda: get_preset("smollm2-135m-instruct"),
+    "gemma2_2b": lambda: get_preset("gemma-2-2b-it"),
+}
+HYPERNETS = {
+    "tiny": dict(latent_size=16, num_blocks=1, n_latent_queries=4),
+    "cpu_default": dict(latent_size=32, num_blocks=2),
+    "official": {},
+}
+# Official chat affix lengths for SmolLM2 (chatml): 8-token prefix, 6-token suffix, so a
+# 4096-token document splits at 1024 into chunks of 1030/1038/1038/1032 tokens.
+PREFIX_LEN, SUFFIX_LEN = 8, 6
+
+
+def base_config(name: str) -> ModelConfig:
+    if name not in BASES:
+        raise ConfigError(f"unknown benchmark base {name!r}; choose from {', '.join(BASES)}")
+    return BASES[name]()
+
+
+def d2l_config(name: str, base: ModelConfig) -> D2LConfig:
+    if name not in HYPERNETS:
+        raise ConfigError(f"unknown hypernetwork {name!r}; choose from {', '.join(HYPERNETS)}")
+    return D2LConfig.for_base(base, ("down_proj",), **HYPERNETS[name])
+
+
+def document_chunks(n_tokens: int, vocab: int, chunk: int | None = 1024, seed: int = 0):
+    """A templated n-token document (prefix + random ids + suffix), split by the official rule."""
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(3, vocab, PREFIX_LEN).tolist()
+    suffix = rng.integers(3, vocab, SUFFIX_LEN).tolist()
+    body = rng.integers(3, vocab, max(n_tokens - PREFIX_LEN - SUFFIX_LEN, 1)).tolist()
+    return split_ctx_ids(prefix + body + suffix, chunk, prefix, suffix)

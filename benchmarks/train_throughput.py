@@ -1,0 +1,173 @@
+"""Meta-training step time, tokens/s and achieved FLOP/s as a fraction of the measured matmul peak.
+
+D2L (reference/official-cpu-timings.md): one packed row = 512-token context + 128-token QA
+(32 prompt + 96 response tokens), random top-16 teacher log-probs, loss = top-16 KL + 0.1 L1,
+NEFTune 5, clip 1.0, AdamW lr 4e-5 wd 0.01 (official exclusions). T2L SFT: 8 examples x 128
+tokens (first 64 masked), CE with label smoothing 0.1 + 1e-3 L2, NEFTune 5, AdamW lr 2.5e-5.
+FLOPs per step come from XLA's cost analysis of the compiled step.
+
+  python -m benchmarks.train_throughput --quick   # smoke
+  python -m benchmarks.train_throughput           # SmolLM2: D2L official + cpu_default, T2L;
+      about 10 min on 2 CPU cores
+  python -m benchmarks.train_throughput --base gemma2_2b --dtype bfloat16 --d2l-hypernet official
+      # full size (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import harness, setups
+from hyperlora_jax.data import packing
+from hyperlora_jax.hypernet.d2l import init_params as d2l_init
+from hyperlora_jax.models import transformer
+from hyperlora_jax.train import optim
+from hyperlora_jax.train.steps import (
+    TrainState,
+    d2l_count,
+    make_d2l_loss,
+    make_t2l_sft_loss,
+    make_train_step,
+    t2l_count,
+)
+
+OFFICIAL = {"d2l_step_s": 12.6, "t2l_step_s": 7.04}
+
+
+def step_flops(jitted, *args) -> float | None:
+    try:
+        ca = jitted.lower(*args).compile().cost_analysis()
+    except Exception:  # noqa: BLE001 - cost analysis is best effort on some backends
+        return None
+    if isinstance(ca, list | tuple):
+        ca = ca[0] if ca else {}
+    f = (ca or {}).get("flops")
+    return float(f) if f and f > 0 else None
+
+
+def d2l_batch(cfg_b, ctx_len, prompt_len, resp_len, seed=0):
+    rng = np.random.default_rng(seed)
+    v = cfg_b.vocab_size
+    ids = rng.integers(3, v, prompt_len + resp_len).tolist()
+    labels = [-100] * prompt_len + ids[prompt_len:]
+    lp = np.log(np.sort(rng.dirichlet(np.ones(16), resp_len), axis=-1)[:, ::-1] * 0.9)
+    item = {
+        "ctx_chunks": [rng.integers(3, v, ctx_len).tolist()],
+        "input_ids": [ids], "labels": [labels],
+        "logprobs_vals": [lp.astype(np.float32)],
+        "logprobs_indices": [rng.integers(0, v, (resp_len, 16)).astype(np.int32)],
+    }  # fmt: skip
+    pc = packing.PackConfig(max_inp_len=prompt_len + resp_len, max_ctx_len=ctx_len,
+                            max_contexts=1, max_chunks=1, max_qas=1, top_k=16)  # fmt: skip
+    row = packing.pack_row([item], pc)
+    return {k: jnp.asarray(x[None]) for k, x in row.items()}
+
+
+def run_step(rep, name, loss_fn, count_fn, params, base_params, batch, tx, tokens, peak, repeats,
+             official=None):  # fmt: skip
+    state = TrainState.create(params, tx)
+    step = jax.jit(make_train_step(loss_fn, tx, count_fn))
+    flops = step_flops(step, state, base_params, batch)
+    holder = {"s": state}
+
+    def one():
+        holder["s"], m = step(holder["s"], base_params, batch)
+        return m["loss"]
+
+    first = harness.timeit(one, warmup=0, repeats=1)["median_s"]
+    mem = harness.peak_memory_of(one)
+    tm = harness.timeit(one, warmup=0, repeats=repeats)
+    row = {
+        "step": name, "first_step_s": first, "median_s": tm["median_s"],
+        "tokens_per_step": tokens, "tokens_per_s": tokens / tm["median_s"],
+        "gflop_per_step": flops / 1e9 if flops else None,
+        "achieved_gflops": flops / tm["median_s"] / 1e9 if flops else None,
+        "frac_of_peak": flops / tm["median_s"] / peak if flops else None,
+        "peak_mem_mib": mem["bytes"] / harness.MiB,
+        "loss": float(one()),
+    }  # fmt: skip
+    if official:
+        row["official_s"] = official
+        row["ratio_vs_official"] = tm["median_s"] / official
+    rep.add("train_step", row)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--base", default="smollm2", choices=sorted(setups.BASES))
+    p.add_argument("--d2l-hypernet", default="official,cpu_default")
+    p.add_argument("--ctx-len", type=int, default=512)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--resp-len", type=int, default=96)
+    p.add_argument("--t2l-batch", type=int, default=8)
+    p.add_argument("--t2l-len", type=int, default=128)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip", default="", help="comma list of d2l,t2l to skip")
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.base, a.d2l_hypernet, a.ctx_len, a.prompt_len, a.resp_len = "tiny", "tiny", 64, 8, 24
+        a.t2l_batch, a.t2l_len, a.repeats = 2, 32, 1
+    dtype = jnp.dtype(a.dtype)
+    peaks = harness.measure_peaks(a.quick)
+    peak = peaks["bfloat16" if dtype == jnp.bfloat16 else "float32"]["flops_per_s"]
+    rep = harness.Report(
+        "train_throughput", peaks, "quick" if a.quick else "full",
+        notes=f"base={a.base} (random weights), compute dtype {a.dtype}; frac_of_peak = XLA "
+        "cost-analysis FLOPs / median step time / measured matmul peak of that dtype.",
+    )  # fmt: skip
+    cfg_b = setups.base_config(a.base)
+    base_params = transformer.init_params(cfg_b, jax.random.key(0), dtype)
+    skip = set(a.skip.split(","))
+    if "d2l" not in skip:
+        batch = d2l_batch(cfg_b, a.ctx_len, a.prompt_len, a.resp_len)
+        for hname in a.d2l_hypernet.split(","):
+            hcfg = setups.d2l_config(hname, cfg_b)
+            hp = d2l_init(hcfg, jax.random.key(1))
+            loss = make_d2l_loss(hcfg, cfg_b, objective="distill", l1_coef=0.1,
+                                 neftune_alpha=5.0, dtype=dtype)  # fmt: skip
+            tx, _ = optim.make_optimizer(hp, lr=4e-5, total_steps=1000, weight_decay=0.01)
+            official = (
+                OFFICIAL["d2l_step_s"] if (a.base, hname) == ("smollm2", "official") else None
+            )
+            run_step(rep, f"d2l[{hname}]", loss, d2l_count, hp, base_params, batch, tx,
+                     a.ctx_len + a.prompt_len + a.resp_len, peak, a.repeats, official)  # fmt: skip
+    if "t2l" not in skip:
+        from hyperlora_jax.hypernet.t2l import T2LConfig
+        from hyperlora_jax.hypernet.t2l import init_params as t2l_init
+
+        mods = ("q_proj", "v_proj")
+        tcfg = T2LConfig(
+            modules=mods, in_features=tuple(cfg_b.module_dims(m)[0] for m in mods),
+            out_features=tuple(cfg_b.module_dims(m)[1] for m in mods),
+            num_layers=cfg_b.num_layers, head="L", latent_size=128, head_in_size=512,
+        )  # fmt: skip
+        tp = t2l_init(tcfg, jax.random.key(2))
+        rng = np.random.default_rng(0)
+        b, t = a.t2l_batch, a.t2l_len
+        tb = {
+            "task_embs": jnp.asarray(rng.normal(size=(b, 1024)), jnp.float32),
+            "tokens": jnp.asarray(rng.integers(3, cfg_b.vocab_size, (b, t)), jnp.int32),
+            "segment_ids": jnp.ones((b, t), jnp.int32),
+            "loss_mask": jnp.asarray(np.arange(t)[None].repeat(b, 0) >= t // 2),
+            "sample_valid": jnp.ones((b,), bool),
+        }  # fmt: skip
+        loss = make_t2l_sft_loss(tcfg, cfg_b, label_smoothing=0.1, l2_coef=1e-3,
+                                 neftune_alpha=5.0, dtype=dtype)  # fmt: skip
+        tx, _ = optim.make_optimizer(tp, lr=2.5e-5, total_steps=1000, weight_decay=1e-2,
+                                     no_decay=optim.T2L_NO_DECAY)  # fmt: skip
+        official = OFFICIAL["t2l_step_s"] if a.base == "smollm2" else None
+        run_step(rep, "t2l_sft[L]", loss, t2l_count, tp, base_params, tb, tx, b * t, peak,
+                 a.repeats, official)  # fmt: skip
+    rep.write(a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

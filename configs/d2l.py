@@ -1,0 +1,289 @@
+"""Doc-to-LoRA experiment presets (ml_collections). `get_config("gemma2_2b_qa")` etc.
+
+Official setups (reference/d2l.md §1, §3.4) and CPU-scale ones:
+  gemma2_2b_qa     l2l, 8 latents, 9 blocks (315,237,792 params), stage 1 + stage-2 chunk training
+  gemma2_2b_niah   early exit (L//4 layers), 208 latents, 8 blocks (309,672,864 params)
+  mistral7b_qa     l2l, 9 blocks (574.2M)          qwen3_4b_qa   l2l, 9 blocks (421.0M)
+  smollm2_qa       SmolLM2-135M-Instruct, l2l, latent 32, 2 blocks (6.04M params, 24.2 MB f32)
+  smollm2_niah     SmolLM2-135M-Instruct, early exit, 240 latents, latent 32 (6.06M, 24.2 MB)
+  tiny             random 2-layer base, latent 16, 1 block (tests, seconds on a CPU)
+
+Launch (trainer helper consumes `train`):
+  hyperlora-jax train --config configs/d2l.py:smollm2_niah --workdir runs/d2l_niah
+Build the base and hypernetwork configs with
+  base, d2l_cfg = hyperlora_jax.hypernet.d2l.configs_from_experiment(cfg)
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from hyperlora_jax.errors import ConfigError
+
+ALPHA_R8 = 2 * 8**1.5  # official lora_alpha = 2 r^1.5, used directly (not alpha / r)
+
+
+def _hypernet(**kw) -> mlc.ConfigDict:
+    h = dict(
+        target_modules=("down_proj",),
+        lora_r=8,
+        lora_alpha=ALPHA_R8,
+        latent_size=512,
+        n_latent_queries=8,
+        num_blocks=9,
+        num_self_attn_per_block=0,
+        num_pre_head_layers=1,
+        per_layer_processing=True,
+        use_bias=True,
+        ctx_encoder_type="per_layer_activations",
+        early_exit_layer=None,
+        ctx_encoder_last_layer=None,
+    )
+    h.update(kw)
+    return mlc.ConfigDict(h)
+
+
+# Stage-2 / NIAH chunk-count distribution: 1 chunk 50%, 2 chunks 12.5%, 3..8 chunks 6.25% each.
+NUM_CHUNK_PROBS = {"1": 0.5, "2": 0.125, **{str(k): 0.0625 for k in range(3, 9)}}
+
+
+def _train(**kw) -> mlc.ConfigDict:
+    """Main stage-1 (80k steps) hyperparameters; presets override per §3.4."""
+    t = dict(
+        steps=80_000,
+        epochs=None,  # NIAH: 1 epoch instead of a step count
+        learning_rate=4e-5,
+        schedule="cosine_with_min_lr",
+        min_learning_rate=1e-7,
+        warmup_steps=100,
+        optimizer="adamw",
+        adam_b1=0.9,
+        adam_b2=0.999,
+        adam_eps=1e-8,
+        weight_decay=0.01,
+        # Excluded from weight decay (name match): scalers, biases, norms, latents.
+        no_decay=("scaler", "bias", "layernorm", "ln_", "latents_q"),
+        max_grad_norm=1.0,
+        grad_accum_steps=8,
+        global_packs_per_step=64,  # 8 GPUs x 8 accumulation x 1 pack
+        max_packed_inp_len=4096,
+        max_packed_ctx_len=4096,
+        max_qas_len=2048,
+        max_qas_per_sample=1,
+        loss="kl_top16",  # "kl_top16" (context distillation) or "ce" (NIAH)
+        top_k_teacher=16,
+        l1_coef=0.1,
+        per_ctx_average_loss=True,
+        neftune_alpha=5.0,
+        # Chunking during training: -1 = the context model's max_position_embeddings.
+        max_ctx_chunk_len=-1,
+        min_ctx_chunk_len=None,
+        num_chunk_probs=None,
+        compute_dtype="bfloat16",
+        seed=42,
+    )
+    t.update(kw)
+    return mlc.ConfigDict(t)
+
+
+def _stage2(**kw) -> mlc.ConfigDict:
+    """Stage-2 chunk training (initialised from the stage-1 checkpoint)."""
+    return _train(
+        steps=20_000,
+        learning_rate=2e-5,
+        warmup_steps=2000,
+        grad_accum_steps=16,
+        global_packs_per_step=128,
+        max_packed_inp_len=1024,
+        max_packed_ctx_len=2048,
+        max_qas_len=512,
+        max_ctx_chunk_len=512,
+        min_ctx_chunk_len=25,
+        num_chunk_probs=NUM_CHUNK_PROBS,
+        **kw,
+    )
+
+
+def _niah_train(**kw) -> mlc.ConfigDict:
+    t = dict(
+        steps=None,
+        epochs=1,
+        num_train_samples=640_000,
+        grad_accum_steps=16,
+        global_packs_per_step=16,
+        loss="ce",
+        l1_coef=1.5,
+        neftune_alpha=0.0,
+        max_ctx_chunk_len=512,
+        min_ctx_chunk_len=25,
+        num_chunk_probs=NUM_CHUNK_PROBS,
+        token_bins=((32, 128), (128, 256)),
+    )
+    t.update(kw)
+    return _train(**t)
+
+
+def _base(name: str, preset: str, hf_id: str, hypernet: mlc.ConfigDict, train, **kw):
+    c = mlc.ConfigDict()
+    c.name = name
+    c.base_model = hf_id
+    c.base_preset = preset
+    c.ctx_encoder_model = None  # None = the base model itself
+    c.quantize_ctx_encoder = False  # official QA training used an NF4 encoder (not reproduced)
+    c.hypernet = hypernet
+    c.train = train
+    c.eval = mlc.ConfigDict(
+        dict(max_ctx_chunk_len=8192, max_new_tokens=256, iterative=False, batch_size=1)
+    )
+    c.compute_dtype = "bfloat16"
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+def gemma2_2b_qa() -> mlc.ConfigDict:
+    c = _base("gemma2_2b_qa", "gemma-2-2b-it", "google/gemma-2-2b-it", _hypernet(), _train())
+    c.train_chunk = _stage2()
+    return c
+
+
+def gemma2_2b_niah() -> mlc.ConfigDict:
+    h = _hypernet(ctx_encoder_type="early_exit", n_latent_queries=208, num_blocks=8)
+    c = _base(
+        "gemma2_2b_niah",
+        "gemma-2-2b-it",
+        "google/gemma-2-2b-it",
+        h,
+        _niah_train(),
+        compute_dtype="bfloat16",
+    )
+    c.eval.max_ctx_chunk_len = 1024
+    c.eval.batch_size = 4
+    return c
+
+
+def mistral7b_qa() -> mlc.ConfigDict:
+    c = _base(
+        "mistral7b_qa",
+        "mistral-7b-instruct-v0.2",
+        "mistralai/Mistral-7B-Instruct-v0.2",
+        _hypernet(),
+        _train(),
+    )
+    c.train_chunk = _stage2()
+    c.eval.max_ctx_chunk_len = 32768
+    return c
+
+
+def qwen3_4b_qa() -> mlc.ConfigDict:
+    c = _base(
+        "qwen3_4b_qa",
+        "qwen3-4b-instruct-2507",
+        "Qwen/Qwen3-4B-Instruct-2507",
+        _hypernet(),
+        _train(),
+    )
+    c.train_chunk = _stage2()
+    c.eval.max_ctx_chunk_len = 262144
+    return c
+
+
+def _cpu_train(**kw) -> mlc.ConfigDict:
+    t = dict(
+        steps=2000,
+        warmup_steps=50,
+        learning_rate=4e-4,
+        grad_accum_steps=1,
+        global_packs_per_step=4,
+        max_packed_inp_len=512,
+        max_packed_ctx_len=1024,
+        max_qas_len=256,
+        compute_dtype="float32",
+    )
+    t.update(kw)
+    return _train(**t)
+
+
+def smollm2_qa() -> mlc.ConfigDict:
+    h = _hypernet(latent_size=32, num_blocks=2)
+    c = _base(
+        "smollm2_qa",
+        "smollm2-135m-instruct",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        h,
+        _cpu_train(),
+        compute_dtype="float32",
+    )
+    c.eval.max_ctx_chunk_len = 1024
+    return c
+
+
+def smollm2_niah() -> mlc.ConfigDict:
+    h = _hypernet(latent_size=32, num_blocks=2, ctx_encoder_type="early_exit", n_latent_queries=240)
+    t = _cpu_train(
+        loss="ce",
+        l1_coef=1.5,
+        neftune_alpha=0.0,
+        max_ctx_chunk_len=256,
+        min_ctx_chunk_len=25,
+        num_chunk_probs=NUM_CHUNK_PROBS,
+        token_bins=((32, 128), (128, 256)),
+    )
+    c = _base(
+        "smollm2_niah",
+        "smollm2-135m-instruct",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        h,
+        t,
+        compute_dtype="float32",
+    )
+    c.eval.max_ctx_chunk_len = 256
+    return c
+
+
+def tiny() -> mlc.ConfigDict:
+    h = _hypernet(latent_size=16, num_blocks=1, n_latent_queries=4)
+    c = _base(
+        "tiny",
+        None,
+        None,
+        h,
+        _cpu_train(steps=20, global_packs_per_step=2),
+        compute_dtype="float32",
+    )
+    c.base_model_config = mlc.ConfigDict(
+        dict(
+            family="llama",
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+        )
+    )
+    c.eval.max_ctx_chunk_len = 64
+    return c
+
+
+PRESETS = {
+    f.__name__: f
+    for f in (
+        gemma2_2b_qa,
+        gemma2_2b_niah,
+        mistral7b_qa,
+        qwen3_4b_qa,
+        smollm2_qa,
+        smollm2_niah,
+        tiny,
+    )
+}
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    """ml_collections entry point: `configs/d2l.py:<preset>` (default gemma2_2b_qa)."""
+    name = arg or "gemma2_2b_qa"
+    if name not in PRESETS:
+        raise ConfigError(f"unknown d2l preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[name]()

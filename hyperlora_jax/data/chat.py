@@ -1,0 +1,143 @@
+"""Chat formatting for D2L contexts and queries, chunk affixes, and the official split rule.
+
+D2L tokenises a document as a one-turn chat with an empty system message and the generation
+prompt (official `tokenize_ctx_text`), using the repo's own per-family templates; e.g. Gemma:
+`<bos><start_of_turn>user\\n\\n\\n{doc}<end_of_turn>\\n<start_of_turn>model\\n`. Long documents are
+split into equal contiguous slices of those token ids (official `split_too_long_ctx`, eval branch)
+and each slice is re-wrapped with the family's affixes so every chunk looks like a whole turn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from hyperlora_jax.errors import ConfigError, InputError
+
+# Template kinds: the official repo ships Gemma, Mistral and ChatML (Qwen) templates.
+TEMPLATE_KINDS = ("gemma", "mistral", "chatml")
+FAMILY_TEMPLATE = {
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "mistral": "mistral",
+    "qwen2": "chatml",
+    "qwen3": "chatml",
+    "llama": "chatml",  # SmolLM2 and most small llama-arch instruct models use ChatML
+}
+
+# Official CTX_AFFIXES (token ids of the released base models), kept for checking our tokenizer
+# path; our code derives the affixes from the tokenizer (`ctx_affixes`), which reproduces these.
+CTX_AFFIXES: dict[str, dict[str, list[int]]] = {
+    "google/gemma-2-2b-it": {"prefix": [2, 106, 1645, 110], "suffix": [107, 108, 106, 2516, 108]},
+    "mistralai/Mistral-7B-Instruct-v0.2": {
+        "prefix": [1, 733, 16289, 28793, 28705, 13, 13],
+        "suffix": [733, 28748, 16289, 28793],
+    },
+    "Qwen/Qwen3-4B-Instruct-2507": {
+        "prefix": [151644, 8948, 198, 151645, 198, 151644, 872, 198],
+        "suffix": [151645, 198, 151644, 77091, 198],
+    },
+}
+
+
+def template_kind(tokenizer: Any = None, family: str | None = None) -> str:
+    """The chat template kind: from the tokenizer's special tokens, else from the model family."""
+    if tokenizer is not None:
+        vocab = tokenizer.get_vocab()
+        if "<start_of_turn>" in vocab:
+            return "gemma"
+        if "<|im_start|>" in vocab:
+            return "chatml"
+        if "[INST]" in vocab or "▁[INST]" in vocab:
+            return "mistral"
+    if family is not None:
+        if family not in FAMILY_TEMPLATE:
+            raise ConfigError(f"no chat template for model family {family!r}")
+        return FAMILY_TEMPLATE[family]
+    raise ConfigError(
+        "cannot tell the chat template of this tokenizer (no <start_of_turn>, <|im_start|> or "
+        "[INST] token); pass kind= one of " + ", ".join(TEMPLATE_KINDS)
+    )
+
+
+def turn_affixes(kind: str, bos: str = "") -> tuple[str, str]:
+    """(header, trailer) strings of a one-user-turn chat with an empty system message and the
+    generation prompt, as the official templates render them."""
+    if kind == "gemma":
+        return f"{bos}<start_of_turn>user\n\n\n", "<end_of_turn>\n<start_of_turn>model\n"
+    if kind == "mistral":
+        return f"{bos} [INST] \n\n", " [/INST] "
+    if kind == "chatml":
+        return (
+            "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n",
+            "<|im_end|>\n<|im_start|>assistant\n",
+        )
+    raise ConfigError(f"unknown chat template kind {kind!r}; expected one of {TEMPLATE_KINDS}")
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _bos(tokenizer: Any) -> str:
+    return tokenizer.bos_token or ""
+
+
+def format_user_turn(text: str, tokenizer: Any, kind: str | None = None) -> list[int]:
+    """Token ids of `text` as one user turn (empty system message, generation prompt)."""
+    kind = kind or template_kind(tokenizer)
+    head, tail = turn_affixes(kind, _bos(tokenizer) if kind != "chatml" else "")
+    return _encode(tokenizer, head + text.strip() + tail)
+
+
+def tokenize_ctx_text(text: str, tokenizer: Any, kind: str | None = None) -> list[int]:
+    """A document's context ids (official tokenize_ctx_text); an empty document is an InputError."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError("the document is empty (or only whitespace); give it some text")
+    ids = format_user_turn(text, tokenizer, kind)
+    head, tail = ctx_affixes(tokenizer, kind)
+    if len(ids) <= len(head) + len(tail):
+        raise InputError(
+            f"the document {text[:40]!r} tokenizes to no tokens besides the chat affixes"
+        )
+    return ids
+
+
+def ctx_affixes(tokenizer: Any, kind: str | None = None) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) chunk affix ids: the tokenised header and trailer of a context turn."""
+    kind = kind or template_kind(tokenizer)
+    head, tail = turn_affixes(kind, _bos(tokenizer) if kind != "chatml" else "")
+    return _encode(tokenizer, head), _encode(tokenizer, tail)
+
+
+def num_chunks(n_tokens: int, max_chunk_len: int | None) -> int:
+    """Official eval rule: ceil(len / max_chunk_len) chunks; no chunking if max_chunk_len <= 0."""
+    if not max_chunk_len or max_chunk_len <= 0:
+        return 1
+    return max(1, math.ceil(n_tokens / max_chunk_len))
+
+
+def split_ctx_ids(
+    ids: Sequence[int],
+    max_chunk_len: int | None,
+    prefix: Sequence[int],
+    suffix: Sequence[int],
+) -> list[list[int]]:
+    """Equal contiguous slices of the templated ids, re-wrapped with the affixes.
+
+    First chunk + suffix, middle chunks prefix + . + suffix, last chunk prefix + . (the first and
+    last already carry the document's own header / trailer).
+    """
+    ids = list(ids)
+    if not ids:
+        raise InputError("cannot split an empty token sequence")
+    n = num_chunks(len(ids), max_chunk_len)
+    if n == 1:
+        return [ids]
+    step = math.ceil(len(ids) / n)
+    chunks = [ids[i : i + step] for i in range(0, len(ids), step)]
+    out = [chunks[0] + list(suffix)]
+    out += [list(prefix) + c + list(suffix) for c in chunks[1:-1]]
+    out.append(list(prefix) + chunks[-1])
+    return out

@@ -1,0 +1,501 @@
+"""Self-generated QA distillation data (official generate_fw_edu_qa_v2*.py, self_generate_qa.py).
+
+1. Questions: an instruct model reads each document with the official question-generation prompt
+   (5 QA pairs, regex-parsed), then a second "repeat" round that shows the first pairs as examples
+   and asks for 5 new ones.
+2. Teacher: the base model answers every question with the document in context (one user turn:
+   system line + "# Provided Information" + document + instructions + "# User Input" + question),
+   greedy; unfinished responses (no end-of-turn within max_new_tokens) are dropped. The top-k
+   (k=16) log-probs of every response token come from a teacher forward pass.
+3. Student view: the teacher token stream with the system line, document and instructions cut
+   out (`all_ids[:sys_start] + all_ids[q_start:res_end]`) and the response span as labels.
+Records use the official columns: ctx_ids, input_ids, response_start_end, logprobs_vals,
+logprobs_indices (one list entry per QA of the document), plus the texts for inspection.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hyperlora_jax.data import chat
+from hyperlora_jax.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- official prompts
+Q_GEN_SYSTEM = (
+    "You are a creative and helpful assistant.\n"
+    "You are tasked with generating questions for reading comprehension tests.\n"
+    "You will be given a context and you need to generate questions and corresponding answers "
+    "from the given context.\n"
+    "The questions should be highly specific to the information provided in the context, not "
+    "general questions that suit any context.\n"
+    "**DO NOT** hallucinate or make up information."
+)
+
+_Q_HEAD = (
+    "### Instructions ###\n"
+    "Generate questions and corresponding answers from the given context. The questions should "
+    "be highly specific to the information provided in the context, not general questions that "
+    "suit any context.\n\n"
+    "### Context ###\n"
+    "{context}\n\n\n"
+)
+_NOT_ALLOWED = (
+    "Phrases like 'based on the provided context', 'according to the context', 'in the "
+    "context', etc., are **NOT ALLOWED** to appear in "
+)
+_ANSWER_RULES = (
+    "Rules to follow when generating the answers:\n"
+    "1. The answers must use the (implied) information provided in the context.\n"
+    "2. " + _NOT_ALLOWED + "the answers.\n"
+    "3. Do not just copy words from the context. Answer the question in your own words.\n"
+    "4. The answers should be detailed and comprehensive. Please include additional specific "
+    "details from the context.\n\n"
+    "Respond with {n_qa_pairs} question-answer pairs.\n"
+    "Always use proper grammar and punctuation.\n"
+    "Try to use different question forms and styles.\n"
+    "Use simple words and make sure that the answers are clear and comprehensive.\n\n"
+    "The question-answer pairs should be in the following format:\n"
+    "Question 1: {{question_1}}\n"
+    "Answer 1: {{answer_1}}\n"
+    "Question 2: {{question_2}}\n"
+    "Answer 2: {{answer_2}}\n"
+    "..."
+)
+_DONT_GIVE_AWAY = (
+    "Do not give away too much information in the questions. For example, ask 'Who is X?' "
+    "instead of 'Who is X that did Y?' when Y is clear from the context.\n"
+)
+
+Q_GEN_PROMPT = (
+    _Q_HEAD + "### Rules ###\n"
+    "Rules to follow when generating the questions:\n"
+    "1. The questions must be specific to the given context and fully answerable from "
+    "information present in the given context.\n"
+    "2. Ask questions that are fact-seeking based on the information provided.\n"
+    "3. Make sure the questions are clear and unambiguous.\n"
+    "4. " + _NOT_ALLOWED + "the questions.\n"
+    "5. The questions should not overlap. They should be diverse, covering many aspects of the "
+    "context.\n"
+    "6. " + _DONT_GIVE_AWAY + "7. Ignore the text formatting of the context, e.g., bold, italic, "
+    "underline, etc.\n"
+    "8. Ignore typos, spacing, and grammatical errors in the context.\n\n" + _ANSWER_RULES
+)
+
+Q_GEN_PROMPT_REPEAT = (
+    _Q_HEAD + "### Example Question-Answer Pairs ###\n"
+    "{qa_pairs}\n\n\n"
+    "### Rules ###\n"
+    "Rules to follow when generating the questions:\n"
+    "1. The questions must be specific to the given context and fully answerable from "
+    "information present in *or* implied from the given context.\n"
+    "2. The questions must *not* be redundant with the example questions-answer pairs provided.\n"
+    "3. You should prioritize fact-seeking questions. Consider reversal questions, e.g., asking "
+    "'What causes X to happen?' is valid when 'Y causes X' is presented in the context.\n"
+    "4. If all the facts in the context are already covered by the provided examples, you must "
+    "generate *more complicated* questions that require reasoning beyond simple information "
+    "retrieval.\nThis includes asking about information that can be inferred, requiring "
+    "synthesizing information from multiple parts of the text, or understanding relationships "
+    "between concepts, events, or individuals mentioned in the context. For example, if the "
+    "context says 'The Eiffel Tower was completed in 1889 after 2 years of construction', you "
+    "can ask 'When did the construction of the Eiffel Tower begin?'. Here's another example: if "
+    "the context says 'Alice is Bob's mother. Bob is Charlie's Dad', you can ask 'Who is "
+    "Charlie's grandmother?'.\n"
+    "5. " + _NOT_ALLOWED + "the questions.\n"
+    "6. The questions should not overlap. They should be diverse, covering many aspects of the "
+    "context.\n"
+    "7. " + _DONT_GIVE_AWAY + "8. Ignore the text formatting of the context, e.g., bold, italic, "
+    "underline, etc.\n"
+    "9. Ignore typos, spacing, and grammatical errors in the context.\n\n" + _ANSWER_RULES
+)
+
+SELF_GEN_SYSTEM_MSG = "You are an honest and helpful assistant."
+SELF_QA_INTX = (
+    "# System Instruction\n"
+    "- The information provided is up-to-date information and/or the user instruction.\n"
+    "- When the provided information is not relevant to the question, ***ignore*** it and answer "
+    "the question based on your knowledge.\n"
+    "- If the provided information is related to the question, incorporate it in your response.\n"
+    "- If the provided information is an instruction, follow the instruction carefully.\n"
+    "\n---\n\n"
+    "# User Input\n"
+)
+PRE_CTX = "# Provided Information\n"
+QA_PROMPT_TEMPLATE = PRE_CTX + "{context}\n\n---\n\n" + SELF_QA_INTX + "{question}"
+
+
+def question_prompt(context: str, n_qa_pairs: int = 5) -> str:
+    return Q_GEN_PROMPT.format(context=context, n_qa_pairs=n_qa_pairs)
+
+
+def repeat_prompt(context: str, questions: Sequence[str], answers: Sequence[str], n: int = 5):
+    """Level-1 prompt: earlier pairs listed as `Question i: q\\nAnswer i: a\\n` examples."""
+    pairs = "".join(
+        f"Question {i}: {q}\nAnswer {i}: {a}\n"
+        for i, (q, a) in enumerate(zip(questions, answers), 1)
+    )
+    return Q_GEN_PROMPT_REPEAT.format(context=context, qa_pairs=pairs, n_qa_pairs=n)
+
+
+def teacher_user_message(context: str, question: str) -> str:
+    """The teacher's single user turn (official `create_messages`)."""
+    body = QA_PROMPT_TEMPLATE.format(context=context, question=question)
+    return (SELF_GEN_SYSTEM_MSG + "\n\n\n" + body).strip()
+
+
+def parse_qa_pairs(text: str, finished: bool = True) -> tuple[list[str], list[str]]:
+    """Official `postprocess_qa_pairs`: regex pairs, empty ones dropped; when the output was cut
+    off (no stop token), the last pair is dropped unless there are leftover unmatched items."""
+    text = text.split("</think>")[-1]
+    qs = re.findall(r"Question \d+:(.*?)(?=Answer|$)", text, flags=re.S)
+    ans = re.findall(r"Answer \d+:(.*?)(?=Question|$)", text, flags=re.S)
+    n = min(len(qs), len(ans))
+    leftover = n < len(qs) or n < len(ans)
+    out_q, out_a = [], []
+    for i in range(n):
+        q, a = qs[i].strip(), ans[i].strip()
+        if not q or not a:
+            continue
+        if not leftover and i == n - 1 and not finished:
+            continue
+        out_q.append(q)
+        out_a.append(a)
+    return out_q, out_a
+
+
+# ----------------------------------------------------------------------------- tokenization
+def context_ids(tokenizer: Any, text: str, chat_template: str | None = None) -> list[int]:
+    """Context ids with the empty-system one-turn chat (official `tokenize_ctx_text`)."""
+    del chat_template  # chat.py picks the family template from the tokenizer
+    return chat.tokenize_ctx_text(text, tokenizer)
+
+
+def qa_ids_and_labels(
+    tokenizer: Any, prompt: str, response: str, chat_template: str | None = None
+) -> tuple[list[int], list[int]]:
+    """Student ids of [system '', user prompt, assistant response] and labels on the assistant
+    content (+ its end-of-turn), from the template's {% generation %} mask when it has one, else
+    from the difference to the rendered generation prompt."""
+    msgs = [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": prompt.strip()},
+        {"role": "assistant", "content": response},
+    ]
+    template = chat_template or tokenizer.chat_template
+    if "{% generation %}" in (template or "") or "{%- generation %}" in (template or ""):
+        enc = tokenizer.apply_chat_template(
+            msgs,
+            chat_template=chat_template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            add_generation_prompt=False,
+        )
+        ids = [int(x) for x in enc["input_ids"]]
+        mask = enc["assistant_masks"]
+        return ids, [t if m else -100 for t, m in zip(ids, mask)]
+    head = tokenizer.apply_chat_template(
+        msgs[:2], chat_template=chat_template, tokenize=False, add_generation_prompt=True
+    )
+    full = tokenizer.apply_chat_template(
+        msgs, chat_template=chat_template, tokenize=False, add_generation_prompt=False
+    )
+    if not full.startswith(head):
+        raise InputError("chat template renders the prompt differently with a response appended")
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if ids[: len(head_ids)] != head_ids:
+        raise InputError("prompt tokens change when the response is appended; cannot label it")
+    resp = full[len(head) :].rstrip("\n")  # official masks stop at the end-of-turn token
+    n_resp = len(tokenizer(head + resp, add_special_tokens=False)["input_ids"]) - len(head_ids)
+    n0 = len(head_ids)
+    return ids, [-100] * n0 + ids[n0 : n0 + n_resp] + [-100] * (len(ids) - n0 - n_resp)
+
+
+def _char_to_token(offsets: Sequence[tuple[int, int]], char: int) -> int:
+    """Index of the first token starting at or after `char` (offsets from a fast tokenizer)."""
+    for i, (s, e) in enumerate(offsets):
+        if s >= char or (s < char < e):
+            if s < char:
+                raise InputError(
+                    "a token straddles the question boundary; cannot cut the student view"
+                )
+            return i
+    return len(offsets)
+
+
+@dataclass
+class TeacherPrompt:
+    ids: list[int]
+    sys_start: int  # first token of the system line (kept before it)
+    q_start: int  # first token of the question (kept from here)
+
+
+def teacher_prompt(tokenizer: Any, context: str, question: str) -> TeacherPrompt:
+    """Teacher prompt ids (the tokenizer's own chat template, generation prompt) and the cut
+    points of the student view, located by character offsets."""
+    msg = teacher_user_message(context, question)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": msg}], tokenize=False, add_generation_prompt=True
+    )
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    sys_char = text.find(SELF_GEN_SYSTEM_MSG)
+    q_char = text.rfind(SELF_QA_INTX)
+    if sys_char < 0 or q_char < 0:
+        raise InputError("chat template dropped the teacher prompt's system line or instructions")
+    q_char += len(SELF_QA_INTX)
+    return TeacherPrompt(
+        [int(x) for x in enc["input_ids"]],
+        _char_to_token(offsets, sys_char),
+        _char_to_token(offsets, q_char),
+    )
+
+
+# ----------------------------------------------------------------------------- generation hooks
+@dataclass
+class Generation:
+    tokens: list[int]  # generated ids, including the stop token when finished
+    finished: bool  # stopped on an end-of-turn / EOS token
+
+
+# generate(prompts: list of id lists, max_new_tokens) -> one Generation per prompt, greedy.
+GenerateFn = Callable[[list[list[int]], int], list[Generation]]
+
+
+def make_jax_generate(
+    params: Any,
+    config: Any,
+    tokenizer: Any,
+    *,
+    batch_size: int = 8,
+    dtype: Any = None,
+    pad_to_multiple: int = 64,
+) -> GenerateFn:
+    """Greedy batched generation through hyperlora_jax.models.decoding (left padding)."""
+    import jax.numpy as jnp
+
+    from hyperlora_jax.models import decoding
+    from hyperlora_jax.models.tokenizer import stop_token_ids
+
+    stops = set(stop_token_ids(tokenizer, config.eos_token_id))
+    dtype = dtype or jnp.float32
+
+    def generate(prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
+        # longest first keeps the padding inside a batch small
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        res: dict[int, Generation] = {}
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            out = decoding.generate(
+                params,
+                config,
+                [prompts[i] for i in idx],
+                max_new_tokens=max_new_tokens,
+                stop_ids=tuple(sorted(stops)),
+                dtype=dtype,
+                pad_to_multiple=pad_to_multiple,
+            )
+            for i, row, n in zip(idx, out.tokens, out.lengths):
+                t = [int(x) for x in row[: int(n)]]
+                res[i] = Generation(t, bool(t) and t[-1] in stops)
+        return [res[i] for i in range(len(prompts))]
+
+    return generate
+
+
+TopKFn = Callable[[list[list[int]], list[int]], list[tuple[np.ndarray, np.ndarray]]]
+
+
+def make_jax_topk(
+    params: Any, config: Any, *, k: int = 16, batch_size: int = 8, dtype: Any = None
+) -> TopKFn:
+    """topk(sequences, n_prompt) -> per sequence (vals [n_resp, k], idx [n_resp, k]): the teacher's
+    top-k log-probs at every response token (the distribution the token was drawn from)."""
+    import jax
+    import jax.numpy as jnp
+
+    from hyperlora_jax.models.transformer import forward
+
+    dtype = dtype or jnp.float32
+
+    @jax.jit
+    def run(tokens, seg):
+        logits = forward(params, config, tokens, segment_ids=seg, dtype=dtype).logits
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return jax.lax.top_k(logp, k)
+
+    def topk(seqs: list[list[int]], n_prompt: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        res = []
+        for s in range(0, len(seqs), batch_size):
+            chunk = seqs[s : s + batch_size]
+            t = max(len(x) for x in chunk)
+            t = -(-t // 64) * 64  # bucket lengths: fewer compiles
+            tok = np.zeros((len(chunk), t), np.int32)
+            seg = np.zeros((len(chunk), t), np.int32)
+            for i, x in enumerate(chunk):
+                tok[i, : len(x)] = x
+                seg[i, : len(x)] = 1
+            vals, idx = (np.asarray(a) for a in run(tok, seg))
+            for i, x in enumerate(chunk):
+                p = n_prompt[s + i]
+                res.append((vals[i, p - 1 : len(x) - 1], idx[i, p - 1 : len(x) - 1]))
+        return res
+
+    return topk
+
+
+# ----------------------------------------------------------------------------- pipeline
+@dataclass(frozen=True)
+class SelfGenConfig:
+    n_qa_pairs: int = 5
+    repeat_round: bool = True
+    q_max_new_tokens: int = 2048  # official level-0 question generation
+    max_new_tokens: int = 256  # official teacher responses
+    top_k: int = 16
+    logprob_dtype: str = "float32"  # the official files store float16
+
+
+def generate_questions(
+    docs: Sequence[str],
+    q_tokenizer: Any,
+    q_generate: GenerateFn,
+    cfg: SelfGenConfig,
+) -> list[tuple[list[str], list[str]]]:
+    """Level-0 (+ level-1 repeat) QA pairs per document from the instruct model."""
+
+    def round_(prompts: list[str]) -> list[tuple[list[str], list[str]]]:
+        ids = [
+            [
+                int(x)
+                for x in _chat_ids(
+                    q_tokenizer,
+                    [{"role": "system", "content": Q_GEN_SYSTEM}, {"role": "user", "content": p}],
+                )
+            ]
+            for p in prompts
+        ]
+        gens = q_generate(ids, cfg.q_max_new_tokens)
+        return [
+            parse_qa_pairs(q_tokenizer.decode(g.tokens, skip_special_tokens=True), g.finished)
+            for g in gens
+        ]
+
+    lvl0 = round_([question_prompt(d, cfg.n_qa_pairs) for d in docs])
+    if not cfg.repeat_round:
+        return lvl0
+    lvl1 = round_([repeat_prompt(d, q, a, cfg.n_qa_pairs) for d, (q, a) in zip(docs, lvl0)])
+    return [(q0 + q1, a0 + a1) for (q0, a0), (q1, a1) in zip(lvl0, lvl1)]
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    if hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def teacher_records(
+    docs: Sequence[str],
+    questions: Sequence[Sequence[str]],
+    tokenizer: Any,
+    generate: GenerateFn,
+    topk: TopKFn,
+    cfg: SelfGenConfig,
+    *,
+    on_error: str = "raise",
+    sources: Sequence[tuple[str, int]] | None = None,
+) -> tuple[list[dict], dict]:
+    """Teacher responses + top-k log-probs + student views -> one record per document."""
+    from hyperlora_jax.data.storage import ErrorLog
+
+    errors = ErrorLog(on_error)
+    prompts: list[TeacherPrompt] = []
+    owner: list[tuple[int, str]] = []
+    for d, (doc, qs) in enumerate(zip(docs, questions)):
+        for q in qs:
+            try:
+                prompts.append(teacher_prompt(tokenizer, doc, q))
+                owner.append((d, q))
+            except InputError as e:
+                src = sources[d] if sources else ("documents", d)
+                errors.report(src[0], src[1], f"question {q[:40]!r}: {e}")
+    t0 = time.time()
+    gens = generate([p.ids for p in prompts], cfg.max_new_tokens)
+    t_gen = time.time() - t0
+    keep = [i for i, g in enumerate(gens) if g.finished and g.tokens]
+    t0 = time.time()
+    tk = topk([prompts[i].ids + gens[i].tokens for i in keep], [len(prompts[i].ids) for i in keep])
+    t_topk = time.time() - t0
+    recs = [
+        {
+            "context": doc,
+            "ctx_ids": context_ids(tokenizer, doc),
+            "prompts": [],
+            "responses": [],
+            "input_ids": [],
+            "response_start_end": [],
+            "logprobs_vals": [],
+            "logprobs_indices": [],
+        }
+        for doc in docs
+    ]
+    lp_dtype = np.dtype(cfg.logprob_dtype)
+    for i, (vals, idx) in zip(keep, tk):
+        p, g = prompts[i], gens[i]
+        d, q = owner[i]
+        student = p.ids[: p.sys_start] + p.ids[p.q_start :] + g.tokens
+        start = len(p.ids) - p.q_start + p.sys_start
+        r = recs[d]
+        r["prompts"].append(q)
+        r["responses"].append(tokenizer.decode(g.tokens, skip_special_tokens=True))
+        r["input_ids"].append(np.asarray(student, np.int32))
+        r["response_start_end"].append([start, start + len(g.tokens)])
+        r["logprobs_vals"].append(vals.astype(lp_dtype))
+        r["logprobs_indices"].append(idx.astype(np.int32))
+    stats = {
+        "questions": len(prompts),
+        "dropped_unfinished": len(prompts) - len(keep),
+        "response_tokens": int(sum(len(gens[i].tokens) for i in keep)),
+        "generate_s": t_gen,
+        "topk_s": t_topk,
+        "bad_records": [str(b) for b in errors.bad],
+    }
+    return [r for r in recs if r["input_ids"]], stats
+
+
+def self_generate(
+    docs: Sequence[str],
+    *,
+    tokenizer: Any,
+    generate: GenerateFn,
+    topk: TopKFn,
+    q_tokenizer: Any | None = None,
+    q_generate: GenerateFn | None = None,
+    questions: Sequence[Sequence[str]] | None = None,
+    cfg: SelfGenConfig = SelfGenConfig(),
+    on_error: str = "raise",
+) -> tuple[list[dict], dict]:
+    """The whole pipeline; pass `questions` to skip question generation."""
+    if questions is None:
+        if q_generate is None:
+            raise InputError("give either questions or a question generator (q_generate)")
+        t0 = time.time()
+        qa = generate_questions(docs, q_tokenizer or tokenizer, q_generate, cfg)
+        questions = [q for q, _ in qa]
+        t_q = time.time() - t0
+    else:
+        t_q = 0.0
+    recs, stats = teacher_records(
+        docs, questions, tokenizer, generate, topk, cfg, on_error=on_error
+    )
+    stats["question_gen_s"] = t_q
+    return recs, stats

@@ -1,0 +1,67 @@
+"""PNG plots of evaluation results: accuracy vs context length, memory vs context length."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _line_plot(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = True,
+    ylim: tuple[float, float] | None = None,
+    hline: tuple[float, str] | None = None,
+):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    for name, (xs, ys) in series.items():
+        ax.plot(list(xs), list(ys), marker="o", label=name)
+    if logx and all(x > 0 for xs, _ in series.values() for x in xs):
+        ax.set_xscale("log", base=2)
+    if hline is not None:
+        ax.axvline(hline[0], color="gray", linestyle="--", linewidth=1, label=hline[1])
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return fig
+
+
+def plot_accuracy_vs_length(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    metric: str = "accuracy",
+    window: int | None = None,
+    title: str = "Accuracy vs context length",
+):
+    """One line per method: {name: (context_tokens, score in [0, 1])}; `window` marks the base
+    model's context window."""
+    hline = (window, f"base window ({window})") if window else None
+    return _line_plot(
+        series, path, "context length (tokens)", metric, title, ylim=(-0.02, 1.02), hline=hline
+    )
+
+
+def plot_memory_vs_length(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    title: str = "Memory vs context length",
+):
+    """One line per quantity: {name: (context_tokens, MiB)}, e.g. KV cache vs adapter bytes."""
+    return _line_plot(series, path, "context length (tokens)", "memory (MiB)", title)

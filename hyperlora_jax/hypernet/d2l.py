@@ -1,0 +1,356 @@
+"""D2L hypernetwork (official `HyperLoRA`): Perceiver latents -> per-layer heads -> LoRA A/B rows.
+
+One latent vector per (layer, module, rank row) goes through per-layer residual MLP blocks, is L2
+normalised (no epsilon), and a per-layer bias-free head turns it into one row of A and one row of
+B for each target module (modules in sorted name order). Learned per-(layer, rank) scalers
+multiply A and B; a learned, context-independent rank-r "bias LoRA" is appended once per document
+when chunk LoRAs are composed (doc_to_lora.py). With the official init (scaler_B = bias_B = 0)
+the adapted model equals the base model exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from hyperlora_jax.errors import ConfigError
+from hyperlora_jax.hypernet.perceiver import Perceiver, PerceiverConfig, torch_linear_init
+from hyperlora_jax.models.config import TARGET_MODULES
+
+CTX_ENCODER_TYPES = ("per_layer_activations", "early_exit")
+
+
+@dataclasses.dataclass(frozen=True)
+class D2LConfig:
+    """Everything that fixes the hypernetwork's parameter shapes and how context is encoded."""
+
+    num_layers: int  # L of the base model (one LoRA per layer)
+    feature_size: int  # hidden size of the context encoder
+    module_dims: tuple[tuple[str, int, int], ...]  # (module, d_in, d_out), sorted by module
+    lora_r: int = 8
+    lora_alpha: float = 2 * 8**1.5  # used directly: delta = alpha * (x A^T) B
+    latent_size: int = 512
+    n_latent_queries: int = 8
+    num_blocks: int = 9
+    num_self_attn_per_block: int = 0
+    num_pre_head_layers: int = 1
+    per_layer_processing: bool = True
+    use_bias: bool = True
+    # Context encoder: "per_layer_activations" (layer-to-layer, l2l) or "early_exit".
+    ctx_encoder_type: str = "per_layer_activations"
+    early_exit_layer: int | None = None  # early_exit: number of encoder layers (default L // 4)
+    ctx_encoder_last_layer: int | None = None  # l2l with another encoder: keep layers[:this-1]
+
+    def __post_init__(self):
+        if self.ctx_encoder_type not in CTX_ENCODER_TYPES:
+            raise ConfigError(
+                f"unknown ctx_encoder_type {self.ctx_encoder_type!r}; expected one of "
+                f"{CTX_ENCODER_TYPES}"
+            )
+        names = [m for m, _, _ in self.module_dims]
+        if not names:
+            raise ConfigError("D2L needs at least one target module (e.g. 'down_proj')")
+        if names != sorted(names) or len(set(names)) != len(names):
+            raise ConfigError(f"module_dims must be sorted and unique by module name: {names}")
+        bad = [m for m in names if m not in TARGET_MODULES]
+        if bad:
+            raise ConfigError(f"unknown target modules {bad}; expected names from {TARGET_MODULES}")
+
+    @property
+    def layer_to_layer(self) -> bool:
+        return self.ctx_encoder_type == "per_layer_activations"
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return tuple(m for m, _, _ in self.module_dims)
+
+    @property
+    def d_in(self) -> dict[str, int]:
+        return {m: i for m, i, _ in self.module_dims}
+
+    @property
+    def d_out(self) -> dict[str, int]:
+        return {m: o for m, _, o in self.module_dims}
+
+    @property
+    def d_lora(self) -> int:
+        return max(i + o for _, i, o in self.module_dims)
+
+    @property
+    def queries_per_layer(self) -> int:
+        return len(self.module_dims) * self.lora_r
+
+    def perceiver_config(self) -> PerceiverConfig:
+        n_out = self.queries_per_layer
+        if not self.layer_to_layer:
+            n_out *= self.num_layers
+        return PerceiverConfig(
+            input_size=self.feature_size,
+            latent_size=self.latent_size,
+            n_latents=self.n_latent_queries,
+            n_output_queries=n_out,
+            num_blocks=self.num_blocks,
+            num_self_attn_per_block=self.num_self_attn_per_block,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["module_dims"] = [list(x) for x in self.module_dims]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> D2LConfig:
+        d = dict(d)
+        d["module_dims"] = tuple(tuple(x) for x in d["module_dims"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown D2L config fields {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def for_base(cls, base, target_modules=("down_proj",), ctx_hidden_size=None, **kw) -> D2LConfig:
+        """A config for a base ModelConfig (module dims from it); kw overrides the defaults."""
+        dims = tuple((m, *base.module_dims(m)) for m in sorted(target_modules))
+        return cls(
+            num_layers=base.num_layers,
+            feature_size=ctx_hidden_size or base.hidden_size,
+            module_dims=dims,
+            **kw,
+        )
+
+
+def configs_from_experiment(exp) -> tuple[Any, D2LConfig]:
+    """(base ModelConfig, D2LConfig) from a configs/d2l.py experiment ConfigDict."""
+    from hyperlora_jax.models.config import ModelConfig, get_preset
+
+    if exp.get("base_preset"):
+        base = get_preset(exp.base_preset)
+    else:
+        base = ModelConfig(**dict(exp.base_model_config))
+    h = dict(exp.hypernet)
+    h["target_modules"] = tuple(h["target_modules"])
+    return base, D2LConfig.for_base(base, **h)
+
+
+def _uniform(bound: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def LayerNorm(name: str) -> nn.LayerNorm:  # noqa: N802
+    """torch nn.LayerNorm: eps 1e-5, affine, two-pass variance."""
+    return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name)
+
+
+class ResMLPPerLayer(nn.Module):
+    """x + LN(Mix2_l(silu(Mix1_l(LN(x))))) with separate Mix weights per layer l (EinMix)."""
+
+    num_layers: int
+    d: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., L, M, r, d]
+        L, d, h = self.num_layers, self.d, 4 * self.d  # noqa: N806
+        w1 = self.param("w1", _uniform(math.sqrt(3 / d)), (L, d, h))
+        b1 = self.param("b1", _uniform(math.sqrt(1 / d)), (L, h))
+        w2 = self.param("w2", _uniform(math.sqrt(3 / h)), (L, h, d))
+        b2 = self.param("b2", _uniform(math.sqrt(1 / h)), (L, d))
+        y = LayerNorm(name="ln_in")(x)
+        y = jnp.einsum("...lmrd,ldh->...lmrh", y, w1) + b1[:, None, None, :]
+        y = nn.silu(y)
+        y = jnp.einsum("...lmrh,lhd->...lmrd", y, w2) + b2[:, None, None, :]
+        return x + LayerNorm(name="ln_out")(y)
+
+
+class ResMLPShared(nn.Module):
+    """x + LN(Linear(silu(Linear(LN(x))))) shared across layers (per_layer_processing=False)."""
+
+    d: int
+
+    @nn.compact
+    def __call__(self, x):
+        y = LayerNorm(name="ln_in")(x)
+        y = nn.Dense(
+            4 * self.d,
+            kernel_init=torch_linear_init,
+            bias_init=_uniform(math.sqrt(1 / self.d)),
+            name="fc1",
+        )(y)
+        y = nn.Dense(
+            self.d,
+            kernel_init=torch_linear_init,
+            bias_init=_uniform(math.sqrt(1 / (4 * self.d))),
+            name="fc2",
+        )(nn.silu(y))
+        return x + LayerNorm(name="ln_out")(y)
+
+
+class PerModule(nn.Module):
+    """One parameter per target module, stored as params[name][module]."""
+
+    modules_shapes: tuple[tuple[str, tuple[int, ...], Any], ...]  # (module, shape, init)
+
+    @nn.compact
+    def __call__(self) -> dict[str, jax.Array]:
+        return {m: self.param(m, init, shape) for m, shape, init in self.modules_shapes}
+
+
+def _normal(std: float):
+    return nn.initializers.normal(std)
+
+
+class HyperLoRA(nn.Module):
+    """The whole D2L hypernetwork. __call__ = batched generation from context features.
+
+    features: l2l [N, L, T, H] or early-exit [N, T, H]; mask [N, T] (True = real token).
+    Returns per-chunk (A, B) dicts: A[m] [N, L, r, d_in], B[m] [N, L, r, d_out].
+    """
+
+    cfg: D2LConfig
+    dtype: jnp.dtype = jnp.float32  # Perceiver compute dtype (official: bf16 autocast)
+
+    def setup(self):
+        c = self.cfg
+        self.aggregator = Perceiver(c.perceiver_config(), self.dtype)
+        if c.per_layer_processing:
+            self.pre_head = [
+                ResMLPPerLayer(c.num_layers, c.latent_size, name=f"layers_{j}")
+                for j in range(c.num_pre_head_layers)
+            ]
+        else:
+            self.pre_head = [
+                ResMLPShared(c.latent_size, name=f"layers_{j}")
+                for j in range(c.num_pre_head_layers)
+            ]
+        n_mod, L, r = len(c.module_dims), c.num_layers, c.lora_r  # noqa: N806
+        self.head = self.param(
+            "head",
+            _normal(0.5 / math.sqrt(c.latent_size + c.d_lora * r)),
+            (L, n_mod, c.latent_size, c.d_lora),
+        )
+        self.bias_A = PerModule(
+            tuple((m, (L, r, i), _normal(0.2 / math.sqrt(i * r))) for m, i, _ in c.module_dims)
+        )
+        self.bias_B = PerModule(
+            tuple((m, (L, r, o), nn.initializers.zeros) for m, _, o in c.module_dims)
+        )
+        self.scaler_A = PerModule(
+            tuple((m, (L, r), nn.initializers.ones) for m in c.target_modules)
+        )
+        self.scaler_B = PerModule(
+            tuple((m, (L, r), nn.initializers.zeros) for m in c.target_modules)
+        )
+
+    def __call__(self, features: jax.Array, mask: jax.Array):
+        return self.loras_from_latents(self.aggregate(features, mask))
+
+    def init_all(self, features: jax.Array, mask: jax.Array):
+        """Touches every parameter (used by init)."""
+        return self(features, mask), self.bias_lora()
+
+    def aggregate(self, features: jax.Array, mask: jax.Array) -> jax.Array:
+        """Batched Perceiver -> latents [N, L, M, r, d]; l2l: one segment per (layer, chunk)."""
+        c = self.cfg
+        n = features.shape[0]
+        if c.layer_to_layer:
+            L, t, h = features.shape[1:]  # noqa: N806
+            x = jnp.swapaxes(features, 0, 1).reshape(L * n, t, h)  # layer-major, as official
+            m = jnp.tile(mask, (L, 1))
+            out = self.aggregator(x, m)  # [(L N), M r, d]
+            out = out.reshape(L, n, -1, out.shape[-1]).swapaxes(0, 1)
+        else:
+            out = self.aggregator(features, mask)  # [N, L M r, d]
+        return out.reshape(n, c.num_layers, len(c.module_dims), c.lora_r, c.latent_size)
+
+    def aggregate_one_layer(self, features_l: jax.Array, mask: jax.Array) -> jax.Array:
+        """Perceiver on one layer's activations [N, T, H] -> [N, M, r, d] (iterative mode)."""
+        c = self.cfg
+        out = self.aggregator(features_l, mask)
+        return out.reshape(features_l.shape[0], len(c.module_dims), c.lora_r, c.latent_size)
+
+    def resmlp(self, latents: jax.Array) -> jax.Array:
+        """The residual MLP blocks (f32) on latents [N, L, M, r, d]."""
+        x = latents.astype(jnp.float32)
+        for block in self.pre_head:
+            x = block(x)
+        return x
+
+    def head_inputs(self, latents: jax.Array) -> jax.Array:
+        """ResMLP blocks then L2 normalisation (no eps) -> head input [N, L, M, r, d]."""
+        x = self.resmlp(latents)
+        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+    def head_outputs(self, head_in: jax.Array) -> jax.Array:
+        """Per-layer bias-free head -> [N, L, M, r, d_lora]."""
+        return jnp.einsum("nlmrd,lmdo->nlmro", head_in, self.head)
+
+    def split_head(self, flat: jax.Array):
+        """Raw head output -> (A, B) dicts with the per-(layer, rank) scalers applied."""
+        sa, sb = self.scaler_A(), self.scaler_B()
+        a, b = {}, {}
+        for j, (m, i, o) in enumerate(self.cfg.module_dims):
+            a[m] = flat[:, :, j, :, :i] * sa[m][None, :, :, None]
+            b[m] = flat[:, :, j, :, i : i + o] * sb[m][None, :, :, None]
+        return a, b
+
+    def loras_from_latents(self, latents: jax.Array):
+        return self.split_head(self.head_outputs(self.head_inputs(latents)))
+
+    def bias_lora(self):
+        """The learned context-independent LoRA: (A[m] [L, r, d_in], B[m] [L, r, d_out])."""
+        return self.bias_A(), self.bias_B()
+
+
+def init_params(cfg: D2LConfig, rng: jax.Array) -> dict:
+    """Official-init hypernetwork params (f32) for `cfg`."""
+    if cfg.layer_to_layer:
+        feats = jnp.zeros((1, cfg.num_layers, 1, cfg.feature_size), jnp.float32)
+    else:
+        feats = jnp.zeros((1, 1, cfg.feature_size), jnp.float32)
+    mask = jnp.ones((1, 1), bool)
+    return HyperLoRA(cfg).init(rng, feats, mask, method=HyperLoRA.init_all)["params"]
+
+
+def count_params(cfg: D2LConfig) -> int:
+    """Number of hypernetwork parameters, from shapes only (jax.eval_shape, nothing allocated)."""
+    shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+def generate_chunk_loras(
+    params: dict,
+    cfg: D2LConfig,
+    features: jax.Array,
+    mask: jax.Array,
+    *,
+    iterative: bool = False,
+    dtype=jnp.float32,
+):
+    """Per-chunk LoRAs from context features: (A[m] [N, L, r, d_in], B[m] [N, L, r, d_out]).
+
+    iterative=True runs the Perceiver layer by layer with lax.map (l2l only), so only one layer's
+    Perceiver activations are alive at a time; the result equals the batched one.
+    """
+    model = HyperLoRA(cfg, dtype)
+    v = {"params": params}
+    if iterative and cfg.layer_to_layer:
+        per_layer = jax.lax.map(
+            lambda f: model.apply(v, f, mask, method=HyperLoRA.aggregate_one_layer),
+            jnp.swapaxes(features, 0, 1),
+        )  # [L, N, M, r, d]
+        latents = jnp.swapaxes(per_layer, 0, 1)
+    else:
+        latents = model.apply(v, features, mask, method=HyperLoRA.aggregate)
+    return model.apply(v, latents, method=HyperLoRA.loras_from_latents)
+
+
+def bias_lora(params: dict, cfg: D2LConfig):
+    return HyperLoRA(cfg).apply({"params": params}, method=HyperLoRA.bias_lora)

@@ -1,0 +1,450 @@
+"""Doc-to-LoRA end to end: context encoder, chunking, composition and the `DocToLoRA` API.
+
+document text --chat template--> ids --official split + affixes--> chunks [N, T] (padded, segment 0)
+--frozen base LM, first L-1 layers (l2l) or first L//4 (early exit)--> features
+--HyperLoRA--> per-chunk A/B [N, L, r, d] --compose--> Adapter [n_docs, L, (Kmax+1) r, d].
+
+Composition is the official `combine_lora`: per document, chunk ranks in chunk order, then the
+learned bias LoRA once, then zero rows up to the longest document. No 1/K averaging; the scale is
+alpha used directly. Per-document `scalers` multiply A only; `bias_scaler` multiplies both.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hyperlora_jax.data.chat import (
+    ctx_affixes,
+    format_user_turn,
+    split_ctx_ids,
+    tokenize_ctx_text,
+)
+from hyperlora_jax.errors import CheckpointError, ConfigError, InputError
+from hyperlora_jax.hypernet.d2l import D2LConfig, bias_lora, generate_chunk_loras
+from hyperlora_jax.hypernet.d2l_checkpoint import (
+    CONFIG,
+    base_dims_of_config,
+    load_checkpoint,
+    save_checkpoint,
+)
+from hyperlora_jax.lora.adapter import Adapter
+from hyperlora_jax.models import transformer
+from hyperlora_jax.models.config import ModelConfig
+
+
+# ----------------------------------------------------------------------------- context encoder
+def encoder_layers(cfg: D2LConfig, ctx_config: ModelConfig) -> int:
+    """How many decoder layers of the context model run: L-1 (l2l) or the early-exit depth."""
+    if cfg.layer_to_layer:
+        last = cfg.ctx_encoder_last_layer or ctx_config.num_layers
+        k = last - 1
+        if k + 1 != cfg.num_layers:
+            raise ConfigError(
+                f"l2l context encoder gives {k + 1} activation maps but the hypernetwork has "
+                f"{cfg.num_layers} layers; set ctx_encoder_last_layer to the base model's depth"
+            )
+    else:
+        k = cfg.early_exit_layer or ctx_config.num_layers // 4
+    if not 1 <= k <= ctx_config.num_layers:
+        raise ConfigError(f"context encoder depth {k} is outside [1, {ctx_config.num_layers}]")
+    return k
+
+
+def encode_context(
+    ctx_params: dict,
+    ctx_config: ModelConfig,
+    cfg: D2LConfig,
+    tokens: jax.Array,
+    mask: jax.Array,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """Chunks [N, T] (mask: True = real token) -> l2l [N, L, T, H] or early-exit [N, T, H].
+
+    Each chunk is encoded on its own (positions from 0, padding is segment 0). l2l: entry l is
+    the residual stream entering layer l, the last entry is final-normed (HF hidden_states of the
+    model truncated to L-1 layers). Padded positions are zeroed (they are masked downstream).
+    """
+    k = encoder_layers(cfg, ctx_config)
+    out = transformer.forward(
+        ctx_params,
+        ctx_config,
+        tokens,
+        segment_ids=mask.astype(jnp.int32),
+        num_layers=k,
+        return_hidden_states=True,
+        return_logits=False,
+        dtype=dtype,
+    )
+    hs = out.hidden_states  # [N, k+1, T, H]
+    if cfg.layer_to_layer:
+        return jnp.where(mask[:, None, :, None], hs, 0).astype(jnp.float32)
+    return jnp.where(mask[:, :, None], hs[:, -1], 0).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "ctx_config", "iterative", "dtype"))
+def chunk_loras(
+    hyper_params: dict,
+    ctx_params: dict,
+    tokens: jax.Array,
+    mask: jax.Array,
+    *,
+    cfg: D2LConfig,
+    ctx_config: ModelConfig,
+    iterative: bool = False,
+    dtype=jnp.float32,
+):
+    """Token chunks -> per-chunk (A, B) dicts, [N, L, r, d]. One compiled program per shape."""
+    feats = encode_context(ctx_params, ctx_config, cfg, tokens, mask, dtype)
+    return generate_chunk_loras(hyper_params, cfg, feats, mask, iterative=iterative, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- chunks & compose
+def pad_chunks(
+    chunks: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad chunks to a common length (rounded up to `multiple`): tokens, mask [N, T]."""
+    if not chunks or any(len(c) == 0 for c in chunks):
+        raise InputError("every chunk needs at least one token")
+    t = max(len(c) for c in chunks)
+    t = -(-t // multiple) * multiple
+    tokens = np.full((len(chunks), t), pad_id, np.int32)
+    mask = np.zeros((len(chunks), t), bool)
+    for i, c in enumerate(chunks):
+        tokens[i, : len(c)] = c
+        mask[i, : len(c)] = True
+    return tokens, mask
+
+
+def compose(
+    chunk_a: dict[str, jax.Array],
+    chunk_b: dict[str, jax.Array],
+    n_chunks: Sequence[int],
+    scale: float,
+    bias: tuple[dict[str, jax.Array], dict[str, jax.Array]] | None = None,
+    scalers: Sequence[float] | jax.Array | None = None,
+    bias_scaler: float | None = None,
+) -> Adapter:
+    """Official combine_lora: chunk LoRAs [sum K, L, r, d] -> Adapter [n_docs, L, (Kmax+1) r, d].
+
+    Document g gets ranks [chunk_1 .. chunk_Kg, bias (if given), zeros]; zero rows are exact.
+    """
+    n_chunks = [int(k) for k in n_chunks]
+    if not n_chunks or min(n_chunks) < 1:
+        raise InputError(f"every document needs at least one chunk, got n_chunks={n_chunks}")
+    total = sum(n_chunks)
+    first = next(iter(chunk_a.values()))
+    if first.shape[0] != total:
+        raise InputError(f"{first.shape[0]} chunk LoRAs for n_chunks={n_chunks} (sum {total})")
+    kmax = max(n_chunks)
+    slots = kmax + 1
+    # Slot index into [chunks..., bias, zero]: chunk j of doc g, then bias, then zero.
+    idx = np.full((len(n_chunks), slots), total + 1, np.int32)
+    start = 0
+    for g, k in enumerate(n_chunks):
+        idx[g, :k] = np.arange(start, start + k)
+        idx[g, k] = total if bias is not None else total + 1
+        start += k
+    doc_of_chunk = np.repeat(np.arange(len(n_chunks)), n_chunks)
+    bscale = 1.0 if bias_scaler is None else bias_scaler
+    out_a, out_b = {}, {}
+    for m in chunk_a:
+        for src, dst, which in ((chunk_a, out_a, "a"), (chunk_b, out_b, "b")):
+            x = src[m]
+            if which == "a" and scalers is not None:
+                s = jnp.asarray(scalers, x.dtype)[jnp.asarray(doc_of_chunk)]
+                x = x * s[:, None, None, None]
+            zero = jnp.zeros_like(x[:1])
+            if bias is not None:
+                bx = bias[0 if which == "a" else 1][m].astype(x.dtype) * bscale
+            else:
+                bx = zero[0]
+            pool = jnp.concatenate([x, bx[None], zero], axis=0)  # [total + 2, L, r, d]
+            g = pool[jnp.asarray(idx)]  # [G, slots, L, r, d]
+            g = jnp.moveaxis(g, 1, 2)  # [G, L, slots, r, d]
+            dst[m] = g.reshape(g.shape[0], g.shape[1], slots * g.shape[3], g.shape[4])
+    return Adapter(out_a, out_b, float(scale))
+
+
+# ----------------------------------------------------------------------------- API
+def _load_base(path: str | Path, dtype=None):
+    from hyperlora_jax.models.hf import load_hf_model
+
+    return load_hf_model(path, dtype=dtype)
+
+
+def _load_tokenizer(path: str | Path):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types
+        raise ConfigError(f"cannot load a tokenizer from {path}: {e}") from e
+
+
+def _resolve_model(given, name: str | None, roots: Sequence[Path], what: str):
+    """(config, params, folder or None) from (config, params), a folder, or a checkpoint name."""
+    if isinstance(given, tuple):
+        return given[0], given[1], None
+    if given is not None:
+        cfg, params = _load_base(given)
+        return cfg, params, Path(given)
+    if not name:
+        raise CheckpointError(f"the checkpoint names no {what}; pass it explicitly")
+    cands = [Path(name)] + [r / name for r in roots]
+    found = next((c for c in cands if (c / "config.json").is_file()), None)
+    if found is None:
+        raise ConfigError(
+            f"{what} {name!r} named by the checkpoint is not a local folder; download it "
+            "(hyperlora-jax fetch-model) and pass it explicitly"
+        )
+    cfg, params = _load_base(found)
+    return cfg, params, found
+
+
+def check_base_compatible(cfg: D2LConfig, base_config: ModelConfig, where: str) -> None:
+    """A hypernetwork is tied to its base model's depth and module shapes."""
+    want = base_dims_of_config(cfg)
+    got = {
+        "num_layers": base_config.num_layers,
+        "modules": {m: list(base_config.module_dims(m)) for m in cfg.target_modules},
+    }
+    if want != got:
+        raise CheckpointError(
+            f"{where} was trained for a base model with {want} but the loaded base model has "
+            f"{got}; load the base model named in the checkpoint"
+        )
+
+
+class DocToLoRA:
+    """A D2L hypernetwork bound to its frozen base model (and context encoder, default the same).
+
+    internalize(texts) -> Adapter, applied by hyperlora_jax.models.transformer.forward or the
+    decoding helpers (adapter=...).
+    """
+
+    def __init__(
+        self,
+        params: dict,
+        cfg: D2LConfig,
+        base_params: dict,
+        base_config: ModelConfig,
+        tokenizer: Any = None,
+        *,
+        ctx_params: dict | None = None,
+        ctx_config: ModelConfig | None = None,
+        ctx_tokenizer: Any = None,
+        dtype=jnp.float32,
+        template_kind: str | None = None,
+        pad_multiple: int = 32,
+        meta: dict | None = None,
+    ):
+        check_base_compatible(cfg, base_config, "the D2L hypernetwork")
+        self.params = jax.tree.map(jnp.asarray, params)
+        self.cfg = cfg
+        self.base_params = base_params
+        self.base_config = base_config
+        self.ctx_params = base_params if ctx_params is None else ctx_params
+        self.ctx_config = base_config if ctx_config is None else ctx_config
+        if self.ctx_config.hidden_size != cfg.feature_size:
+            raise CheckpointError(
+                f"the hypernetwork reads {cfg.feature_size}-d context features but the context "
+                f"encoder has hidden size {self.ctx_config.hidden_size}"
+            )
+        encoder_layers(cfg, self.ctx_config)
+        self.tokenizer = tokenizer
+        self.ctx_tokenizer = ctx_tokenizer if ctx_tokenizer is not None else tokenizer
+        self.dtype = dtype
+        self.template_kind = template_kind
+        self.pad_multiple = pad_multiple
+        self.meta = meta or {}
+
+    # -- construction
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        base_model: str | Path | tuple[ModelConfig, dict] | None = None,
+        *,
+        ctx_model: str | Path | tuple[ModelConfig, dict] | None = None,
+        tokenizer: Any = None,
+        dtype=jnp.float32,
+        **kw,
+    ) -> DocToLoRA:
+        """Our checkpoint folder or an official pytorch_model.bin.
+
+        base_model / ctx_model: a HF save_pretrained folder, (config, params), or None = the model
+        the checkpoint names (a local path, resolved relative to the checkpoint's folder). The
+        context encoder defaults to the base model unless the checkpoint names another one.
+        """
+        path = Path(path)
+        if path.is_file():
+            from hyperlora_jax.convert.official_d2l import read_official
+
+            params, cfg, meta = read_official(path)
+            root = path.parent
+        elif (path / CONFIG).is_file():
+            params, cfg, meta = load_checkpoint(path)
+            src = (meta.get("source") or {}).get("path")
+            root = Path(src).parent if src else path.parent
+            meta = {**meta, "ctx_encoder_model": (meta.get("ctx_encoder") or {}).get("model")}
+        else:
+            raise CheckpointError(
+                f"{path} is neither a D2L checkpoint folder (with {CONFIG}) nor a .bin file"
+            )
+        roots = [path.parent, root]
+        base_config, base_params, base_dir = _resolve_model(
+            base_model, meta.get("base_model"), roots, "base model"
+        )
+        check_base_compatible(cfg, base_config, str(path))
+        if tokenizer is None and base_dir is not None:
+            tokenizer = _load_tokenizer(base_dir)
+        ctx = {}
+        if ctx_model is not None or meta.get("ctx_encoder_model"):
+            c_cfg, c_params, c_dir = _resolve_model(
+                ctx_model, meta.get("ctx_encoder_model"), roots, "context encoder"
+            )
+            ctx = {"ctx_params": c_params, "ctx_config": c_cfg}
+            if c_dir is not None:
+                ctx["ctx_tokenizer"] = _load_tokenizer(c_dir)
+        return cls(
+            params, cfg, base_params, base_config, tokenizer, dtype=dtype, meta=meta, **ctx, **kw
+        )
+
+    def save(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+        """Write our checkpoint format (hypernetwork params + config; no base weights)."""
+        return save_checkpoint(
+            out_dir,
+            jax.tree.map(np.asarray, self.params),
+            self.cfg,
+            base_model=self.meta.get("base_model"),
+            ctx_encoder_model=self.meta.get("ctx_encoder_model"),
+            overwrite=overwrite,
+        )
+
+    # -- tokenization
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ConfigError("this DocToLoRA has no tokenizer; pass tokenizer= or use *_ids APIs")
+        return self.tokenizer
+
+    def chunk_document(self, text: str, chunk_size: int | None = None) -> list[list[int]]:
+        """Templated ids of `text` split by the official rule (chunk_size None/<=0: one chunk)."""
+        tok = self.ctx_tokenizer or self._need_tokenizer()
+        ids = tokenize_ctx_text(text, tok, self.template_kind)
+        prefix, suffix = ctx_affixes(tok, self.template_kind)
+        return split_ctx_ids(ids, chunk_size, prefix, suffix)
+
+    def query_ids(self, question: str) -> list[int]:
+        """A question as a user turn (repo template, empty system message)."""
+        return format_user_turn(question, self._need_tokenizer(), self.template_kind)
+
+    # -- internalization
+    def chunk_loras(self, chunks: Sequence[Sequence[int]], *, iterative: bool = False):
+        """Per-chunk (A, B): [N, L, r, d] for N token chunks."""
+        tokens, mask = pad_chunks(chunks, multiple=self.pad_multiple)
+        return chunk_loras(
+            self.params,
+            self.ctx_params,
+            jnp.asarray(tokens),
+            jnp.asarray(mask),
+            cfg=self.cfg,
+            ctx_config=self.ctx_config,
+            iterative=iterative,
+            dtype=self.dtype,
+        )
+
+    def internalize_chunks(
+        self,
+        docs_chunks: Sequence[Sequence[Sequence[int]]],
+        *,
+        iterative: bool = False,
+        scalers: Sequence[float] | None = None,
+        bias_scaler: float | None = None,
+    ) -> Adapter:
+        """Already-chunked documents (lists of token-id chunks) -> Adapter [n_docs, L, R, d]."""
+        if not docs_chunks or any(len(d) == 0 for d in docs_chunks):
+            raise InputError("every document needs at least one chunk")
+        flat = [list(c) for d in docs_chunks for c in d]
+        a, b = self.chunk_loras(flat, iterative=iterative)
+        bias = bias_lora(self.params, self.cfg) if self.cfg.use_bias else None
+        n = [len(d) for d in docs_chunks]
+        return compose(a, b, n, self.cfg.lora_alpha, bias, scalers, bias_scaler)
+
+    def internalize(
+        self,
+        texts: str | Sequence[str],
+        chunk_size: int | None = None,
+        *,
+        iterative: bool = False,
+        scalers: Sequence[float] | None = None,
+        bias_scaler: float | None = None,
+    ) -> Adapter:
+        """Documents -> one composed Adapter. A single str gives an unbatched adapter
+        [L, (K+1) r, d]; a list gives [n_docs, L, (Kmax+1) r, d] (zero-padded ranks)."""
+        single = isinstance(texts, str)
+        docs = [texts] if single else list(texts)
+        if not docs:
+            raise InputError("no documents to internalize")
+        chunks = [self.chunk_document(t, chunk_size) for t in docs]
+        ad = self.internalize_chunks(
+            chunks, iterative=iterative, scalers=scalers, bias_scaler=bias_scaler
+        )
+        if single:
+            ad = Adapter(
+                {m: x[0] for m, x in ad.a.items()}, {m: x[0] for m, x in ad.b.items()}, ad.scale
+            )
+        return ad
+
+    # -- using the adapter
+    def logits(self, query_ids: jax.Array, adapter: Adapter | None = None, **kw) -> jax.Array:
+        """Base-model logits for token ids [B, T] with `adapter` applied (None = base model)."""
+        out = transformer.forward(
+            self.base_params,
+            self.base_config,
+            jnp.asarray(query_ids),
+            adapter=adapter,
+            dtype=self.dtype,
+            **kw,
+        )
+        return out.logits
+
+    def generate(
+        self,
+        questions: str | Sequence[str],
+        adapter: Adapter | None,
+        max_new_tokens: int = 64,
+        **kw,
+    ) -> str | list[str]:
+        """Answers with `adapter` applied (greedy unless temperature= is given).
+
+        One question: a str; a list of questions with a batched adapter: question i uses
+        document i's adapter (as the official eval: one query per internalized context).
+        """
+        from hyperlora_jax.models.decoding import generate
+
+        tok = self._need_tokenizer()
+        single = isinstance(questions, str)
+        qs = [questions] if single else list(questions)
+        if adapter is not None and adapter.batch_shape and adapter.batch_shape[0] != len(qs):
+            raise InputError(
+                f"{len(qs)} questions for a batch of {adapter.batch_shape[0]} adapters; "
+                "pass one question per internalized document"
+            )
+        out = generate(
+            self.base_params,
+            self.base_config,
+            [self.query_ids(q) for q in qs],
+            max_new_tokens=max_new_tokens,
+            adapter=adapter,
+            tokenizer=tok,
+            dtype=self.dtype,
+            **kw,
+        )
+        return out.texts[0] if single else out.texts

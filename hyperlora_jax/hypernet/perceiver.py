@@ -1,0 +1,189 @@
+"""D2L's Perceiver aggregator (the official `Idefics2Perceiver` variant), in Flax Linen.
+
+Context activations [N, T, H] (one row per (layer, chunk) segment, padding masked) are projected
+to the latent width by a SwiGLU MLP, compressed by an encoder of cross-attention blocks over
+learned latents, then read out by a one-block decoder with `n_output_queries` learned queries.
+Differences from upstream Idefics2 that matter for parity: keys/values come from the context
+only, no positional encodings anywhere, RMSNorm is plain `w * x / rms(x)` (eps 1e-6), attention is
+GQA with 16 x 128 query heads and 4 kv heads regardless of the latent width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from hyperlora_jax.errors import ConfigError
+
+# PyTorch nn.Linear default init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
+torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class PerceiverConfig:
+    """Shape of one Perceiver (encoder + decoder). Defaults are the official Idefics2 ones."""
+
+    input_size: int  # hidden size of the context encoder (H_ctx)
+    latent_size: int = 512  # d
+    n_latents: int = 8  # encoder latent queries
+    n_output_queries: int = 8  # decoder queries (r per module in l2l mode, L*r otherwise)
+    num_blocks: int = 9  # encoder cross-attention blocks
+    num_self_attn_per_block: int = 0  # latent self-attention layers after each block
+    n_heads: int = 16
+    head_dim: int = 128
+    num_kv_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    intermediate_factor: int = 4  # SwiGLU widths: 4 * input_size (projection), 4 * d (blocks)
+
+    def __post_init__(self):
+        if self.n_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"perceiver n_heads={self.n_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        if self.num_blocks < 1:
+            raise ConfigError(f"perceiver num_blocks must be >= 1, got {self.num_blocks}")
+
+
+class RMSNorm(nn.Module):
+    """Llama-style RMSNorm: w * x / sqrt(mean(x^2) + eps), w starts at 1 (not Gemma's 1 + w)."""
+
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (w * y.astype(x.dtype)).astype(x.dtype)
+
+
+def _dense(features: int, name: str, dtype) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=False,
+        kernel_init=torch_linear_init,
+        dtype=dtype,
+        name=name,
+        param_dtype=jnp.float32,
+    )
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), bias-free."""
+
+    hidden: int
+    out: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        g = _dense(self.hidden, "gate_proj", self.dtype)(x)
+        u = _dense(self.hidden, "up_proj", self.dtype)(x)
+        return _dense(self.out, "down_proj", self.dtype)(nn.silu(g) * u)
+
+
+class PerceiverAttention(nn.Module):
+    """Non-causal GQA attention of latents [N, Q, d] over kv_input [N, S, d] with kv_mask [N, S]."""
+
+    cfg: PerceiverConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, latents: jax.Array, kv_input: jax.Array, kv_mask: jax.Array | None):
+        c = self.cfg
+        n, q_len, _ = latents.shape
+        s = kv_input.shape[1]
+        q = _dense(c.n_heads * c.head_dim, "q_proj", self.dtype)(latents)
+        k = _dense(c.num_kv_heads * c.head_dim, "k_proj", self.dtype)(kv_input)
+        v = _dense(c.num_kv_heads * c.head_dim, "v_proj", self.dtype)(kv_input)
+        groups = c.n_heads // c.num_kv_heads
+        # Query head h uses kv head h // groups (flash-attn / repeat_kv convention).
+        q = q.reshape(n, q_len, c.num_kv_heads, groups, c.head_dim)
+        k = k.reshape(n, s, c.num_kv_heads, c.head_dim)
+        v = v.reshape(n, s, c.num_kv_heads, c.head_dim)
+        scores = jnp.einsum("nqkgh,nskh->nkgqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (c.head_dim**-0.5)
+        if kv_mask is not None:
+            big_neg = jnp.finfo(jnp.float32).min
+            scores = jnp.where(kv_mask[:, None, None, None, :], scores, big_neg)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("nkgqs,nskh->nqkgh", probs, v, preferred_element_type=jnp.float32)
+        out = out.reshape(n, q_len, c.n_heads * c.head_dim).astype(self.dtype)
+        return _dense(latents.shape[-1], "o_proj", self.dtype)(out)
+
+
+class PerceiverLayer(nn.Module):
+    """Sandwich norms: lat += post_attn(attn(norm(lat), norm_ctx(ctx))); lat += post_ff(mlp(.))"""
+
+    cfg: PerceiverConfig
+    is_cross_attn: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, latents, context, context_mask):
+        eps, d = self.cfg.rms_norm_eps, self.cfg.latent_size
+        residual = latents
+        lat = RMSNorm(eps, name="input_latents_layernorm")(latents)
+        if self.is_cross_attn:
+            kv, mask = RMSNorm(eps, name="input_context_layernorm")(context), context_mask
+        else:
+            kv, mask = lat, None
+        lat = PerceiverAttention(self.cfg, self.dtype, name="self_attn")(lat, kv, mask)
+        lat = residual + RMSNorm(eps, name="post_attention_layernorm")(lat)
+        h = RMSNorm(eps, name="pre_ff_layernorm")(lat)
+        h = SwiGLU(self.cfg.intermediate_factor * d, d, self.dtype, name="mlp")(h)
+        return lat + RMSNorm(eps, name="post_ff_layernorm")(h)
+
+
+class Resampler(nn.Module):
+    """Learned latents refined by `num_blocks` cross-attention blocks over the context + RMSNorm."""
+
+    cfg: PerceiverConfig
+    n_latents: int
+    num_blocks: int
+    num_self_attn_per_block: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, context: jax.Array, context_mask: jax.Array | None) -> jax.Array:
+        d = self.cfg.latent_size
+        latents_q = self.param("latents_q", nn.initializers.normal(1.0), (self.n_latents, d))
+        lat = jnp.broadcast_to(latents_q, (context.shape[0], self.n_latents, d))
+        lat = lat.astype(self.dtype)
+        i = 0
+        for _ in range(self.num_blocks):
+            layers = [True] + [False] * self.num_self_attn_per_block
+            for is_cross in layers:
+                layer = PerceiverLayer(self.cfg, is_cross, self.dtype, name=f"layers_{i}")
+                lat = layer(lat, context, context_mask)
+                i += 1
+        return RMSNorm(self.cfg.rms_norm_eps, name="layernorm")(lat)
+
+
+class Perceiver(nn.Module):
+    """context [N, T, H], mask [N, T] (True = real token) -> [N, n_output_queries, d].
+
+    Every row n is its own segment: its latents see only its own unmasked tokens.
+    """
+
+    cfg: PerceiverConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, context: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        c = self.cfg
+        x = context.astype(self.dtype)
+        proj = SwiGLU(
+            c.intermediate_factor * c.input_size,
+            c.latent_size,
+            self.dtype,
+            name="modality_projection",
+        )(x)
+        lat = Resampler(
+            c, c.n_latents, c.num_blocks, c.num_self_attn_per_block, self.dtype, name="encoder"
+        )(proj, mask)
+        return Resampler(c, c.n_output_queries, 1, 0, self.dtype, name="decoder")(lat, None)

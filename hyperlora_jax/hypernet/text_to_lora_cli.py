@@ -1,0 +1,98 @@
+"""`hyperlora-jax generate-adapter`: a T2L checkpoint + task descriptions -> adapter folder(s)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from hyperlora_jax.errors import InputError
+    from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+    from hyperlora_jax.lora.adapter import Adapter
+    from hyperlora_jax.lora.storage import save_adapter
+
+    if not args.task:
+        raise InputError('give at least one --task "description"')
+    t2l = TextToLoRA.from_checkpoint(
+        args.hypernet, encoder=args.encoder, base_model=args.base_model
+    )
+    if args.embeddings:
+        embs = np.load(args.embeddings, allow_pickle=False)
+        embs = embs[None] if embs.ndim == 1 else embs
+        if embs.shape[0] != len(args.task):
+            raise InputError(
+                f"{args.embeddings} holds {embs.shape[0]} embeddings for {len(args.task)} --task"
+            )
+        adapters = t2l.generate(embs, scale_mode=args.scale_mode)
+    else:
+        adapters = t2l.generate(args.task, scale_mode=args.scale_mode)
+    base = args.base_model or t2l.base_model
+    out = Path(args.out)
+    many = len(args.task) > 1
+    for i, desc in enumerate(args.task):
+        one = Adapter(
+            {m: x[i] for m, x in adapters.a.items()},
+            {m: x[i] for m, x in adapters.b.items()},
+            adapters.scale,
+        )
+        dest = out / f"{i:03d}" if many else out
+        if args.peft:
+            from hyperlora_jax.lora.peft import export_peft
+
+            # rsLoRA as trained (PEFT reproduces alpha/sqrt(r)); vllm054 = plain alpha/r.
+            rslora = t2l.config.use_rslora and args.scale_mode == "trained"
+            export_peft(one, base, dest, rslora=rslora, overwrite=args.overwrite)
+        else:
+            meta = {
+                "base_model": base,
+                "source": {
+                    "kind": "t2l",
+                    "hypernet": str(args.hypernet),
+                    "task": desc,
+                    "scale_mode": args.scale_mode,
+                },
+            }
+            save_adapter(one, dest, meta, overwrite=args.overwrite)
+        (dest / "task_desc.txt").write_text(desc)
+        print(f"wrote {'PEFT ' if args.peft else ''}adapter for {desc[:60]!r} to {dest}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add this area's subcommands to the `hyperlora-jax` parser."""
+    p = subparsers.add_parser(
+        "generate-adapter",
+        help="Text-to-LoRA: write a LoRA adapter for a task description",
+        description="Run a T2L hypernetwork checkpoint (ours; convert official releases with "
+        "`hyperlora-jax convert official-t2l`) on task descriptions and save the adapters.",
+    )
+    p.add_argument("--hypernet", required=True, help="T2L checkpoint folder (t2l.json + params)")
+    p.add_argument("--task", action="append", help="task description (repeat for several)")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per task if >1)")
+    p.add_argument("--peft", action="store_true", help="write a HF PEFT folder (rsLoRA flag set)")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="base model folder: checked against the hypernetwork's shapes, its config.json is "
+        "copied into PEFT folders; base-LM-embedding checkpoints also embed with it",
+    )
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="task encoder: an embeddings file (.jsonl/.npz/.npy keyed by description) or a "
+        "local BERT sentence-encoder folder; default: the checkpoint's encoder spec",
+    )
+    p.add_argument(
+        "--embeddings", default=None, help=".npy [N, E] task embeddings, one per --task, in order"
+    )
+    p.add_argument(
+        "--scale-mode",
+        choices=("trained", "vllm054"),
+        default="trained",
+        help="trained: alpha/sqrt(r) as T2L trained (default); vllm054: alpha/r as in the README",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace non-empty output folders")
+    p.set_defaults(func=_generate)

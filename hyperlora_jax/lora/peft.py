@@ -1,0 +1,270 @@
+"""HF PEFT interop: export an Adapter as a PEFT LoRA folder (PEFT, vLLM) and import one back.
+
+Key layout: base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight with
+lora_A = A[i] [R, d_in] and lora_B = B[i]^T [d_out, R]. PEFT scales the delta by lora_alpha / r
+(use_rslora=False) or lora_alpha / sqrt(r) (use_rslora=True); we pick lora_alpha so that this
+equals our static scale exactly:
+  plain (D2L style):  lora_alpha = scale * R
+  rsLoRA (T2L style): lora_alpha = scale * sqrt(R), use_rslora = True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from hyperlora_jax.errors import CheckpointError, ConfigError, InputError
+from hyperlora_jax.lora.adapter import Adapter, module_path, pad_rank, to_numpy, validate
+from hyperlora_jax.lora.storage import atomic_dir, load_safetensors, save_safetensors
+from hyperlora_jax.models.config import TARGET_MODULES, ModelConfig
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+WEIGHTS_BIN = "adapter_model.bin"
+
+_KEY = re.compile(
+    r"^(?P<prefix>.*?)(?:^|\.)layers\.(?P<layer>\d+)\.(?P<group>self_attn|mlp)\."
+    r"(?P<module>\w+?)\.lora_(?P<ab>[AB])(?:\.(?P<name>[\w-]+))?\.weight$"
+)
+
+
+def peft_key(layer: int, module: str, ab: str) -> str:
+    """The state-dict key PEFT's save_pretrained writes for one factor."""
+    return f"base_model.model.model.layers.{layer}.{module_path(module)}.{module}.lora_{ab}.weight"
+
+
+def peft_alpha(scale: float, rank: int, rslora: bool) -> float:
+    """lora_alpha such that PEFT's scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) equals `scale`."""
+    return float(scale * (math.sqrt(rank) if rslora else rank))
+
+
+def peft_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """PEFT's LoRA scaling for (lora_alpha, r, use_rslora)."""
+    return float(alpha / (math.sqrt(rank) if rslora else rank))
+
+
+def _base_model_config(base_model: str | Path | None) -> tuple[Path | None, dict | None]:
+    """(a local base model's config.json path, its contents), or (None, None) for a hub id."""
+    if base_model is None:
+        return None, None
+    p = Path(base_model)
+    if not p.is_dir():
+        if p.exists():
+            raise ConfigError(f"--base-model {p} is a file; give a model folder or a hub id")
+        return None, None  # a hub id: nothing local to copy
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise ConfigError(
+            f"base model folder {p} has no config.json; give a folder saved with save_pretrained"
+        )
+    try:
+        return cfg, json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg} is not valid JSON: {e}") from e
+
+
+def _config_from_hf(d: dict) -> ModelConfig:
+    from hyperlora_jax.models.hf import config_from_hf
+
+    return config_from_hf(d)
+
+
+def export_peft(
+    adapter: Adapter,
+    base_model: str | Path | None,
+    out_dir: str | Path,
+    *,
+    model_config: ModelConfig | None = None,
+    rslora: bool = False,
+    overwrite: bool = False,
+    dtype: Any = None,
+) -> Path:
+    """Write `adapter` as a PEFT LoRA folder that PeftModel.from_pretrained and vLLM load.
+
+    base_model: a local model folder (its config.json is copied beside the adapter, as vLLM
+    wants, and it provides the model config) or a hub id (recorded only). Ranks of the modules are
+    zero-padded to the largest (exact). The folder appears atomically or not at all.
+    """
+    cfg_path, cfg_dict = _base_model_config(base_model)
+    if model_config is None and cfg_dict is not None:
+        model_config = _config_from_hf(cfg_dict)
+    validate(adapter, model_config)
+    if adapter.batch_shape:
+        raise InputError(
+            f"export_peft writes one adapter, got batch shape {adapter.batch_shape}; "
+            "pick one with hyperlora_jax.lora.adapter.unstack"
+        )
+    rank = adapter.rank
+    adapter = pad_rank(adapter, rank)
+    a, b = to_numpy(adapter)
+    tensors = {}
+    for m in adapter.modules:
+        am, bm = a[m], b[m]
+        if dtype is not None:
+            am, bm = am.astype(dtype), bm.astype(dtype)
+        for i in range(am.shape[0]):
+            tensors[peft_key(i, m, "A")] = am[i]
+            tensors[peft_key(i, m, "B")] = bm[i].T
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": peft_alpha(adapter.scale, rank, rslora),
+        "use_rslora": bool(rslora),
+        "lora_dropout": 0.0,
+        "target_modules": list(adapter.modules),
+        "base_model_name_or_path": None if base_model is None else str(base_model),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+    }
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        save_safetensors(tensors, tmp / WEIGHTS, {"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        if cfg_path is not None:
+            shutil.copyfile(cfg_path, tmp / "config.json")
+    return Path(out_dir)
+
+
+def read_peft_config(adapter_dir: str | Path) -> dict:
+    """adapter_config.json of a PEFT folder, checked for features we cannot represent."""
+    p = Path(adapter_dir) / CONFIG
+    if not p.is_file():
+        raise CheckpointError(f"no {CONFIG} in {adapter_dir}; is it a PEFT LoRA folder?")
+    try:
+        cfg = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p} is not valid JSON ({e})") from e
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{p}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("lora_bias", False)):
+        if cfg.get(key, ok) != ok:
+            raise CheckpointError(f"{p}: {key}={cfg[key]!r} is not supported (plain LoRA only)")
+    if cfg.get("bias", "none") != "none":
+        raise CheckpointError(f"{p}: bias={cfg['bias']!r} is not supported (plain LoRA only)")
+    if "r" not in cfg or "lora_alpha" not in cfg:
+        raise CheckpointError(f"{p} lacks r or lora_alpha")
+    return cfg
+
+
+def _read_weights(adapter_dir: Path) -> dict[str, np.ndarray]:
+    st = adapter_dir / WEIGHTS
+    if st.is_file():
+        return load_safetensors(st)
+    binf = adapter_dir / WEIGHTS_BIN
+    if binf.is_file():
+        try:
+            import torch
+        except ImportError as e:
+            raise CheckpointError(f"{binf} needs torch to read; convert it to safetensors") from e
+        try:  # weights_only: never run code from a pickle
+            sd = torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{binf} is not a readable tensor file ({e})") from e
+        return {k: v.float().numpy() for k, v in sd.items()}
+    raise CheckpointError(f"no {WEIGHTS} or {WEIGHTS_BIN} in {adapter_dir}")
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: first pattern that matches the module name."""
+    for pat, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pat})$", key):
+            return value
+    return default
+
+
+def import_peft(
+    adapter_dir: str | Path,
+    *,
+    model_config: ModelConfig | None = None,
+    dtype: Any = jnp.float32,
+) -> Adapter:
+    """Read a PEFT LoRA folder (ours, PEFT's own save_pretrained, T2L's) as an Adapter.
+
+    Keys with or without the adapter name (".default") are accepted. The static scale is
+    lora_alpha / r (or / sqrt(r) with use_rslora); per-module rank_pattern / alpha_pattern
+    scalings are folded into A, ranks padded to the largest, layers the file lacks are zero
+    (pass model_config to know the full layer count).
+    """
+    adapter_dir = Path(adapter_dir)
+    cfg = read_peft_config(adapter_dir)
+    weights = _read_weights(adapter_dir)
+    rslora = bool(cfg.get("use_rslora", False))
+    base_r, base_alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scale = peft_scaling(base_alpha, base_r, rslora)
+
+    found: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    for key, x in weights.items():
+        mt = _KEY.match(key)
+        if mt is None or mt["module"] not in TARGET_MODULES:
+            raise CheckpointError(
+                f"{adapter_dir / WEIGHTS}: unsupported key {key!r}; only LoRA on decoder layers' "
+                f"{', '.join(TARGET_MODULES)} is supported"
+            )
+        if module_path(mt["module"]) != mt["group"]:
+            raise CheckpointError(
+                f"{key}: {mt['module']} under {mt['group']} is not a known layout"
+            )
+        slot = found.setdefault((mt["module"], int(mt["layer"])), {})
+        if mt["ab"] in slot:
+            raise CheckpointError(f"{key}: a second lora_{mt['ab']} for the same module and layer")
+        slot[mt["ab"]] = np.asarray(x, np.float32)
+    if not found:
+        raise CheckpointError(f"{adapter_dir} holds no LoRA weights")
+
+    max_layer = max(layer for _, layer in found) + 1
+    num_layers = model_config.num_layers if model_config is not None else max_layer
+    if max_layer > num_layers:
+        raise InputError(
+            f"{adapter_dir}: the adapter has weights for layer {max_layer - 1} but the model has "
+            f"{num_layers} layers; it was made for a different base model"
+        )
+    modules = sorted({m for m, _ in found})
+    a, b = {}, {}
+    for m in modules:
+        layers = {layer: slot for (mm, layer), slot in found.items() if mm == m}
+        rank, d_in, d_out = 0, None, None
+        for layer, slot in layers.items():
+            if set(slot) != {"A", "B"}:
+                raise CheckpointError(f"{adapter_dir}: layer {layer} {m} lacks lora_A or lora_B")
+            ra, din = slot["A"].shape
+            dout, rb = slot["B"].shape
+            if ra != rb or (d_in not in (None, din)) or (d_out not in (None, dout)):
+                raise CheckpointError(
+                    f"{adapter_dir}: layer {layer} {m} has lora_A {slot['A'].shape} and lora_B "
+                    f"{slot['B'].shape}; expected [r, d_in] and [d_out, r] consistent over layers"
+                )
+            rank, d_in, d_out = max(rank, ra), din, dout
+        am = np.zeros((num_layers, rank, d_in), np.float32)
+        bm = np.zeros((num_layers, rank, d_out), np.float32)
+        for layer, slot in layers.items():
+            name = f"model.layers.{layer}.{module_path(m)}.{m}"
+            r_l = int(_pattern_value(cfg.get("rank_pattern"), name, base_r))
+            alpha_l = float(_pattern_value(cfg.get("alpha_pattern"), name, base_alpha))
+            r_t = slot["A"].shape[0]
+            if r_t != r_l:
+                raise CheckpointError(
+                    f"{adapter_dir}: {name} has rank {r_t} but the config says r={r_l}"
+                )
+            ratio = peft_scaling(alpha_l, r_l, rslora) / scale if scale else 1.0
+            am[layer, :r_t] = slot["A"] * ratio
+            bm[layer, :r_t] = slot["B"].T
+        a[m], b[m] = jnp.asarray(am, dtype), jnp.asarray(bm, dtype)
+    try:
+        return validate(Adapter(a, b, scale if scale else 1.0), model_config)
+    except InputError as e:
+        raise InputError(f"{adapter_dir}: {e}") from e

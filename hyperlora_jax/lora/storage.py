@@ -1,0 +1,156 @@
+"""Our native adapter folder (adapter.safetensors + adapter.json) and atomic folder writes.
+
+adapter.safetensors holds "a.{module}" [*batch, L, R, d_in] and "b.{module}" [*batch, L, R, d_out];
+adapter.json holds the static scale, modules, shapes and free-form provenance (base model, source).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hyperlora_jax.errors import CheckpointError, InputError
+from hyperlora_jax.lora.adapter import Adapter, to_numpy, validate
+
+FORMAT = "hyperlora_jax.adapter"
+VERSION = 1
+WEIGHTS = "adapter.safetensors"
+META = "adapter.json"
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `out_dir`; on success it replaces `out_dir`, on error it vanishes.
+
+    Nothing half-written is ever visible at `out_dir`. An existing non-empty `out_dir` is only
+    replaced with overwrite=True.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out} is not empty; choose a new folder or pass overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_safetensors(arrays: dict[str, np.ndarray], path: Path, metadata: dict | None = None):
+    """Write numpy arrays (bf16 via ml_dtypes included) to a safetensors file."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata)
+
+
+def load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Read a safetensors file as numpy arrays; a corrupt or truncated file is a CheckpointError."""
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"missing weights file {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises SafetensorError / OSError / ValueError
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); re-export it"
+        ) from e
+
+
+def save_adapter(
+    adapter: Adapter,
+    out_dir: str | Path,
+    metadata: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write `adapter` to `out_dir` atomically; metadata e.g. base_model, source, model_config."""
+    validate(adapter)
+    a, b = to_numpy(adapter)
+    arrays = {f"a.{m}": x for m, x in a.items()} | {f"b.{m}": x for m, x in b.items()}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "scale": float(adapter.scale),
+        "modules": list(adapter.modules),
+        "shapes": {k: list(v.shape) for k, v in sorted(arrays.items())},
+        "dtype": str(adapter.dtype),
+        **(metadata or {}),
+    }
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        save_safetensors(arrays, tmp / WEIGHTS, {"format": FORMAT})
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=_json_default))
+    return Path(out_dir)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, tuple | set):
+        return list(o)
+    raise TypeError(f"cannot store {type(o).__name__} in adapter.json")
+
+
+def read_adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
+    """adapter.json of a native adapter folder."""
+    p = Path(adapter_dir) / META
+    if not p.is_file():
+        raise CheckpointError(
+            f"no {META} in {adapter_dir}; is it an adapter saved with save_adapter? "
+            "(PEFT folders load with hyperlora_jax.lora.peft.import_peft)"
+        )
+    try:
+        meta = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p} is not valid JSON ({e}); re-save the adapter") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{p} is not a {FORMAT} file (format={meta.get('format')!r})")
+    return meta
+
+
+def load_adapter(adapter_dir: str | Path) -> Adapter:
+    """Read a folder written by save_adapter; a corrupt file is a CheckpointError naming it."""
+    import jax.numpy as jnp
+
+    adapter_dir = Path(adapter_dir)
+    meta = read_adapter_meta(adapter_dir)
+    arrays = load_safetensors(adapter_dir / WEIGHTS)
+    modules = meta.get("modules") or []
+    expected = {f"{p}.{m}" for m in modules for p in ("a", "b")}
+    if set(arrays) != expected:
+        raise CheckpointError(
+            f"{adapter_dir / WEIGHTS} holds {sorted(arrays)} but {META} lists modules {modules}"
+        )
+    for k, shape in (meta.get("shapes") or {}).items():
+        if k in arrays and list(arrays[k].shape) != list(shape):
+            raise CheckpointError(
+                f"{adapter_dir / WEIGHTS}: {k} has shape {list(arrays[k].shape)}, "
+                f"{META} says {shape}"
+            )
+    adapter = Adapter(
+        {m: jnp.asarray(arrays[f"a.{m}"]) for m in modules},
+        {m: jnp.asarray(arrays[f"b.{m}"]) for m in modules},
+        float(meta["scale"]),
+    )
+    try:
+        return validate(adapter)
+    except InputError as e:
+        raise CheckpointError(f"{adapter_dir}: {e}") from e

@@ -1,0 +1,219 @@
+"""Decoder building blocks: RMSNorm, RoPE, projections that accept a LoRA, attention, MLP.
+
+Every family difference is a `ModelConfig` field; per-layer differences (sliding or global
+attention, RoPE frequencies) arrive as scanned arrays, never as Python branches.
+Matmuls accumulate in f32 (`preferred_element_type`) and softmax runs in f32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hyperlora_jax.lora.adapter import lora_delta
+from hyperlora_jax.models.config import ModelConfig
+
+F32 = jnp.float32
+# Finite "minus infinity": fully masked rows (padding) give a uniform softmax, never NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def _param(mod: nn.Module, name: str, init, shape, names, dtype):
+    return mod.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+    """HF RMSNorm: Llama multiplies `w * x_normed.astype(dtype)`, Gemma `(x_normed * (1 + w))`."""
+
+    dim: int
+    eps: float
+    plus_one: bool
+    axis_name: str = "embed"
+    param_dtype: jnp.dtype = F32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        w = _param(self, "scale", init, (self.dim,), (self.axis_name,), self.param_dtype)
+        xf = x.astype(F32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (normed * (1.0 + w.astype(F32))).astype(x.dtype)
+        return w.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig, theta: float, scaled: bool) -> np.ndarray:
+    """Inverse frequencies [head_dim/2] in f32 as HF computes them, with llama3/linear scaling."""
+    dim = config.head_dim
+    inv = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(
+        np.float32
+    )
+    rs = config.rope_scaling_dict if scaled else None
+    if rs is None:
+        return inv
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return (inv / np.float32(rs["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        lo_wl, hi_wl = old / lo, old / hi
+        out = np.where(wavelen > lo_wl, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
+        return np.where(medium, smoothed, out).astype(np.float32)
+    from hyperlora_jax.errors import ConfigError
+
+    raise ConfigError(f"unsupported rope_type {kind!r}; supported: default, linear, llama3")
+
+
+def layer_rope_table(config: ModelConfig) -> np.ndarray:
+    """[L, head_dim/2] inverse frequencies per layer (Gemma-3 local layers use rope_local_theta)."""
+    glob = rope_inv_freq(config, config.rope_theta, scaled=True)
+    if config.rope_local_theta is None:
+        return np.stack([glob] * config.num_layers)
+    loc = rope_inv_freq(config, config.rope_local_theta, scaled=False)
+    return np.stack([loc if s else glob for s in config.sliding_layers])
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. x: [B, T, N, D], positions: [B, T], inv_freq: [D/2]."""
+    freqs = positions.astype(F32)[..., None] * inv_freq.astype(F32)  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos = jnp.cos(emb).astype(x.dtype)[:, :, None, :]
+    sin = jnp.sin(emb).astype(x.dtype)[:, :, None, :]
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rot * sin
+
+
+class Proj(nn.Module):
+    """y = x W (+ b) + LoRA delta; W is stored [d_in, d_out] (HF's transpose)."""
+
+    d_in: int
+    d_out: int
+    names: tuple[str, str]
+    use_bias: bool = False
+    param_dtype: jnp.dtype = F32
+
+    @nn.compact
+    def __call__(self, x, lora=None, scale: float = 1.0, adapter_index=None):
+        init = nn.initializers.normal(0.02)
+        w = _param(self, "kernel", init, (self.d_in, self.d_out), self.names, self.param_dtype)
+        y = jnp.einsum("btd,do->bto", x, w.astype(x.dtype), preferred_element_type=F32)
+        if self.use_bias:
+            b = _param(
+                self, "bias", nn.initializers.zeros, (self.d_out,), self.names[1:], self.param_dtype
+            )
+            y = y + b.astype(F32)
+        y = y.astype(x.dtype)
+        if lora is not None:
+            y = y + lora_delta(x, lora[0], lora[1], scale, adapter_index)
+        return y
+
+
+def _lora(lora: dict | None, name: str):
+    if lora is None or name not in lora["a"]:
+        return None
+    return lora["a"][name], lora["b"][name]
+
+
+def attention_mask(q_idx, q_seg, k_idx, k_seg, sliding: jax.Array, window: int | None):
+    """[B, 1, 1, T, S] bool: causal by index, same non-zero segment, and inside the window."""
+    allowed = (k_idx[:, None, :] <= q_idx[:, :, None]) & (q_seg[:, :, None] == k_seg[:, None, :])
+    allowed &= (k_seg != 0)[:, None, :]
+    if window is not None:
+        in_win = (q_idx[:, :, None] - k_idx[:, None, :]) < window
+        allowed &= in_win | jnp.logical_not(sliding)
+    return allowed[:, None, None]
+
+
+class Attention(nn.Module):
+    """GQA self-attention with optional q/k norm, soft-cap, sliding window and a KV cache."""
+
+    config: ModelConfig
+    param_dtype: jnp.dtype = F32
+
+    @nn.compact
+    def __call__(self, x, positions, inv_freq, mask_args, lora, scale, adapter_index, cache):
+        c = self.config
+        nh, nkv, hd = c.num_heads, c.num_kv_heads, c.head_dim
+        h = c.hidden_size
+        kw = dict(param_dtype=self.param_dtype)
+        q = Proj(h, nh * hd, ("embed", "heads"), c.attention_bias, name="q_proj", **kw)(
+            x, _lora(lora, "q_proj"), scale, adapter_index
+        )
+        k = Proj(h, nkv * hd, ("embed", "kv_heads"), c.attention_bias, name="k_proj", **kw)(
+            x, _lora(lora, "k_proj"), scale, adapter_index
+        )
+        v = Proj(h, nkv * hd, ("embed", "kv_heads"), c.attention_bias, name="v_proj", **kw)(
+            x, _lora(lora, "v_proj"), scale, adapter_index
+        )
+        b, t = x.shape[:2]
+        q, k, v = q.reshape(b, t, nh, hd), k.reshape(b, t, nkv, hd), v.reshape(b, t, nkv, hd)
+        if c.qk_norm:
+            norm = dict(dim=hd, eps=c.rms_norm_eps, plus_one=c.norm_plus_one, axis_name="head_dim")
+            q = RMSNorm(**norm, **kw, name="q_norm")(q)
+            k = RMSNorm(**norm, **kw, name="k_norm")(k)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+
+        q_idx, q_seg, k_idx, k_seg, sliding = mask_args
+        new_cache = None
+        if cache is not None:  # write this step's keys at slots [end, end + T), attend to all slots
+            upd = jax.vmap(lambda buf, new, e: jax.lax.dynamic_update_slice_in_dim(buf, new, e, 0))
+            k_all = upd(cache["k"], k.astype(cache["k"].dtype), cache["end"])
+            v_all = upd(cache["v"], v.astype(cache["v"].dtype), cache["end"])
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(x.dtype), v_all.astype(x.dtype)
+
+        g = nh // nkv
+        qg = q.reshape(b, t, nkv, g, hd)
+        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32)
+        qpas = c.query_pre_attn_scalar
+        logits = logits * (qpas**-0.5 if qpas is not None else hd**-0.5)
+        if c.attn_logit_softcap is not None:
+            logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
+        mask = attention_mask(q_idx, q_seg, k_idx, k_seg, sliding, c.sliding_window)
+        logits = jnp.where(mask, logits, MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=F32)
+        out = out.reshape(b, t, nh * hd).astype(x.dtype)
+        out = Proj(nh * hd, h, ("heads", "embed"), name="o_proj", **kw)(  # no bias in any family
+            out, _lora(lora, "o_proj"), scale, adapter_index
+        )
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)), act = SiLU or tanh-GELU."""
+
+    config: ModelConfig
+    param_dtype: jnp.dtype = F32
+
+    @nn.compact
+    def __call__(self, x, lora, scale, adapter_index):
+        c = self.config
+        kw = dict(param_dtype=self.param_dtype)
+        h, i = c.hidden_size, c.intermediate_size
+        gate = Proj(h, i, ("embed", "mlp"), name="gate_proj", **kw)(
+            x, _lora(lora, "gate_proj"), scale, adapter_index
+        )
+        up = Proj(h, i, ("embed", "mlp"), name="up_proj", **kw)(
+            x, _lora(lora, "up_proj"), scale, adapter_index
+        )
+        if c.hidden_act in ("gelu_pytorch_tanh", "gelu_tanh"):
+            act = jax.nn.gelu(gate.astype(F32), approximate=True).astype(x.dtype)
+        else:
+            act = jax.nn.silu(gate.astype(F32)).astype(x.dtype)
+        return Proj(i, h, ("mlp", "embed"), name="down_proj", **kw)(
+            act * up, _lora(lora, "down_proj"), scale, adapter_index
+        )

@@ -1,0 +1,366 @@
+"""The base decoder: one Linen model for every family, layers scanned over stacked params.
+
+Public entry points are plain functions of a params tree (no 'params' collection wrapper):
+`init_params`, `forward`, `init_cache`, `param_logical_axes`. LoRAs enter as an `Adapter`
+whose layer axis is scanned along with the layer params; `adapter=None` is the base model.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hyperlora_jax.errors import ConfigError, InputError
+from hyperlora_jax.lora.adapter import Adapter
+from hyperlora_jax.models.config import TARGET_MODULES, ModelConfig
+from hyperlora_jax.models.layers import F32, MLP, Attention, RMSNorm, _param, layer_rope_table
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+
+class ForwardOutput(NamedTuple):
+    logits: jax.Array | None  # [B, T, V] f32 (final soft-cap applied)
+    hidden_states: jax.Array | None  # [B, k+1, T, H]; last entry has the final norm applied
+    cache: Cache | None
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; Gemma adds post-attention / post-MLP norms (the "sandwich")."""
+
+    config: ModelConfig
+    param_dtype: jnp.dtype = F32
+    lora_scale: float = 1.0
+    collect_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, x, shared, per_layer):
+        c = self.config
+        positions, q_idx, q_seg, k_idx, k_seg, adapter_index = shared
+        inv_freq, sliding, lora, cache = per_layer
+        norm = dict(dim=c.hidden_size, eps=c.rms_norm_eps, plus_one=c.norm_plus_one)
+        kw = dict(param_dtype=self.param_dtype)
+        h, new_cache = Attention(c, name="attn", **kw)(
+            RMSNorm(**norm, **kw, name="attn_norm")(x),
+            positions,
+            inv_freq,
+            (q_idx, q_seg, k_idx, k_seg, sliding),
+            lora,
+            self.lora_scale,
+            adapter_index,
+            cache,
+        )
+        if c.sandwich_norm:
+            h = RMSNorm(**norm, **kw, name="post_attn_norm")(h)
+        x = x + h
+        h = MLP(c, name="mlp", **kw)(
+            RMSNorm(**norm, **kw, name="mlp_norm")(x), lora, self.lora_scale, adapter_index
+        )
+        if c.sandwich_norm:
+            h = RMSNorm(**norm, **kw, name="post_mlp_norm")(h)
+        x = x + h
+        return x, (x if self.collect_hidden else None, new_cache)
+
+
+class Decoder(nn.Module):
+    """Embedding -> scanned layers -> final norm -> (tied) LM head."""
+
+    config: ModelConfig
+    num_layers: int
+    param_dtype: jnp.dtype = F32
+    dtype: jnp.dtype = F32
+    lora_scale: float = 1.0
+    collect_hidden: bool = False
+    return_logits: bool = True
+    remat_policy: str | None = None
+
+    @nn.compact
+    def __call__(self, tokens, shared, per_layer, embeddings_noise=None):
+        c = self.config
+        emb = _param(
+            self,
+            "embedding",
+            nn.initializers.normal(0.02),
+            (c.vocab_size, c.hidden_size),
+            ("vocab", "embed"),
+            self.param_dtype,
+        )
+        x = jnp.take(emb, tokens, axis=0).astype(self.dtype)
+        if embeddings_noise is not None:  # NEFTune: added to embed_tokens' output, before sqrt(H)
+            x = x + embeddings_noise.astype(self.dtype)
+        if c.embed_scale:  # HF multiplies by sqrt(H) rounded to the weights' dtype
+            x = x * jnp.asarray(c.hidden_size**0.5, dtype=self.dtype)
+        emb_out = x
+
+        layer_cls = DecoderLayer
+        if self.remat_policy is not None:
+            policy = None
+            if self.remat_policy not in ("full", "nothing_saveable"):
+                policy = getattr(jax.checkpoint_policies, self.remat_policy, None)
+                if policy is None:
+                    raise ConfigError(
+                        f"unknown remat_policy {self.remat_policy!r}; use 'full' or a "
+                        "jax.checkpoint_policies name such as 'dots_saveable'"
+                    )
+            layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=False)
+        scan = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, 0),
+            length=self.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, (hidden, new_cache) = scan(
+            c, self.param_dtype, self.lora_scale, self.collect_hidden, name="layers"
+        )(x, shared, per_layer)
+
+        x = RMSNorm(
+            c.hidden_size,
+            c.rms_norm_eps,
+            c.norm_plus_one,
+            param_dtype=self.param_dtype,
+            name="final_norm",
+        )(x)
+        hs = None
+        if self.collect_hidden:
+            hs = jnp.concatenate([emb_out[None], hidden[:-1], x[None]], axis=0).swapaxes(0, 1)
+        logits = None
+        if self.return_logits:
+            if c.tie_word_embeddings:
+                w = emb.T
+            else:
+                w = _param(
+                    self,
+                    "lm_head",
+                    nn.initializers.normal(0.02),
+                    (c.hidden_size, c.vocab_size),
+                    ("embed", "vocab"),
+                    self.param_dtype,
+                )
+            logits = jnp.einsum("bth,hv->btv", x, w.astype(x.dtype), preferred_element_type=F32)
+            if c.final_logit_softcap is not None:
+                logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
+        return logits, hs, new_cache
+
+
+def _segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token inside its contiguous segment run (restarts at every change)."""
+    t = jnp.arange(segment_ids.shape[1])[None, :]
+    start = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    seg_start = jax.lax.cummax(jnp.where(start, t, 0), axis=1)
+    return t - seg_start
+
+
+def _prepare_adapter(config, adapter, adapter_index, batch, k):
+    """Validate an Adapter and move its layer axis first: {a, b: {m: [k, ...]}}."""
+    if adapter is None:
+        if adapter_index is not None:
+            raise InputError("adapter_index was given without an adapter; pass both or neither")
+        return None
+    unknown = [m for m in adapter.a if m not in TARGET_MODULES]
+    if unknown or set(adapter.a) != set(adapter.b):
+        raise InputError(
+            f"adapter modules {sorted(adapter.a)} / {sorted(adapter.b)} must match and be among "
+            f"{TARGET_MODULES}; unknown: {unknown}"
+        )
+    out = {"a": {}, "b": {}}
+    for m in adapter.a:
+        a, b = adapter.a[m], adapter.b[m]
+        d_in, d_out = config.module_dims(m)
+        if (
+            a.ndim not in (3, 4, 5)
+            or a.ndim != b.ndim
+            or a.shape[-1] != d_in
+            or b.shape[-1] != d_out
+        ):
+            raise InputError(
+                f"adapter {m}: A {a.shape} / B {b.shape} do not fit [*, L, R, {d_in}] / "
+                f"[*, L, R, {d_out}] for this model"
+            )
+        n_layers = a.shape[-3]
+        if n_layers != config.num_layers:
+            raise InputError(
+                f"adapter {m} has {n_layers} layers but the model has {config.num_layers}; "
+                "generate the adapter for this base model"
+            )
+        if a.ndim == 5 and (adapter_index is None or a.shape[0] != batch):
+            raise InputError(
+                f"adapter {m} is [B, N, L, R, d] (N adapters per row): it needs adapter_index and "
+                f"B={a.shape[0]} must equal the batch {batch}"
+            )
+        if a.ndim >= 4:
+            if adapter_index is None and a.shape[0] != batch:
+                raise InputError(
+                    f"adapter {m} has a batch of {a.shape[0]} adapters for {batch} sequences; "
+                    "pass adapter_index to select among N adapters per token"
+                )
+            a, b = jnp.moveaxis(a, -3, 0), jnp.moveaxis(b, -3, 0)
+        elif adapter_index is not None:
+            raise InputError("adapter_index needs adapters with a leading N axis: [N, L, R, d]")
+        out["a"][m], out["b"][m] = a[:k], b[:k]
+    return out
+
+
+def init_cache(
+    config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32
+) -> Cache:
+    """An empty KV cache: k/v [L, B, S, kv_heads, head_dim], slot segment ids, per-row end index
+    (slots written so far) and next position."""
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "end": jnp.zeros((batch,), jnp.int32),
+        "next_position": jnp.zeros((batch,), jnp.int32),
+    }
+
+
+def _model(config, k, param_dtype, dtype=F32, scale=1.0, hidden=False, logits=True, remat=None):
+    return Decoder(config, k, param_dtype, dtype, scale, hidden, logits, remat)
+
+
+def _dummy_inputs(config: ModelConfig, k: int):
+    b, t = 1, 1
+    z = jnp.zeros((b, t), jnp.int32)
+    shared = (z, z, z + 1, z, z + 1, None)
+    per_layer = (jnp.zeros((k, config.head_dim // 2), F32), jnp.zeros((k,), bool), None, None)
+    return z, shared, per_layer
+
+
+def init_params(config: ModelConfig, rng: jax.Array, dtype: jnp.dtype = jnp.float32) -> Params:
+    """Random params (normal(0.02) kernels, HF-style norm init) as a plain tree of arrays."""
+    variables = _model(config, config.num_layers, dtype).init(
+        rng, *_dummy_inputs(config, config.num_layers)
+    )
+    return nn.unbox(variables["params"])
+
+
+def param_logical_axes(config: ModelConfig) -> Any:
+    """Tree of PartitionSpecs of logical axis names (layers, vocab, embed, ...) matching params."""
+    boxed = jax.eval_shape(
+        lambda r: _model(config, config.num_layers, F32).init(
+            r, *_dummy_inputs(config, config.num_layers)
+        ),
+        jax.random.key(0),
+    )
+    return nn.get_partition_spec(boxed)["params"]
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_table(config: ModelConfig) -> np.ndarray:
+    return layer_rope_table(config)
+
+
+def forward(
+    params: Params,
+    config: ModelConfig,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    adapter: Adapter | None = None,
+    adapter_index: jax.Array | None = None,
+    num_layers: int | None = None,
+    return_hidden_states: bool = False,
+    return_logits: bool = True,
+    cache: Cache | None = None,
+    dtype: jnp.dtype = jnp.float32,
+    remat_policy: str | None = None,
+    embeddings_noise: jax.Array | None = None,
+) -> ForwardOutput:
+    """Run the decoder on tokens [B, T].
+
+    segment_ids [B, T] (0 = padding): attention is causal and never crosses segments. Without a
+    cache, positions default to the index inside each contiguous segment (correct for left/right
+    padding and packing). With a cache (decoding: one segment per row), the T tokens are written at
+    slots [end, end+T) and positions default to next_position + running count of non-pad tokens.
+    `num_layers=k` runs the first k layers only (then the final norm and, if asked, the LM head).
+    remat_policy: None, "full", or a jax.checkpoint_policies name such as "dots_saveable".
+    embeddings_noise [B, T, H]: added to the embeddings before Gemma's sqrt(H) scale (NEFTune).
+    """
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise InputError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    b, t = tokens.shape
+    k = config.num_layers if num_layers is None else int(num_layers)
+    if not 1 <= k <= config.num_layers:
+        raise InputError(f"num_layers={num_layers} must be in [1, {config.num_layers}]")
+    if cache is not None and k != config.num_layers:
+        raise InputError("early exit (num_layers) cannot be combined with a KV cache")
+    seg = (
+        jnp.ones((b, t), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    )
+    if seg.shape != (b, t):
+        raise InputError(f"segment_ids shape {seg.shape} != tokens shape {tokens.shape}")
+    if adapter_index is not None and adapter_index.shape != (b, t):
+        raise InputError(f"adapter_index shape {adapter_index.shape} != tokens shape {(b, t)}")
+
+    steps = jnp.arange(t, dtype=jnp.int32)[None, :]
+    layer_cache = None
+    if cache is None:
+        if positions is None:
+            positions = _segment_positions(seg)
+        q_idx = jnp.broadcast_to(steps, (b, t))
+        k_idx, k_seg = q_idx, seg
+    else:
+        end = cache["end"]
+        if positions is None:
+            count = jnp.cumsum(seg != 0, axis=1, dtype=jnp.int32) - 1
+            positions = cache["next_position"][:, None] + jnp.maximum(count, 0)
+        q_idx = end[:, None] + steps
+        k_seg = jax.vmap(lambda s, n, e: jax.lax.dynamic_update_slice_in_dim(s, n, e, 0))(
+            cache["segment_ids"], seg, end
+        )
+        k_idx = jnp.broadcast_to(jnp.arange(k_seg.shape[1], dtype=jnp.int32)[None], k_seg.shape)
+        layer_cache = {"k": cache["k"], "v": cache["v"], "end": jnp.broadcast_to(end, (k, b))}
+    positions = jnp.asarray(positions, jnp.int32)
+
+    lora = _prepare_adapter(config, adapter, adapter_index, b, k)
+    scale = adapter.scale if adapter is not None else 1.0
+    layer_params = jax.tree.map(lambda x: x[:k], params["layers"])
+    run_params = {**params, "layers": layer_params}
+    sliding = jnp.asarray(np.asarray(config.sliding_layers[:k]))
+    inv_freq = jnp.asarray(_rope_table(config)[:k])
+
+    model = _model(config, k, F32, dtype, scale, return_hidden_states, return_logits, remat_policy)
+    shared = (positions, q_idx, seg, k_idx, k_seg, adapter_index)
+    logits, hs, new_layer_cache = model.apply(
+        {"params": run_params},
+        tokens,
+        shared,
+        (inv_freq, sliding, lora, layer_cache),
+        embeddings_noise,
+    )
+    new_cache = None
+    if cache is not None:
+        new_cache = {
+            "k": new_layer_cache["k"],
+            "v": new_layer_cache["v"],
+            "segment_ids": k_seg,
+            "end": cache["end"] + t,
+            "next_position": cache["next_position"] + jnp.sum(seg != 0, axis=1, dtype=jnp.int32),
+        }
+    return ForwardOutput(logits, hs, new_cache)
+
+
+# `forward` under jit, with the config and the shape-changing flags static.
+forward_jit = jax.jit(
+    forward,
+    static_argnums=(1,),
+    static_argnames=(
+        "num_layers",
+        "return_hidden_states",
+        "return_logits",
+        "dtype",
+        "remat_policy",
+    ),
+)

@@ -1,0 +1,156 @@
+"""`hyperlora-jax plan`: lower and compile the real-size training step for a mesh, on fake CPU
+devices with abstract (ShapeDtypeStruct) inputs, and report per-device memory and FLOPs per step.
+
+Nothing is allocated: base and hypernetwork params, optimizer state and the batch are abstract.
+The device count is fixed when JAX starts, so the CLI runs the work in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=N.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+GiB = 1024**3
+
+
+def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
+    """Compile one optimizer step of `config` on the current devices; return the measurements."""
+    import jax
+    import jax.numpy as jnp
+
+    from hyperlora_jax.models import transformer
+    from hyperlora_jax.train import build
+    from hyperlora_jax.train import sharding as shd
+    from hyperlora_jax.train.steps import TrainState, make_train_step
+    from hyperlora_jax.train.trainer import state_shardings
+
+    parts = build.experiment(config)
+    hp = parts.hp
+    m = shd.make_mesh(**mesh)
+    base_dtype = jnp.bfloat16 if hp.dtype == jnp.bfloat16 else jnp.float32
+    key = jax.random.key(0)
+    base_abs = jax.eval_shape(lambda k: transformer.init_params(parts.base_cfg, k, base_dtype), key)
+    base_sh = shd.shardings_from_logical(
+        transformer.param_logical_axes(parts.base_cfg), base_abs, m
+    )
+    hyper_abs = jax.eval_shape(parts.init_params, key)
+    hyper_sh = shd.tree_shardings(hyper_abs, m)
+    tx, sched = build.make_tx(parts, hyper_abs)
+    state_abs = jax.eval_shape(lambda p: TrainState.create(p, tx, 0), hyper_abs)
+    st_sh = state_shardings(state_abs, hyper_sh, m)
+    rows = rows or hp.global_batch
+    batch = build.batch_spec(parts, rows)
+    batch_sh = {k: shd.batch_sharding(m, len(v.shape)) for k, v in batch.items()}
+    step = make_train_step(
+        parts.loss_fn, tx, parts.count_fn, grad_accum_steps=hp.grad_accum_steps, schedule=sched
+    )
+    jitted = jax.jit(
+        step,
+        in_shardings=(st_sh, base_sh, batch_sh),
+        out_shardings=(st_sh, shd.replicated(m)),
+        donate_argnums=(0,),
+    )
+    t0 = time.perf_counter()
+    with jax.set_mesh(m):
+        lowered = jitted.lower(state_abs, base_abs, batch)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    n_dev = m.size
+    count = lambda t: int(sum(math.prod(x.shape) for x in jax.tree.leaves(t)))  # noqa: E731
+    out = {
+        "config": config.get("name", "?"),
+        "mesh": dict(m.shape),
+        "devices": n_dev,
+        "global_rows_per_step": rows,
+        "grad_accum_steps": hp.grad_accum_steps,
+        "row_shape": {k: list(v.shape[1:]) for k, v in batch.items() if k in (
+            "input_ids", "ctx_ids", "tokens")},
+        "compute_dtype": jnp.dtype(hp.dtype).name,
+        "base_params": count(base_abs),
+        "hypernet_params": count(hyper_abs),
+        "lower_s": round(t1 - t0, 1),
+        "compile_s": round(t2 - t1, 1),
+    }
+    if mem is not None:
+        per = {
+            "arguments": mem.argument_size_in_bytes,
+            "outputs": mem.output_size_in_bytes,
+            "aliased": mem.alias_size_in_bytes,
+            "temporaries": mem.temp_size_in_bytes,
+            "code": mem.generated_code_size_in_bytes,
+        }
+        per["total"] = per["arguments"] + per["outputs"] - per["aliased"] + per["temporaries"]
+        out["per_device_GiB"] = {k: round(v / GiB, 3) for k, v in per.items()}
+    if cost:
+        flops = float(cost.get("flops", 0.0))
+        out["flops_per_device_per_step"] = flops
+        out["flops_per_step_total"] = flops * n_dev
+    return out
+
+
+def format_plan(p: dict) -> str:
+    lines = [
+        f"config {p['config']}  mesh {p['mesh']} ({p['devices']} devices)",
+        f"  base params {p['base_params'] / 1e9:.3f}B, hypernet params "
+        f"{p['hypernet_params'] / 1e6:.1f}M, compute {p['compute_dtype']}",
+        f"  {p['global_rows_per_step']} rows/step ({p['grad_accum_steps']} accumulation "
+        f"micro-batches), row shapes {p['row_shape']}",
+        f"  lowered in {p['lower_s']} s, compiled in {p['compile_s']} s",
+    ]
+    if "per_device_GiB" in p:
+        g = p["per_device_GiB"]
+        lines.append(
+            "  per-device memory (GiB): "
+            + ", ".join(f"{k} {v}" for k, v in g.items())
+        )
+    if "flops_per_device_per_step" in p:
+        lines.append(
+            f"  FLOPs per step: {p['flops_per_device_per_step']:.3e} per device, "
+            f"{p['flops_per_step_total']:.3e} total"
+        )
+    return "\n".join(lines)
+
+
+def run_subprocess(config_arg: str, overrides: list[str], mesh: dict[str, int],
+                   rows: int | None, timeout: int = 3600) -> dict:
+    """Run `plan` in a fresh process with the mesh's device count faked on the CPU."""
+    n = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+        f"--xla_force_host_platform_device_count={n}".strip(),
+        "JAX_PLATFORMS": "cpu",
+    }
+    cmd = [sys.executable, "-m", "hyperlora_jax.train.plan", config_arg, json.dumps(mesh),
+           json.dumps(rows), *overrides]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0 or "PLAN " not in r.stdout:
+        from hyperlora_jax.errors import ConfigError
+
+        raise ConfigError(f"plan failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.split("PLAN ", 1)[1])
+
+
+def _main(argv):
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+    from hyperlora_jax.train.cli import load_config
+
+    config = load_config(argv[0], argv[3:])
+    mesh = json.loads(argv[1])
+    rows = json.loads(argv[2])
+    print("PLAN " + json.dumps(plan(config, mesh, rows)))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -1,0 +1,426 @@
+"""Pure training steps: gradients w.r.t. the hypernetwork params only, NaN/Inf guard, optional
+gradient accumulation. The frozen base params are an argument and never get a gradient.
+
+A loss function has the signature
+    loss_fn(params, base_params, batch, rng, num_items) -> (loss, aux: dict of scalars)
+where `num_items` is the count its sums are divided by (contexts for D2L, samples for T2L),
+computed over the whole (accumulated) batch by `count_fn(batch)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+LossFn = Callable[..., tuple[jax.Array, dict]]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a checkpoint restores: hypernet params, optimizer state, step, RNG, guard counters."""
+
+    step: jax.Array  # int32, steps taken (including skipped ones)
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data [2]
+    bad_in_a_row: jax.Array  # int32, consecutive non-finite steps
+    bad_total: jax.Array  # int32, non-finite steps skipped so far
+
+    @classmethod
+    def create(cls, params, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+        z = jnp.zeros((), jnp.int32)
+        return cls(z, params, tx.init(params), jax.random.key_data(jax.random.key(seed)), z, z)
+
+
+def all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    count_fn: Callable[[dict], jax.Array],
+    *,
+    grad_accum_steps: int = 1,
+    schedule: optax.Schedule | None = None,
+    inject_nan_at: int | None = None,
+):
+    """step(state, base_params, batch) -> (state, metrics).
+
+    With grad_accum_steps = k the batch's leading axis is split into k micro-batches whose
+    gradients are summed; every loss sum is divided by the count of the whole batch, so the
+    result equals one big batch (the official per-context normalisation across accumulation).
+    A non-finite loss or gradient skips the update (params and optimizer state unchanged) and
+    is counted. `inject_nan_at` (tests only) poisons the gradient at that step.
+    """
+
+    def grads_of(params, base_params, batch, rng, num_items):
+        return jax.value_and_grad(loss_fn, has_aux=True)(params, base_params, batch, rng, num_items)
+
+    def step(state: TrainState, base_params, batch):
+        rng = jax.random.wrap_key_data(state.rng)
+        rng, step_rng = jax.random.split(rng)
+        step_rng = jax.random.fold_in(step_rng, state.step)
+        num_items = jnp.maximum(count_fn(batch).astype(jnp.float32), 1.0)
+        base_params = jax.lax.stop_gradient(base_params)
+        if grad_accum_steps == 1:
+            (loss, aux), grads = grads_of(state.params, base_params, batch, step_rng, num_items)
+        else:
+            k = grad_accum_steps
+            micro = jax.tree_util.tree_map(
+                lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch
+            )
+
+            def body(carry, xs):
+                mb, i = xs
+                (l, a), g = grads_of(
+                    state.params, base_params, mb, jax.random.fold_in(step_rng, i), num_items
+                )
+                acc_g, acc_l, acc_a = carry
+                acc_g = jax.tree_util.tree_map(jnp.add, acc_g, g)
+                acc_a = jax.tree_util.tree_map(jnp.add, acc_a, a)
+                return (acc_g, acc_l + l, acc_a), None
+
+            zero_g = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            _, aux0 = jax.eval_shape(
+                loss_fn,
+                state.params,
+                base_params,
+                jax.tree_util.tree_map(lambda x: x[0], micro),
+                step_rng,
+                num_items,
+            )
+            zero_a = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+            (grads, loss, aux), _ = jax.lax.scan(
+                body, (zero_g, jnp.zeros((), jnp.float32), zero_a), (micro, jnp.arange(k))
+            )
+        if inject_nan_at is not None:
+            poison = jnp.where(state.step == inject_nan_at, jnp.nan, 0.0)
+            grads = jax.tree_util.tree_map(lambda g: g + poison.astype(g.dtype), grads)
+        ok = jnp.isfinite(loss) & all_finite(grads)
+        gnorm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+            lambda n, o: jnp.where(ok, n, o), new, old
+        )
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            rng=jax.random.key_data(rng),
+            bad_in_a_row=jnp.where(ok, 0, state.bad_in_a_row + 1),
+            bad_total=state.bad_total + jnp.where(ok, 0, 1),
+        )
+        metrics = {"loss": loss, "grad_norm": gnorm, "finite": ok, "num_items": num_items, **aux}
+        if schedule is not None:
+            metrics["lr"] = schedule(optax_count(state.opt_state))
+        return new_state, metrics
+
+    return step
+
+
+def optax_count(opt_state) -> jax.Array:
+    """The update count of the (first) schedule inside an optax state (0 if none)."""
+    for leaf in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)
+    ):
+        if isinstance(leaf, optax.ScaleByScheduleState):
+            return leaf.count
+    for s in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)
+    ):
+        if isinstance(s, optax.ScaleByAdamState):
+            return s.count
+    return jnp.zeros((), jnp.int32)
+
+
+# --------------------------------------------------------------------------- D2L distillation
+#
+# D2L batch = packed rows of hyperlora_jax.data.packing (see its docstring), stacked [B, ...]:
+# student side input_ids/positions/segment_ids/labels/qa_index/adapter_index [B, T], teacher
+# logprobs_vals/logprobs_indices [B, T, K] at label tokens; context side ctx_ids/ctx_positions/
+# ctx_segment_ids [B, Tc] (several chunks per row, chunk number 1..), chunk_context [B, C],
+# n_ctx_chunks [B, Cx]. Optional online teacher: teacher_ids/teacher_segment_ids [B, Tt] and
+# teacher_pos [B, T] (teacher position of the same response token).
+
+
+def compose_chunks(a, b, bias_a, bias_b, chunk_ctx, chunk_slot, n_chunks, max_chunks: int):
+    """Per-chunk factors [Nc, L, r, d] -> per-context [N, L, (max_chunks+1) r, d].
+
+    Context c gets [chunk_1; ...; chunk_K; bias; zeros] along the rank axis (official
+    combine_lora order; no 1/K scaling), with one-hot contractions (static shapes). chunk_ctx -1
+    marks unused chunk slots; n_chunks 0 marks unused contexts (no bias for them).
+    """
+    n = n_chunks.shape[0]
+    slots = max_chunks + 1
+    to_ctx = jax.nn.one_hot(chunk_ctx, n, dtype=jnp.float32)  # [Nc, N] (-1 -> zeros)
+    to_slot = jax.nn.one_hot(chunk_slot, slots, dtype=jnp.float32)  # [Nc, S]
+    bias_slot = jax.nn.one_hot(n_chunks, slots, dtype=jnp.float32) * (n_chunks > 0)[:, None]
+
+    def one(x, bias):
+        L, r, d = x.shape[1:]  # noqa: N806
+        y = jnp.einsum("jc,js,jlrd->clsrd", to_ctx, to_slot, x.astype(jnp.float32))
+        y = y + jnp.einsum("cs,lrd->clsrd", bias_slot, bias.astype(jnp.float32))
+        return y.reshape(n, L, slots * r, d)
+
+    return {m: one(a[m], bias_a[m]) for m in a}, {m: one(b[m], bias_b[m]) for m in b}
+
+
+def gather_chunks(feats: jax.Array, seg: jax.Array, num_chunks: int, chunk_len: int):
+    """Packed context features -> one chunk per row.
+
+    feats [B, (L,) Tc, H], seg [B, Tc] (chunk number 1.., 0 = pad; a chunk is contiguous) ->
+    [B * num_chunks, (L,) chunk_len, H] and mask [B * num_chunks, chunk_len]. Empty slots get
+    one (masked-in) token so the hypernetwork stays finite; their LoRAs are dropped later.
+    """
+    tc = seg.shape[1]
+    hit = seg[:, :, None] == jnp.arange(1, num_chunks + 1)[None, None, :]  # [B, Tc, C]
+    length = jnp.sum(hit, axis=1)  # [B, C]
+    start = jnp.argmax(hit, axis=1)  # [B, C]
+    t = jnp.arange(chunk_len)
+    idx = jnp.clip(start[..., None] + t, 0, tc - 1)  # [B, C, Tm]
+    mask = (t < length[..., None]) | ((length[..., None] == 0) & (t == 0))
+    b = seg.shape[0]
+    if feats.ndim == 4:  # [B, L, Tc, H]
+        g = jax.vmap(lambda f, i: f[:, i])(feats, idx)  # [B, L, C, Tm, H]
+        g = jnp.moveaxis(g, 2, 1)  # [B, C, L, Tm, H]
+        g = g.reshape(b * num_chunks, *g.shape[2:])
+    else:
+        g = jax.vmap(lambda f, i: f[i])(feats, idx)  # [B, C, Tm, H]
+        g = g.reshape(b * num_chunks, *g.shape[2:])
+    return g, mask.reshape(b * num_chunks, chunk_len)
+
+
+def d2l_count(batch) -> jax.Array:
+    """Contexts in the batch (the official per-context loss normaliser)."""
+    return jnp.sum(batch["n_ctx_chunks"] > 0)
+
+
+def make_d2l_loss(
+    hcfg,
+    base_cfg,
+    *,
+    objective: str = "distill",
+    l1_coef: float = 0.1,
+    neftune_alpha: float = 0.0,
+    max_chunk_len: int | None = None,
+    dtype=jnp.float32,
+    hypernet_dtype=None,
+    remat_policy: str | None = None,
+) -> LossFn:
+    """D2L loss: student = base + generated adapter, without the document.
+
+    objective "distill": CE to the top-k teacher probs (stored, or online with teacher_ids);
+    "ce": gold-response CE (NIAH). Both: mean per QA, then per context, summed / n_contexts,
+    plus l1_coef * L1 of the combined adapter (bias LoRA included), / n_contexts.
+    max_chunk_len: longest chunk (static; default the packed context length).
+    """
+    from hyperlora_jax.errors import ConfigError
+    from hyperlora_jax.hypernet.d2l import bias_lora, generate_chunk_loras
+    from hyperlora_jax.hypernet.doc_to_lora import encoder_layers
+    from hyperlora_jax.lora.adapter import Adapter
+    from hyperlora_jax.models.transformer import forward
+    from hyperlora_jax.train import losses
+
+    if objective not in ("distill", "ce"):
+        raise ConfigError(f"D2L objective {objective!r}; expected 'distill' or 'ce'")
+    hdtype = hypernet_dtype or dtype
+    k_enc = encoder_layers(hcfg, base_cfg)
+
+    def adapter_fn(params, base_params, batch):
+        """Generated per-context adapters [B * Cx, L, (C+1) r, d] and global adapter_index."""
+        seg_c = batch["ctx_segment_ids"]
+        bsz, tc = seg_c.shape
+        n_slots = batch["chunk_context"].shape[1]
+        n_ctx_slots = batch["n_ctx_chunks"].shape[1]
+        hs = forward(
+            base_params, base_cfg, batch["ctx_ids"], segment_ids=seg_c,
+            positions=batch["ctx_positions"], num_layers=k_enc, return_hidden_states=True,
+            return_logits=False, dtype=dtype, remat_policy=remat_policy,
+        ).hidden_states  # [B, k+1, Tc, H]
+        feats = hs if hcfg.layer_to_layer else hs[:, -1]
+        feats = jax.lax.stop_gradient(feats.astype(jnp.float32))
+        cf, cmask = gather_chunks(feats, seg_c, n_slots, max_chunk_len or tc)
+        a, b = generate_chunk_loras(params, hcfg, cf, cmask, dtype=hdtype)
+        ba, bb = bias_lora(params, hcfg)
+        if not hcfg.use_bias:
+            ba = jax.tree_util.tree_map(jnp.zeros_like, ba)
+            bb = jax.tree_util.tree_map(jnp.zeros_like, bb)
+        # global chunk -> context numbering, and each chunk's rank slot inside its context
+        rows = jnp.arange(bsz)[:, None]
+        cc = batch["chunk_context"]
+        chunk_ctx = jnp.where(cc >= 0, cc + rows * n_ctx_slots, -1).reshape(-1)
+        nch = batch["n_ctx_chunks"]
+        first = jnp.cumsum(nch, axis=1) - nch  # first chunk number of each context
+        slot = jnp.arange(n_slots)[None] - jnp.take_along_axis(first, jnp.maximum(cc, 0), 1)
+        used = (cc >= 0).reshape(-1)
+        a = {m: jnp.where(used[:, None, None, None], x, 0) for m, x in a.items()}
+        b = {m: jnp.where(used[:, None, None, None], x, 0) for m, x in b.items()}
+        ca, cb = compose_chunks(
+            a, b, ba, bb, chunk_ctx, jnp.maximum(slot, 0).reshape(-1), nch.reshape(-1), n_slots
+        )
+        adapter = Adapter(ca, cb, float(hcfg.lora_alpha))
+        return adapter, batch["adapter_index"] + rows * n_ctx_slots
+
+    def loss_fn(params, base_params, batch, rng, num_ctx):
+        adapter, ad_index = adapter_fn(params, base_params, batch)
+        bsz = ad_index.shape[0]
+        rows = jnp.arange(bsz)[:, None]
+        n_chunks = batch["n_ctx_chunks"].reshape(-1)
+        tokens = batch["input_ids"]
+        noise = None
+        if neftune_alpha:
+            shape = (*tokens.shape, base_cfg.hidden_size)
+            noise = losses.neftune_noise(jax.random.fold_in(rng, 1), shape, neftune_alpha, dtype)
+        logits = forward(
+            base_params, base_cfg, tokens, segment_ids=batch["segment_ids"],
+            positions=batch["positions"], adapter=adapter, adapter_index=ad_index, dtype=dtype,
+            remat_policy=remat_policy, embeddings_noise=noise,
+        ).logits
+        labels = batch["labels"]
+        mask = losses.shift_targets(labels >= 0, False)
+        if objective == "ce":
+            tok = losses.cross_entropy(logits, losses.shift_targets(jnp.maximum(labels, 0)))
+        else:
+            vals, idx = _teacher_topk(base_params, base_cfg, batch, dtype)
+            tok = losses.topk_distill_ce(logits, vals, idx)
+        n_qa = batch["qa_context"].shape[1]
+        qa_ids = losses.shift_targets(batch["qa_index"] + rows * n_qa)
+        ctx_ids = losses.shift_targets(ad_index)
+        main = losses.per_context_loss_sum(tok, mask, qa_ids, ctx_ids, bsz * n_qa, n_chunks.size)
+        rank = (jnp.max(n_chunks) + 1) * hcfg.lora_r
+        l1 = losses.adapter_l1_sum(adapter, n_chunks > 0, rank)
+        main, l1 = main / num_ctx, l1 / num_ctx
+        return main + l1_coef * l1, {"main_loss": main, "l1": l1}
+
+    loss_fn.adapter_fn = adapter_fn
+    return loss_fn
+
+
+def _teacher_topk(base_params, base_cfg, batch, dtype, k: int = 16):
+    """Teacher top-k log-probs aligned with the student's logits (stored, or computed online)."""
+    from hyperlora_jax.models.transformer import forward
+    from hyperlora_jax.train import losses
+
+    if "teacher_ids" not in batch:
+        return (
+            losses.shift_targets(batch["logprobs_vals"]),
+            losses.shift_targets(batch["logprobs_indices"]),
+        )
+    t_logits = forward(
+        base_params, base_cfg, batch["teacher_ids"], segment_ids=batch["teacher_segment_ids"],
+        dtype=dtype,
+    ).logits
+    logp = jax.nn.log_softmax(jax.lax.stop_gradient(t_logits).astype(jnp.float32), -1)
+    # student position t predicts token t+1, which the teacher holds at teacher_pos[t+1] and
+    # predicts from the position before it.
+    pos = jnp.maximum(losses.shift_targets(batch["teacher_pos"]) - 1, 0)
+    rows = jnp.take_along_axis(logp, pos[..., None], axis=1)  # [B, T, V]
+    return jax.lax.top_k(rows, k)
+
+
+# --------------------------------------------------------------------------- T2L
+#
+# T2L SFT batch: task_embs [N, E] (one description embedding per sample), tokens [B, T],
+# segment_ids [B, T], loss_mask [B, T] (response tokens), sample_valid [N]; one sample per row
+# (N == B) or packed rows with adapter_index [B, T] selecting the sample.
+# T2L recon batch: task_embs [N, E], target_a.<m> / target_b.<m> [N, L, r, d], sample_valid [N].
+
+
+def t2l_count(batch) -> jax.Array:
+    return jnp.sum(batch["sample_valid"])
+
+
+def make_t2l_sft_loss(
+    tcfg,
+    base_cfg,
+    *,
+    label_smoothing: float = 0.1,
+    l2_coef: float = 1e-3,
+    neftune_alpha: float = 0.0,
+    dtype=jnp.float32,
+    remat_policy: str | None = None,
+) -> LossFn:
+    """T2L SFT: description -> adapter; CE with label smoothing, per-sample mean, + L2 on A/B."""
+    from hyperlora_jax.hypernet.t2l import HyperModulator, postprocess
+    from hyperlora_jax.lora.adapter import Adapter
+    from hyperlora_jax.models.transformer import forward
+    from hyperlora_jax.train import losses
+
+    def loss_fn(params, base_params, batch, rng, num_samples):
+        a, b = HyperModulator(tcfg).apply(
+            {"params": params}, batch["task_embs"], deterministic=False,
+            rngs={"dropout": jax.random.fold_in(rng, 0)},
+        )
+        a, b = postprocess(tcfg, a, b, None)
+        adapter = Adapter(a, b, tcfg.scale())
+        tokens = batch["tokens"]
+        noise = None
+        if neftune_alpha:
+            shape = (*tokens.shape, base_cfg.hidden_size)
+            noise = losses.neftune_noise(jax.random.fold_in(rng, 1), shape, neftune_alpha, dtype)
+        index = batch.get("adapter_index")
+        logits = forward(
+            base_params, base_cfg, tokens, segment_ids=batch["segment_ids"], adapter=adapter,
+            adapter_index=index, dtype=dtype, remat_policy=remat_policy, embeddings_noise=noise,
+        ).logits
+        tok = losses.cross_entropy(logits, losses.shift_targets(tokens), label_smoothing)
+        mask = losses.shift_targets(batch["loss_mask"], False)
+        n = batch["task_embs"].shape[0]
+        ids = (
+            jnp.broadcast_to(jnp.arange(tokens.shape[0])[:, None], tokens.shape)
+            if index is None
+            else losses.shift_targets(index)
+        )
+        main = losses.per_sample_loss_sum(tok, mask, ids, n) / num_samples
+        l2 = losses.adapter_l2_sum(adapter, batch["sample_valid"]) / num_samples
+        return main + l2_coef * l2, {"main_loss": main, "l2": l2}
+
+    return loss_fn
+
+
+def make_t2l_recon_loss(tcfg, *, stats: dict | None = None) -> LossFn:
+    """T2L reconstruction: L1 to oracle LoRAs (factorized A/B, optional z-score; or dense dW).
+
+    stats: {"mean.a.<m>", "std.a.<m>", ...} [L, r, d] for the z-score option. Per-sample means
+    summed and divided by the sample count (= the official mean over equal-size samples),
+    averaged over target modules.
+    """
+    from hyperlora_jax.hypernet.t2l import HyperModulator
+
+    def per_sample(x):
+        return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+    def loss_fn(params, base_params, batch, rng, num_samples):
+        del base_params
+        a, b = HyperModulator(tcfg).apply(
+            {"params": params}, batch["task_embs"], deterministic=False,
+            rngs={"dropout": jax.random.fold_in(rng, 0)},
+        )
+        valid = batch["sample_valid"].astype(jnp.float32)
+        total = jnp.zeros((), jnp.float32)
+        for m in tcfg.modules:
+            at = batch[f"target_a.{m}"].astype(jnp.float32)
+            bt = batch[f"target_b.{m}"].astype(jnp.float32)
+            pa, pb = a[m].astype(jnp.float32), b[m].astype(jnp.float32)
+            if tcfg.factorized:
+                if tcfg.pred_z_score:
+                    at = (at - stats[f"mean.a.{m}"]) / (stats[f"std.a.{m}"] + 1e-10)
+                    bt = (bt - stats[f"mean.b.{m}"]) / (stats[f"std.b.{m}"] + 1e-10)
+                err = per_sample(jnp.abs(pa - at)) / 2 + per_sample(jnp.abs(pb - bt)) / 2
+            else:
+                dw = jnp.einsum("nlro,nlri->nloi", pb, pa)
+                dwt = jnp.einsum("nlro,nlri->nloi", bt, at)
+                err = per_sample(jnp.abs(dw - tcfg.delta_w_scaling * dwt))
+            total = total + jnp.sum(err * valid)
+        loss = total / len(tcfg.modules) / num_samples
+        return loss, {"main_loss": loss}
+
+    return loss_fn

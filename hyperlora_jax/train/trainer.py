@@ -1,0 +1,416 @@
+"""Training loop: sharded jitted step, Orbax checkpoints (async) with the grain iterator state and a
+JSON to rebuild everything, automatic resume, save on SIGTERM, NaN guard, TensorBoard + JSONL
+metrics, tqdm progress, periodic eval hook.
+
+The loop is model-agnostic: it takes a loss function (see steps.py), the frozen base params, an
+initializer for the trainable params and a checkpointable host-local batch iterator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+from flax.core import meta
+from jax.sharding import Mesh
+
+from hyperlora_jax.errors import CheckpointError, HyperLoraError
+from hyperlora_jax.train import sharding as shd
+from hyperlora_jax.train.steps import TrainState, all_finite, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(HyperLoraError):
+    """Training stopped: too many consecutive non-finite losses or gradients."""
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """Loop settings (the `train` section of an experiment config holds the same names)."""
+
+    steps: int
+    workdir: str
+    seed: int = 0
+    grad_accum_steps: int = 1
+    log_every: int = 1
+    save_every: int = 1000
+    eval_every: int = 0
+    max_to_keep: int = 3
+    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
+    async_checkpointing: bool = True
+    progress: bool = True
+    inject_nan_at: int | None = None  # tests: poison the gradient of this step
+
+
+def train_defaults():
+    """The `train` sub-config every experiment config carries (ml_collections), with defaults.
+
+    Experiment presets override these; the launch command line overrides those
+    (`--config.train.lr=1e-4`).
+    """
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.steps = 1000
+    c.batch_size = 8  # global: rows per step, over all hosts
+    c.grad_accum_steps = 1
+    c.lr = 4e-5
+    c.schedule = "cosine"  # cosine (to min_lr) | linear (to 0) | constant
+    c.warmup_steps = 100
+    c.min_lr = 1e-7
+    c.weight_decay = 0.01
+    c.no_decay = "d2l"  # d2l: official exclusions; t2l: decay everything
+    c.max_grad_norm = 1.0
+    c.seed = 42
+    c.dtype = "bfloat16"  # compute dtype of the base model; params stay f32, loss in f32
+    c.remat_policy = ""  # "", "full", or a jax.checkpoint_policies name (e.g. dots_saveable)
+    c.log_every = 10
+    c.save_every = 1000
+    c.eval_every = 0
+    c.max_to_keep = 3
+    c.max_bad_steps = 10
+    c.workdir = "runs/default"
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.rules = ()  # extra (logical, mesh axes) rules, prepended to sharding.DEFAULT_RULES
+    return c
+
+
+def _abstract(tree, shardings):
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings
+    )
+
+
+def _complete_steps(root: Path) -> list[int]:
+    """Committed checkpoint steps, newest first (tmp / half-written dirs are skipped)."""
+    out = []
+    if not root.exists():
+        return out
+    for p in root.iterdir():
+        if p.is_dir() and p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists():
+            items = [q for q in p.iterdir() if q.is_dir()]
+            if items and all(any(q.iterdir()) for q in items):
+                out.append(int(p.name))
+    return sorted(out, reverse=True)
+
+
+class Trainer:
+    """Owns the mesh, the train state, the jitted step and the checkpoint manager."""
+
+    def __init__(
+        self,
+        *,
+        loss_fn,
+        count_fn,
+        init_params: Callable[[jax.Array], Any],
+        base_params: Any,
+        tx: optax.GradientTransformation,
+        schedule: optax.Schedule | None,
+        data: Iterator[dict],
+        options: TrainOptions,
+        mesh: Mesh | None = None,
+        rules=shd.DEFAULT_RULES,
+        base_shardings=None,
+        rebuild_info: dict | None = None,
+        eval_fn: Callable[[TrainState], dict] | None = None,
+        tokens_fn: Callable[[dict], int] | None = None,
+        hooks: list[Callable[[Trainer, int, dict], None]] | None = None,
+        fsdp_min_size: int = 2**18,
+    ):
+        self.o = options
+        self.mesh = mesh or shd.make_mesh(data=len(jax.devices()))
+        self.rules = rules
+        self.data = data
+        self.eval_fn = eval_fn
+        self.tokens_fn = tokens_fn or _count_tokens
+        self.hooks = hooks or []
+        self.rebuild_info = rebuild_info or {}
+        self.workdir = Path(options.workdir)
+        self.ckpt_dir = (self.workdir / "checkpoints").absolute()
+        self._stop = False
+        self._flops = None
+
+        # params: born sharded (jit of the initializer with out_shardings)
+        abstract_params = jax.eval_shape(init_params, jax.random.key(options.seed))
+        self.param_shardings = shd.tree_shardings(
+            abstract_params, self.mesh, rules, fsdp_fallback_min=fsdp_min_size
+        )
+        params = jax.jit(
+            lambda r: meta.unbox(init_params(r)), out_shardings=self.param_shardings
+        )(jax.random.key(options.seed))
+        state = jax.jit(lambda p: TrainState.create(p, tx, options.seed))(params)
+        self.state_shardings = self._state_shardings(state)
+        self.state = jax.device_put(state, self.state_shardings)
+
+        if base_shardings is None:
+            base_shardings = shd.tree_shardings(base_params, self.mesh, rules)
+        self.base_shardings = base_shardings
+        self.base_params = shd.shard_tree(base_params, base_shardings) if base_params else {}
+
+        step = make_train_step(
+            loss_fn,
+            tx,
+            count_fn,
+            grad_accum_steps=options.grad_accum_steps,
+            schedule=schedule,
+            inject_nan_at=options.inject_nan_at,
+        )
+        self._step_fn = step
+        self._jitted = None  # built at the first batch (needs its shardings)
+        self.manager = self._make_manager()
+
+    # ------------------------------------------------------------------ sharding helpers
+    def _state_shardings(self, state: TrainState):
+        return state_shardings(state, self.param_shardings, self.mesh)
+
+    def batch_shardings(self, batch: dict):
+        return {k: shd.batch_sharding(self.mesh, np.ndim(v), self.rules) for k, v in batch.items()}
+
+    def _compile(self, gbatch: dict):
+        self._jitted = jax.jit(
+            self._step_fn,
+            in_shardings=(self.state_shardings, self.base_shardings, self.batch_shardings(gbatch)),
+            out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
+            donate_argnums=(0,),
+        )
+        with jax.set_mesh(self.mesh):
+            lowered = self._jitted.lower(self.state, self.base_params, gbatch)
+            compiled = lowered.compile()
+        try:
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list | tuple) else cost
+            self._flops = float(cost.get("flops", 0.0)) * max(1, len(jax.devices()))
+        except Exception:  # cost analysis is best effort
+            self._flops = None
+        self._compiled = compiled
+
+    # ------------------------------------------------------------------ checkpoints
+    def _make_manager(self):
+        import orbax.checkpoint as ocp
+
+        opts = ocp.CheckpointManagerOptions(
+            max_to_keep=self.o.max_to_keep,
+            enable_async_checkpointing=self.o.async_checkpointing,
+            create=True,
+        )
+        return ocp.CheckpointManager(self.ckpt_dir, options=opts)
+
+    def _data_args(self, save: bool):
+        import grain
+
+        if not hasattr(self.data, "get_state"):
+            return {}
+        if save:
+            return {"data": grain.checkpoint.CheckpointSave(self.data)}
+        return {"data": grain.checkpoint.CheckpointRestore(self.data)}
+
+    def save(self, force: bool = False) -> bool:
+        """Save the state at its current step (skipped if any param is non-finite)."""
+        import orbax.checkpoint as ocp
+
+        if not bool(jax.device_get(all_finite(self.state.params))):
+            log.error("not saving step %d: non-finite parameters", int(self.state.step))
+            return False
+        step = int(jax.device_get(self.state.step))
+        if step in self.manager.all_steps():
+            return False
+        meta = {**self.rebuild_info, "step": step}
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(serialization.to_state_dict(self.state)),
+            meta=ocp.args.JsonSave(meta),
+            **self._data_args(True),
+        )
+        self.manager.save(step, args=args, force=True)
+        return True
+
+    def restore_latest(self) -> int | None:
+        """Restore the newest complete checkpoint (params, optimizer, step, RNG, data position)."""
+        import orbax.checkpoint as ocp
+
+        for step in _complete_steps(self.ckpt_dir):
+            target = _abstract(
+                serialization.to_state_dict(self.state),
+                serialization.to_state_dict(self.state_shardings),
+            )
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target),
+                        meta=ocp.args.JsonRestore(),
+                        **self._data_args(False),
+                    ),
+                )
+            except Exception as e:  # a damaged step: fall back to the previous one
+                log.warning("checkpoint step %d unreadable (%s); trying an older one", step, e)
+                continue
+            self.state = serialization.from_state_dict(self.state, restored["state"])
+            return step
+        return None
+
+    # ------------------------------------------------------------------ loop
+    def _on_sigterm(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint after the current step, then exiting")
+        self._stop = True
+
+    def _stop_requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self._stop
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self._stop]))
+        return bool(np.any(flags))
+
+    def run(self) -> list[dict]:
+        """Train until options.steps (resuming if a checkpoint exists); returns the metric rows."""
+        o = self.o
+        resumed = self.restore_latest()
+        start = int(jax.device_get(self.state.step))
+        if resumed is not None:
+            log.info("resumed from step %d", resumed)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        main = jax.process_index() == 0
+        writer = jsonl = None
+        if main:
+            jsonl = open(self.workdir / "metrics.jsonl", "a")
+            try:
+                from tensorboardX import SummaryWriter
+
+                writer = SummaryWriter(str(self.workdir / "tb"))
+            except ImportError:  # pragma: no cover - tensorboardX is a dependency
+                writer = None
+            (self.workdir / "rebuild.json").write_text(json.dumps(self.rebuild_info, indent=1))
+        old = signal.signal(signal.SIGTERM, self._on_sigterm)
+        bar = None
+        if o.progress and main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=o.steps, initial=start, desc="train", dynamic_ncols=True)
+        rows = []
+        try:
+            step = start
+            while step < o.steps:
+                t0 = time.perf_counter()
+                try:
+                    local = next(self.data)
+                except StopIteration:
+                    log.warning("data exhausted at step %d", step)
+                    break
+                gbatch = shd.make_global_batch(local, self.mesh, self.rules)
+                if self._jitted is None:
+                    self._compile(gbatch)
+                with jax.set_mesh(self.mesh):
+                    self.state, metrics = self._jitted(self.state, self.base_params, gbatch)
+                metrics = jax.device_get(metrics)
+                dt = time.perf_counter() - t0
+                step += 1
+                row = {k: float(v) for k, v in metrics.items()}
+                row.update(step=step, step_time=dt, tokens_per_s=self.tokens_fn(local) / dt)
+                row["tokens_per_s"] *= jax.process_count()
+                if self._flops:
+                    row["flops_per_s"] = self._flops / dt
+                bad_row = int(jax.device_get(self.state.bad_in_a_row))
+                row["skipped_total"] = int(jax.device_get(self.state.bad_total))
+                rows.append(row)
+                if main and (step % o.log_every == 0 or not row["finite"]):
+                    jsonl.write(json.dumps(row) + "\n")
+                    jsonl.flush()
+                    if writer is not None:
+                        for k, v in row.items():
+                            if k != "step":
+                                writer.add_scalar(f"train/{k}", v, step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row.get('lr', 0):.2e}")
+                if bad_row >= o.max_bad_steps:
+                    raise NonFiniteError(
+                        f"{bad_row} non-finite steps in a row at step {step}; lower the learning "
+                        "rate or check the data. The last saved checkpoint is finite."
+                    )
+                if self.eval_fn is not None and o.eval_every and step % o.eval_every == 0:
+                    ev = {f"eval/{k}": float(v) for k, v in self.eval_fn(self.state).items()}
+                    if main:
+                        jsonl.write(json.dumps({"step": step, **ev}) + "\n")
+                        jsonl.flush()
+                        if writer is not None:
+                            for k, v in ev.items():
+                                writer.add_scalar(k, v, step)
+                if step % o.save_every == 0 or step == o.steps:
+                    self.save()
+                for h in self.hooks:
+                    h(self, step, row)
+                if self._stop_requested():
+                    self.save()
+                    break
+        finally:
+            signal.signal(signal.SIGTERM, old)
+            self.manager.wait_until_finished()
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+            if jsonl is not None:
+                jsonl.close()
+        return rows
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def state_shardings(state: TrainState, param_shardings, mesh: Mesh) -> TrainState:
+    """TrainState shardings: params as given, optimizer moments like their params (matched by
+    shape), counters and RNG replicated."""
+    rep = shd.replicated(mesh)
+    by_shape = {}
+    for x, s in zip(
+        jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(param_shardings)
+    ):
+        by_shape.setdefault(tuple(np.shape(x)), s)
+
+    def opt_sh(x):
+        return by_shape.get(tuple(np.shape(x)), rep) if np.ndim(x) else rep
+
+    return TrainState(
+        step=rep,
+        params=param_shardings,
+        opt_state=jax.tree_util.tree_map(opt_sh, state.opt_state),
+        rng=rep,
+        bad_in_a_row=rep,
+        bad_total=rep,
+    )
+
+
+def _count_tokens(batch: dict) -> int:
+    """Non-padding tokens of a host batch: every *segment_ids array counts its nonzero entries."""
+    n = 0
+    for k, v in batch.items():
+        if k.endswith("segment_ids"):
+            n += int(np.count_nonzero(v))
+    if n == 0 and "tokens" in batch:
+        n = int(np.size(batch["tokens"]))
+    return n
+
+
+def load_rebuild_info(workdir: str | Path) -> dict:
+    """The JSON written next to the checkpoints (config, base model, hypernet/LoRA settings)."""
+    p = Path(workdir) / "rebuild.json"
+    if not p.exists():
+        raise CheckpointError(f"no rebuild.json in {workdir}; is this a training workdir?")
+    return json.loads(p.read_text())
+
+
+def finite(x) -> bool:
+    return bool(jnp.all(jnp.isfinite(x)))

@@ -1,0 +1,75 @@
+"""Every benchmark runs in quick mode (smoke) and writes JSON + markdown with the matmul peak."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import adapter_latency, harness, query_cost, train_throughput  # noqa: E402
+
+
+def _report(out, name):
+    data = json.loads((out / f"{name}.json").read_text())
+    md = (out / f"{name}.md").read_text()
+    assert data["mode"] == "quick" and data["matmul_peak"]["float32"]["gflops"] > 0
+    assert "Matmul peak: float32" in md
+    return data, md
+
+
+def test_harness_table_and_timing():
+    assert (
+        harness.markdown_table([{"a": 1, "b": 0.123456}])
+        == "| a | b |\n|---|---|\n| 1 | 0.1235 |\n"
+    )
+    t = harness.timeit(lambda: sum(range(1000)), warmup=1, repeats=3)
+    assert len(t["times_s"]) == 3 and t["min_s"] <= t["median_s"]
+    peak = harness.matmul_peak("float32", n=128, repeats=2)
+    assert peak["flops_per_s"] > 1e8
+
+
+def test_adapter_latency_quick(tmp_path, capsys):
+    assert adapter_latency.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("[matmul peak on")  # printed first
+    data, md = _report(tmp_path, "adapter_latency")
+    rows = data["tables"]["d2l_internalize"]
+    assert {r["mode"] for r in rows} == {"batched", "iterative"}
+    assert all(r["chunks"] == 3 and r["median_s"] > 0 and r["adapter_mib"] > 0 for r in rows)
+    assert data["tables"]["t2l_generate"][0]["descriptions"] == 8
+    assert "## d2l_internalize" in md
+
+
+def test_query_cost_quick(tmp_path):
+    assert query_cost.main(["--quick", "--out", str(tmp_path)]) == 0
+    data, _ = _report(tmp_path, "query_cost")
+    row = data["tables"]["per_query"][0]
+    assert row["kv_cache_mib"] > 0 and row["adapter_mib"] > 0 and row["query_in_prompt_s"] > 0
+    assert len(data["tables"]["total_cost_for_N_queries"]) == 3
+
+
+def test_train_throughput_quick(tmp_path):
+    assert train_throughput.main(["--quick", "--out", str(tmp_path)]) == 0
+    data, _ = _report(tmp_path, "train_throughput")
+    steps = {r["step"]: r for r in data["tables"]["train_step"]}
+    assert set(steps) == {"d2l[tiny]", "t2l_sft[L]"}
+    for r in steps.values():
+        assert r["tokens_per_s"] > 0 and r["loss"] == pytest.approx(r["loss"])  # finite
+        if r["gflop_per_step"] is not None:
+            assert 0 < r["frac_of_peak"] < 5
+
+
+def test_gpu_check_script_is_valid_and_refuses_cpu(tmp_path):
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    r = subprocess.run(
+        ["bash", str(script)],
+        env={"OUT": str(tmp_path), "PY": sys.executable, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 3 and "no accelerator" in r.stderr

@@ -1,0 +1,160 @@
+"""D2L hypernetwork: stage-wise parity with the official code, modes, param counts, converter.
+
+Reference: tests/fixtures/official/d2l (official ctx_to_lora, float32). Tolerances from its README:
+resmlp_out rtol 1e-4 / atol 1e-5; head_out, A, B rtol 1e-4 / atol 1e-6.
+"""
+
+import json
+import pickle
+import subprocess
+import sys
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hyperlora_jax.cli import main as cli_main
+from hyperlora_jax.convert.official_d2l import convert, read_official
+from hyperlora_jax.errors import CheckpointError, ConfigError
+from hyperlora_jax.hypernet.d2l import D2LConfig, HyperLoRA, count_params, generate_chunk_loras
+from hyperlora_jax.hypernet.d2l_checkpoint import load_checkpoint
+from hyperlora_jax.models.config import get_preset
+
+D2L = "official/d2l"
+
+
+@lru_cache(maxsize=1)
+def _official(fixtures_dir):
+    params, cfg, meta = read_official(fixtures_dir / D2L / "pytorch_model.bin")
+    return params, cfg, meta, dict(np.load(fixtures_dir / D2L / "golden.npz"))
+
+
+def test_config_read_from_pickle(fixtures_dir):
+    _, cfg, meta, g = _official(fixtures_dir)
+    assert cfg.num_layers == 3 and cfg.feature_size == 64 and cfg.latent_size == 32
+    assert cfg.module_dims == (("down_proj", 128, 64),)
+    assert cfg.lora_r == 8 and cfg.lora_alpha == pytest.approx(float(g["lora_alpha"]), abs=0)
+    assert cfg.num_blocks == 2 and cfg.n_latent_queries == 8 and cfg.layer_to_layer
+    assert meta["base_model"] == "tiny-gemma2"
+    assert count_params(cfg) == 618_672  # meta.json hypernet_float_params
+
+
+def test_heads_match_official_stagewise(fixtures_dir):
+    params, cfg, _, g = _official(fixtures_dir)
+    m, v = HyperLoRA(cfg), {"params": params}
+    res = m.apply(v, jnp.asarray(g["agg_out"]), method=HyperLoRA.resmlp)
+    np.testing.assert_allclose(np.asarray(res), g["resmlp_out"], rtol=1e-4, atol=1e-5)
+    hin = m.apply(v, jnp.asarray(g["agg_out"]), method=HyperLoRA.head_inputs)
+    np.testing.assert_allclose(np.asarray(hin), g["head_in"], rtol=1e-4, atol=1e-5)
+    hout = m.apply(v, jnp.asarray(g["head_in"]), method=HyperLoRA.head_outputs)
+    np.testing.assert_allclose(np.asarray(hout), g["head_out"], rtol=1e-4, atol=1e-6)
+    a, b = m.apply(v, jnp.asarray(g["head_out"]), method=HyperLoRA.split_head)
+    np.testing.assert_allclose(np.asarray(a["down_proj"]), g["A__down_proj"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(b["down_proj"]), g["B__down_proj"], rtol=1e-4, atol=1e-6)
+
+
+def test_features_to_loras_batched_and_iterative(fixtures_dir):
+    """ctx_features -> A/B in both modes; iterative (lax.map over layers) == batched <= 1e-5."""
+    params, cfg, _, g = _official(fixtures_dir)
+    feats = jnp.asarray(g["ctx_features"])
+    mask = jnp.asarray(g["ctx_attn_mask"]).astype(bool)
+    a, b = generate_chunk_loras(params, cfg, feats, mask)
+    ai, bi = generate_chunk_loras(params, cfg, feats, mask, iterative=True)
+    for x, key in ((a, "A"), (b, "B")):
+        np.testing.assert_allclose(
+            np.asarray(x["down_proj"]), g[f"{key}__down_proj"], rtol=1e-4, atol=1e-6
+        )
+    np.testing.assert_allclose(np.asarray(ai["down_proj"]), np.asarray(a["down_proj"]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(bi["down_proj"]), np.asarray(b["down_proj"]), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "preset, kw, expected, exact",
+    [
+        ("gemma-2-2b-it", {}, 315_237_792, True),
+        (
+            "gemma-2-2b-it",
+            dict(ctx_encoder_type="early_exit", n_latent_queries=208, num_blocks=8),
+            309_672_864,
+            True,
+        ),
+        ("qwen3-4b-instruct-2507", {}, 421.0e6, False),
+        ("mistral-7b-instruct-v0.2", {}, 574.2e6, False),
+    ],
+)
+def test_official_param_counts(preset, kw, expected, exact):
+    n = count_params(D2LConfig.for_base(get_preset(preset), **kw))
+    if exact:
+        assert n == expected
+    else:
+        assert abs(n - expected) / expected < 1e-3
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="ctx_encoder_type"):
+        D2LConfig(
+            num_layers=2,
+            feature_size=8,
+            module_dims=(("down_proj", 16, 8),),
+            ctx_encoder_type="pooler",
+        )
+    with pytest.raises(ConfigError, match="sorted"):
+        D2LConfig(num_layers=2, feature_size=8, module_dims=(("v_proj", 8, 8), ("q_proj", 8, 8)))
+    with pytest.raises(ConfigError, match="unknown target"):
+        D2LConfig(num_layers=2, feature_size=8, module_dims=(("lm_head", 8, 8),))
+
+
+def test_convert_official_roundtrip(fixtures_dir, tmp_path):
+    src = fixtures_dir / D2L / "pytorch_model.bin"
+    out = tmp_path / "ckpt"
+    assert cli_main(["convert", "official-d2l", str(src), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["d2l_config.json", "params.safetensors"]
+    meta = json.loads((out / "d2l_config.json").read_text())
+    assert meta["base_model"] == "tiny-gemma2"
+    assert meta["lora"] == {
+        "r": 8,
+        "alpha": pytest.approx(45.254834),
+        "target_modules": ["down_proj"],
+    }
+    assert meta["ctx_encoder"]["type"] == "per_layer_activations"
+    assert meta["num_params"] == 618_672
+    params, cfg, _ = load_checkpoint(out)
+    ref, ref_cfg, _, _ = _official(fixtures_dir)
+    assert cfg == ref_cfg
+    jax.tree.map(np.testing.assert_array_equal, params, ref)
+    # EinMix bias [1, L, 1, 1, d] squeezed; nn.Linear transposed.
+    assert params["layers_0"]["b1"].shape == (3, 128)
+    assert params["aggregator"]["modality_projection"]["down_proj"]["kernel"].shape == (256, 32)
+
+
+def _torch_save(obj, path):
+    torch = pytest.importorskip("torch")
+    torch.save(obj, path)
+
+
+def test_convert_rejects_non_d2l_pickle(tmp_path):
+    torch = pytest.importorskip("torch")
+    src = tmp_path / "plain.bin"
+    _torch_save({"weight": torch.zeros(2, 2)}, src)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="not an official Doc-to-LoRA checkpoint"):
+        convert(src, out)
+    assert not out.exists()
+    assert cli_main(["convert", "official-d2l", str(src), str(out)]) == 2
+    assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (subprocess.call, ([sys.executable, "-c", "open('PWNED','w')"],))
+
+
+def test_convert_rejects_malicious_pickle(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "evil.bin"
+    src.write_bytes(pickle.dumps({"hypernet_config": _Evil()}))
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
