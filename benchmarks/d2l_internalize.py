@@ -2,8 +2,12 @@
 
 SmolLM2-135M-Instruct shape (random base weights), configs/d2l.py:smollm2_qa hypernetwork,
 a 4096-token document split by the official rule. Peak memory = the subprocess's ru_maxrss.
+Mode "floor" runs only the frozen context encoder (the base model's first L-1 layers) over the
+same padded chunks: the part no hypernetwork change can remove. CPU time is user+sys of all
+threads (robust on a shared machine); wall time is the best of --repeats.
 
-  python benchmarks/d2l_internalize.py [--tokens 4096] [--chunk-size 1024] [--out results.json]
+  python benchmarks/d2l_internalize.py [--tokens 4096] [--chunk-size 1024] [--dtype float32]
+      [--modes batched,iterative,floor] [--out results.json]
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(mode: str, n_tokens: int, chunk_size: int, repeats: int) -> dict:
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def child(mode: str, n_tokens: int, chunk_size: int, repeats: int, dtype: str) -> dict:
     import importlib.util
 
     import jax
@@ -47,30 +56,47 @@ def child(mode: str, n_tokens: int, chunk_size: int, repeats: int) -> dict:
     ids = rng.integers(3, base_cfg.vocab_size, n_tokens).tolist()
     prefix, suffix = [1, 9, 13, 2, 13, 1, 4093, 13], [2, 13, 1, 520, 13]  # ChatML-like affixes
     chunks = split_ctx_ids(ids, chunk_size, prefix, suffix)
-    d2l = DocToLoRA(hyper, cfg, base, base_cfg, pad_multiple=128)
+    d2l = DocToLoRA(hyper, cfg, base, base_cfg, dtype=jnp.dtype(dtype))
+    if mode == "floor":
+        from hyperlora_jax.hypernet.doc_to_lora import encode_context, pad_chunks
+
+        tok, msk = (jnp.asarray(x) for x in pad_chunks(chunks, multiple=d2l.pad_multiple))
+        enc = jax.jit(lambda p, t, m: encode_context(p, base_cfg, cfg, t, m, jnp.dtype(dtype)))
+
+        def run():
+            return enc(base, tok, msk)
+    else:
+
+        def run():
+            return d2l.internalize_chunks([chunks], iterative=(mode == "iterative"))
+
     t0 = time.perf_counter()
-    ad = d2l.internalize_chunks([chunks], iterative=(mode == "iterative"))
+    ad = run()
     jax.block_until_ready(ad)
     first = time.perf_counter() - t0
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(d2l.internalize_chunks([chunks], iterative=(mode == "iterative")))
+        t0, c0 = time.perf_counter(), _cpu_s()
+        jax.block_until_ready(run())
         times.append(time.perf_counter() - t0)
+        cpu.append(_cpu_s() - c0)
     return {
         "mode": mode,
+        "dtype": dtype,
         "doc_tokens": n_tokens,
         "chunk_size": chunk_size,
         "n_chunks": len(chunks),
         "chunk_len_max": max(len(c) for c in chunks),
-        "adapter_rank": ad.rank,
+        "padded_len": -(-max(len(c) for c in chunks) // d2l.pad_multiple) * d2l.pad_multiple,
+        "adapter_rank": None if mode == "floor" else ad.rank,
         "hypernet_params": count_params(cfg),
         "first_call_s": round(first, 2),
         "steady_s": round(min(times), 3) if times else None,
+        "steady_cpu_s": round(min(cpu), 2) if cpu else None,  # user+sys, all threads
         "rss_after_setup_mb": round(rss_setup, 1),
         "peak_rss_mb": round(_rss_mb(), 1),
         "backend": jax.default_backend(),
-        "a_abs_sum": float(jnp.abs(ad.a["down_proj"]).sum()),
+        "a_abs_sum": None if mode == "floor" else float(jnp.abs(ad.a["down_proj"]).sum()),
     }
 
 
@@ -79,14 +105,16 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--modes", default="batched,iterative,floor")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.tokens, a.chunk_size, a.repeats)))
+        print(json.dumps(child(a.child, a.tokens, a.chunk_size, a.repeats, a.dtype)))
         return 0
     results = []
-    for mode in ("batched", "iterative"):
+    for mode in a.modes.split(","):
         cmd = [
             sys.executable,
             __file__,
@@ -98,6 +126,8 @@ def main() -> int:
             str(a.chunk_size),
             "--repeats",
             str(a.repeats),
+            "--dtype",
+            a.dtype,
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))

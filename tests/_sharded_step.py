@@ -24,8 +24,15 @@ from hyperlora_jax.train.trainer import Trainer, TrainOptions  # noqa: E402
 
 assert len(jax.devices()) == 8, jax.devices()
 cfg = ModelConfig(
-    family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-    num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True,
+    family="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    tie_word_embeddings=True,
 )
 base = transformer.init_params(cfg, jax.random.key(0))
 hcfg = D2LConfig.for_base(cfg, latent_size=32, n_latent_queries=4, num_blocks=1, lora_r=4)
@@ -40,10 +47,16 @@ def item():
         qas.append(q)
         labs.append([-100, -100, q[2], q[3]])
         lpi.append([[r.randrange(64) for _ in range(16)] for _ in range(2)])
-        lps.append((np.log(np.random.default_rng(len(lps)).dirichlet(np.ones(40), 2)[:, :16]))
-                   .tolist())
-    return {"ctx_chunks": ctx, "input_ids": qas, "labels": labs, "logprobs_vals": lps,
-            "logprobs_indices": lpi}
+        lps.append(
+            (np.log(np.random.default_rng(len(lps)).dirichlet(np.ones(40), 2)[:, :16])).tolist()
+        )
+    return {
+        "ctx_chunks": ctx,
+        "input_ids": qas,
+        "labels": labs,
+        "logprobs_vals": lps,
+        "logprobs_indices": lpi,
+    }
 
 
 pc = packing.PackConfig(max_inp_len=16, max_ctx_len=16, max_contexts=2, max_chunks=4, max_qas=4)
@@ -59,10 +72,22 @@ tx, sched = optim.make_optimizer(jax.eval_shape(init, jax.random.key(0)), lr=1e-
 def run(mesh):
     base_sh = shd.shardings_from_logical(transformer.param_logical_axes(cfg), base, mesh)
     tr = Trainer(
-        loss_fn=loss, count_fn=S.d2l_count, init_params=init, base_params=base, tx=tx,
-        schedule=sched, data=iter([batch]), mesh=mesh, base_shardings=base_sh,
-        options=TrainOptions(steps=1, workdir=f"/tmp/_sharded_{mesh.size}", save_every=99,
-                             progress=False, async_checkpointing=False),
+        loss_fn=loss,
+        count_fn=S.d2l_count,
+        init_params=init,
+        base_params=base,
+        tx=tx,
+        schedule=sched,
+        data=iter([batch]),
+        mesh=mesh,
+        base_shardings=base_sh,
+        options=TrainOptions(
+            steps=1,
+            workdir=f"/tmp/_sharded_{mesh.size}",
+            save_every=99,
+            progress=False,
+            async_checkpointing=False,
+        ),
         fsdp_min_size=4096,
     )
     import shutil
@@ -80,14 +105,21 @@ diff = max(
 )
 spec = lambda x: str(x.sharding.spec)  # noqa: E731
 opt_mu = sharded.state.opt_state[1][0].mu["head"]
-print("RESULT " + json.dumps({
-    "loss1": row1["loss"], "loss8": row8["loss"], "param_diff": diff,
-    "embedding": spec(sharded.base_params["embedding"]),
-    "down_proj": spec(sharded.base_params["layers"]["mlp"]["down_proj"]["kernel"]),
-    "q_proj": spec(sharded.base_params["layers"]["attn"]["q_proj"]["kernel"]),
-    "head": spec(sharded.state.params["head"]),
-    "head_mu": spec(opt_mu),
-    "head_shape": list(sharded.state.params["head"].shape),
-    "batch": str(shd.batch_sharding(sharded.mesh, 2).spec),
-    "axis_types": [str(t) for t in sharded.mesh.axis_types],
-}))
+print(
+    "RESULT "
+    + json.dumps(
+        {
+            "loss1": row1["loss"],
+            "loss8": row8["loss"],
+            "param_diff": diff,
+            "embedding": spec(sharded.base_params["embedding"]),
+            "down_proj": spec(sharded.base_params["layers"]["mlp"]["down_proj"]["kernel"]),
+            "q_proj": spec(sharded.base_params["layers"]["attn"]["q_proj"]["kernel"]),
+            "head": spec(sharded.state.params["head"]),
+            "head_mu": spec(opt_mu),
+            "head_shape": list(sharded.state.params["head"].shape),
+            "batch": str(shd.batch_sharding(sharded.mesh, 2).spec),
+            "axis_types": [str(t) for t in sharded.mesh.axis_types],
+        }
+    )
+)

@@ -30,7 +30,10 @@ def build(workdir, steps, *, kill_at=None, term_at=None, nan_at=None, save_every
         return {"x": x, "y": x @ w_true}
 
     data = iter(
-        grain.MapDataset.source(np.arange(10_000)).shuffle(seed=1).map(example).batch(8)
+        grain.MapDataset.source(np.arange(10_000))
+        .shuffle(seed=1)
+        .map(example)
+        .batch(8)
         .to_iter_dataset()
     )
 
@@ -44,7 +47,10 @@ def build(workdir, steps, *, kill_at=None, term_at=None, nan_at=None, save_every
         return err, {"err": err}
 
     tx, sched = optim.make_optimizer(
-        init_params(jax.random.key(0)), lr=0.05, total_steps=steps, schedule="cosine",
+        init_params(jax.random.key(0)),
+        lr=0.05,
+        total_steps=steps,
+        schedule="cosine",
         warmup_steps=2,
     )
 
@@ -64,8 +70,12 @@ def build(workdir, steps, *, kill_at=None, term_at=None, nan_at=None, save_every
         schedule=sched,
         data=data,
         options=TrainOptions(
-            steps=steps, workdir=str(workdir), save_every=save_every, progress=False,
-            inject_nan_at=nan_at, max_bad_steps=max_bad,
+            steps=steps,
+            workdir=str(workdir),
+            save_every=save_every,
+            progress=False,
+            inject_nan_at=nan_at,
+            max_bad_steps=max_bad,
         ),
         rebuild_info={"kind": "toy"},
         hooks=[hook],
@@ -86,8 +96,14 @@ if __name__ == "__main__":
 
     flags.FLAGS.mark_as_parsed()
     jax.config.update("jax_default_matmul_precision", "highest")
-    tr = build(a.workdir, a.steps, kill_at=a.kill_at, term_at=a.term_at, nan_at=a.nan_at,
-               save_every=a.save_every)
+    tr = build(
+        a.workdir,
+        a.steps,
+        kill_at=a.kill_at,
+        term_at=a.term_at,
+        nan_at=a.nan_at,
+        save_every=a.save_every,
+    )
     try:
         tr.run()
     finally:

@@ -8,6 +8,10 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Many tests compile the same tiny programs; a compilation cache inside the checkout lets the
+# pytest-xdist workers share them (a clean clone starts with an empty cache).
+jax.config.update("jax_compilation_cache_dir", str(Path(__file__).parent.parent / ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def pytest_configure(config):

@@ -89,6 +89,15 @@ def test_converted_checkpoint_gives_same_adapter(setup, fixtures_dir, tmp_path):
     )
     x, y = ours.internalize(meta["docs"], 60), d2l.internalize(meta["docs"], 60)
     np.testing.assert_array_equal(np.asarray(x.a["down_proj"]), np.asarray(y.a["down_proj"]))
+    # Several documents composed into one adapter: all chunks (1 + 3), then the bias once.
+    both = ours.internalize(meta["docs"], 60, combine=True)
+    assert both.a["down_proj"].shape == (3, (1 + 3 + 1) * 8, 128)
+    np.testing.assert_array_equal(
+        np.asarray(both.a["down_proj"][:, :8]), np.asarray(x.a["down_proj"][0, :, :8])
+    )
+    np.testing.assert_array_equal(
+        np.asarray(both.a["down_proj"][:, 8:]), np.asarray(x.a["down_proj"][1])
+    )
     saved = ours.save(tmp_path / "saved")
     params, cfg, meta2 = load_checkpoint(saved)
     assert cfg == d2l.cfg and meta2["base_model"] == "tiny-gemma2"

@@ -24,7 +24,7 @@ NEW = 10
 PAD = 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(family: str, tmp_root: str):
     model, _ = make_tiny_hf(family)
     cfg, params = to_jax(model, f"{tmp_root}/{family}")
@@ -84,7 +84,9 @@ def test_adapter_is_applied_in_prefill_and_steps(tiny):
         b[m] = jnp.asarray(rng.normal(0, 0.3, (cfg.num_layers, 2, d_out)), jnp.float32)
     adapter = Adapter(a, b, scale=2.0)
     merged = jax.tree.map(lambda x: x, params)
-    merged["layers"]["attn"]["q_proj"]["kernel"] += 2.0 * jnp.einsum("lri,lro->lio", a["q_proj"], b["q_proj"])
+    merged["layers"]["attn"]["q_proj"]["kernel"] += 2.0 * jnp.einsum(
+        "lri,lro->lio", a["q_proj"], b["q_proj"]
+    )
     merged["layers"]["mlp"]["down_proj"]["kernel"] += 2.0 * jnp.einsum(
         "lri,lro->lio", a["down_proj"], b["down_proj"]
     )

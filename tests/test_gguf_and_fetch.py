@@ -18,6 +18,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_hf
 
+from hyperlora_jax.cli import main as cli_main
 from hyperlora_jax.errors import CheckpointError, ConfigError
 from hyperlora_jax.models import fetch as fetch_mod
 from hyperlora_jax.models.gguf import gguf_state_dict, hf_config_from_gguf, read_gguf
@@ -41,7 +42,11 @@ def _byte_tokens() -> list[str]:
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf's q/k permutation (interleaved pairs -> halves)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 _GGUF_NAMES = {
@@ -107,11 +112,14 @@ def write_tiny_gguf(path, family: str) -> None:
             if arch == "llama" and mod == "post_attention_layernorm":
                 short = "ffn_norm"
             else:
-                short = _GGUF_NAMES.get(mod) or {
-                    "post_attention_layernorm": "post_attention_norm",
-                    "pre_feedforward_layernorm": "ffn_norm",
-                    "post_feedforward_layernorm": "post_ffw_norm",
-                }[mod]
+                short = (
+                    _GGUF_NAMES.get(mod)
+                    or {
+                        "post_attention_layernorm": "post_attention_norm",
+                        "pre_feedforward_layernorm": "ffn_norm",
+                        "post_feedforward_layernorm": "post_ffw_norm",
+                    }[mod]
+                )
             g = f"blk.{layer}.{short}.weight"
             if arch == "llama" and short == "attn_q":
                 x = _permute(x, nh)
@@ -149,10 +157,23 @@ def test_tensors_and_config_match_transformers_loader(tiny_gguf):
     ours_cfg = hf_config_from_gguf(reader)
     ref_cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
     keys = [
-        "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
-        "max_position_embeddings", "tie_word_embeddings", "rope_parameters", "sliding_window",
-        "layer_types", "query_pre_attn_scalar", "bos_token_id", "eos_token_id",
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "rope_parameters",
+        "sliding_window",
+        "layer_types",
+        "query_pre_attn_scalar",
+        "bos_token_id",
+        "eos_token_id",
     ]
     for k in keys:
         assert ours_cfg.get(k) == ref_cfg.get(k), (k, ours_cfg.get(k), ref_cfg.get(k))
@@ -167,7 +188,7 @@ def test_tensors_and_config_match_transformers_loader(tiny_gguf):
     assert mc.family == family and mc.num_kv_heads == ref_cfg["num_key_value_heads"]
 
 
-def test_fetch_local_gguf_matches_transformers(tiny_gguf, tmp_path, monkeypatch):
+def test_fetch_local_gguf_matches_transformers(tiny_gguf, tmp_path, monkeypatch, capsys):
     """fetch_model(<file>.gguf) writes a folder; our logits on it == transformers on the GGUF
     (<= 1e-4 abs); the saved tokenizer encodes like transformers' GGUF tokenizer (byte-level BPE,
     the SmolLM2 kind; Gemma's SentencePiece vocab is checked on the real model in
@@ -178,8 +199,9 @@ def test_fetch_local_gguf_matches_transformers(tiny_gguf, tmp_path, monkeypatch)
 
     family, path = tiny_gguf
     monkeypatch.setenv("HYPERLORA_CACHE", str(tmp_path / "cache"))
-    folder = fetch_mod.fetch_model(str(path))
-    assert folder == tmp_path / "cache" / "models" / "tiny"
+    assert cli_main(["fetch-model", str(path)]) == 0  # the CLI entry point does the conversion
+    folder = tmp_path / "cache" / "models" / "tiny"
+    assert f"model ready at {folder}" in capsys.readouterr().out
     for f in ("config.json", "model.safetensors", "tokenizer.json", fetch_mod.DONE_FILE):
         assert (folder / f).exists(), f
     mtime = (folder / "model.safetensors").stat().st_mtime
@@ -206,6 +228,27 @@ def test_fetch_local_gguf_matches_transformers(tiny_gguf, tmp_path, monkeypatch)
     assert tok.eos_token_id == 260 and tok.bos_token_id == 259
     ids = apply_chat(tok, [{"role": "user", "content": "hi"}])
     assert ids[0] == 259 and ids[-3:] == tok("assistant\n")["input_ids"][-3:]
+
+    # `chat --adapter`: the CLI loads a saved adapter and answers like decoding.chat with it
+    from hyperlora_jax.lora.adapter import Adapter
+    from hyperlora_jax.lora.storage import save_adapter
+    from hyperlora_jax.models.decoding import chat
+
+    rng = np.random.default_rng(1)
+    d_in, d_out = cfg.module_dims("v_proj")
+    adapter = Adapter(
+        {"v_proj": jnp.asarray(rng.normal(0, 0.5, (cfg.num_layers, 2, d_in)), jnp.float32)},
+        {"v_proj": jnp.asarray(rng.normal(0, 0.5, (cfg.num_layers, 2, d_out)), jnp.float32)},
+        scale=4.0,
+    )
+    save_adapter(adapter, tmp_path / "adapter")
+    kw = dict(max_new_tokens=6, stop_ids=[])
+    want = chat(params, cfg, tok, ["hi"], adapter=adapter, **kw)
+    base = chat(params, cfg, tok, ["hi"], **kw)
+    assert not np.array_equal(want.tokens, base.tokens)
+    argv = ["chat", "--model", str(folder), "--prompt", "hi", "--max-new-tokens", "6"]
+    assert cli_main([*argv, "--adapter", str(tmp_path / "adapter")]) == 0
+    assert capsys.readouterr().out.strip() == want.texts[0].strip()
 
 
 def test_truncated_or_corrupt_gguf_raises(tmp_path):

@@ -317,6 +317,11 @@ def test_state_dict_path_and_bf16_dtype():
     sd = model.state_dict()
     got = params_from_torch_state_dict(cfg, sd)
     jax.tree.map(np.testing.assert_array_equal, got, params)
+    # Gemma3ForConditionalGeneration layout (transformers 5): language_model prefix + vision tower
+    mm = {k.replace("model.", "model.language_model.", 1): v for k, v in sd.items()}
+    mm["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.zeros(2)
+    got = params_from_torch_state_dict(cfg, mm)
+    jax.tree.map(np.testing.assert_array_equal, got, params)
     bf = params_from_torch_state_dict(cfg, {k: v.to(torch.bfloat16) for k, v in sd.items()})
     assert bf["embedding"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(

@@ -38,7 +38,7 @@ def model_dirs():
     return {name: fetch_model(name) for name in MODELS}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(folder: str):
     from transformers import AutoModelForCausalLM
 
@@ -74,7 +74,9 @@ def test_greedy_32_tokens_match_transformers(real):
     else:  # Gemma-3-270M is a base model: plain completion
         ids = tok("The Eiffel Tower is located in")["input_ids"]
     with torch.no_grad():
-        hf = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None)
+        hf = ref.generate(
+            torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None
+        )
     want = hf[0, len(ids) :].numpy()
     out = generate(params, cfg, [ids], max_new_tokens=32, stop_ids=[], tokenizer=tok)
     print(f"{name}: {out.texts[0]!r}")

@@ -29,8 +29,15 @@ BOS, SEP, ANS = 1, 2, 3
 
 def _base(vocab):
     cfg = ModelConfig(
-        family="llama", vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True,
+        family="llama",
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
     )
     return cfg, transformer.init_params(cfg, jax.random.key(0))
 
@@ -63,14 +70,23 @@ def test_d2l_learns_to_internalize_a_fact(tmp_path):
     steps = 120
     init = lambda k: d2l_init(hcfg, k)  # noqa: E731
     tx, sched = optim.make_optimizer(
-        jax.eval_shape(init, jax.random.key(0)), lr=1e-2, total_steps=steps, warmup_steps=10,
+        jax.eval_shape(init, jax.random.key(0)),
+        lr=1e-2,
+        total_steps=steps,
+        warmup_steps=10,
         weight_decay=0.0,
     )
     tr = Trainer(
-        loss_fn=loss, count_fn=S.d2l_count, init_params=init, base_params=base, tx=tx,
-        schedule=sched, data=data,
-        options=TrainOptions(steps=steps, workdir=str(tmp_path), save_every=10_000,
-                             progress=False, seed=1),
+        loss_fn=loss,
+        count_fn=S.d2l_count,
+        init_params=init,
+        base_params=base,
+        tx=tx,
+        schedule=sched,
+        data=data,
+        options=TrainOptions(
+            steps=steps, workdir=str(tmp_path), save_every=10_000, progress=False, seed=1
+        ),
     )
     rows = tr.run()
     tr.close()
@@ -83,16 +99,25 @@ def test_d2l_learns_to_internalize_a_fact(tmp_path):
     @jax.jit
     def predict(params):
         ad, idx = loss.adapter_fn(params, base, b)
-        f = lambda a, i: transformer.forward(  # noqa: E731
-            base, base_cfg, b["input_ids"], segment_ids=b["segment_ids"], adapter=a,
-            adapter_index=i,
-        ).logits[:, 2].argmax(-1)
+        f = lambda a, i: (
+            transformer.forward(  # noqa: E731
+                base,
+                base_cfg,
+                b["input_ids"],
+                segment_ids=b["segment_ids"],
+                adapter=a,
+                adapter_index=i,
+            )
+            .logits[:, 2]
+            .argmax(-1)
+        )
         return f(ad, idx), f(None, None)
 
     with_ad, without = predict(tr.state.params)
     gold = np.asarray(b["input_ids"][:, 3])
-    acc, base_acc = float(np.mean(np.asarray(with_ad) == gold)), float(
-        np.mean(np.asarray(without) == gold)
+    acc, base_acc = (
+        float(np.mean(np.asarray(with_ad) == gold)),
+        float(np.mean(np.asarray(without) == gold)),
     )
     print(f"D2L held-out fact accuracy: adapter {acc:.3f}, no adapter {base_acc:.3f}")
     assert acc >= 0.8 and acc - base_acc >= 0.6
@@ -104,8 +129,13 @@ def test_t2l_learns_to_separate_tasks_by_description(tmp_path):
     base_cfg, base = _base(x0 + n)
     e = 16
     tcfg = T2LConfig(
-        modules=("q_proj", "v_proj"), in_features=(32, 32), out_features=(32, 16), num_layers=2,
-        task_emb_size=e, latent_size=16, head_in_size=32,
+        modules=("q_proj", "v_proj"),
+        in_features=(32, 32),
+        out_features=(32, 16),
+        num_layers=2,
+        task_emb_size=e,
+        latent_size=16,
+        head_in_size=32,
     )
     tasks = [lambda x: x, lambda x: (x + 1) % n, lambda x: n - 1 - x]
     centers = np.random.default_rng(5).normal(size=(3, e)).astype(np.float32)
@@ -119,26 +149,43 @@ def test_t2l_learns_to_separate_tasks_by_description(tmp_path):
         t, x = int(rng.integers(3)), int(rng.integers(n))
         tok = np.array([BOS, x0 + x, ANS, x0 + tasks[t](x)], np.int32)
         return {
-            "task_embs": desc(t, rng), "tokens": tok, "segment_ids": np.ones(4, np.int32),
-            "loss_mask": np.array([0, 0, 0, 1], bool), "sample_valid": np.array(True),
+            "task_embs": desc(t, rng),
+            "tokens": tok,
+            "segment_ids": np.ones(4, np.int32),
+            "loss_mask": np.array([0, 0, 0, 1], bool),
+            "sample_valid": np.array(True),
         }
 
     data = iter(
-        grain.MapDataset.source(np.arange(100_000)).shuffle(seed=0).map(example).batch(32)
+        grain.MapDataset.source(np.arange(100_000))
+        .shuffle(seed=0)
+        .map(example)
+        .batch(32)
         .to_iter_dataset()
     )
     loss = S.make_t2l_sft_loss(tcfg, base_cfg, label_smoothing=0.0, l2_coef=0.0)
     steps = 250
     init = lambda k: t2l_init(tcfg, k)  # noqa: E731
     tx, sched = optim.make_optimizer(
-        jax.eval_shape(init, jax.random.key(0)), lr=3e-3, total_steps=steps, schedule="linear",
-        warmup_steps=10, weight_decay=0.0, no_decay=optim.T2L_NO_DECAY,
+        jax.eval_shape(init, jax.random.key(0)),
+        lr=3e-3,
+        total_steps=steps,
+        schedule="linear",
+        warmup_steps=10,
+        weight_decay=0.0,
+        no_decay=optim.T2L_NO_DECAY,
     )
     tr = Trainer(
-        loss_fn=loss, count_fn=S.t2l_count, init_params=init, base_params=base, tx=tx,
-        schedule=sched, data=data,
-        options=TrainOptions(steps=steps, workdir=str(tmp_path), save_every=10_000,
-                             progress=False, seed=1),
+        loss_fn=loss,
+        count_fn=S.t2l_count,
+        init_params=init,
+        base_params=base,
+        tx=tx,
+        schedule=sched,
+        data=data,
+        options=TrainOptions(
+            steps=steps, workdir=str(tmp_path), save_every=10_000, progress=False, seed=1
+        ),
     )
     tr.run()
     tr.close()

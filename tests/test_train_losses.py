@@ -96,8 +96,11 @@ def test_l1_and_l2_match_official_reductions():
     ) / len(ad.modules)
     np.testing.assert_allclose(float(losses.adapter_l1_sum(ad)), want.item(), rtol=1e-5)
     # padding context removed by ctx_valid
-    padded = Adapter({m: np.concatenate([x, 9 + x[:1]]) for m, x in ad.a.items()},
-                     {m: np.concatenate([x, 9 + x[:1]]) for m, x in ad.b.items()}, 1.0)
+    padded = Adapter(
+        {m: np.concatenate([x, 9 + x[:1]]) for m, x in ad.a.items()},
+        {m: np.concatenate([x, 9 + x[:1]]) for m, x in ad.b.items()},
+        1.0,
+    )
     got = losses.adapter_l1_sum(padded, np.array([1, 1, 1, 0]))
     np.testing.assert_allclose(float(got), want.item(), rtol=1e-5)
     # T2L: sum_m mean(A^2) + mean(B^2)
@@ -149,8 +152,10 @@ def test_schedules_match_hf(name):
 def test_decay_mask_follows_official_exclusions():
     params = {
         "perceiver": {
-            "encoder": {"latents_q": 1, "layers_0": {"input_latents_layernorm": {"scale": 1},
-                                                    "q_proj": {"kernel": 1}}},
+            "encoder": {
+                "latents_q": 1,
+                "layers_0": {"input_latents_layernorm": {"scale": 1}, "q_proj": {"kernel": 1}},
+            },
         },
         "resmlp_0": {"LayerNorm_0": {"scale": 1, "bias": 1}, "mix1": {"kernel": 1, "bias": 1}},
         "scaler_A": {"down_proj": 1},
@@ -165,8 +170,10 @@ def test_decay_mask_follows_official_exclusions():
     assert not mask["resmlp_0"]["LayerNorm_0"]["scale"] and not mask["resmlp_0"]["mix1"]["bias"]
     assert not mask["scaler_A"]["down_proj"] and not mask["bias_A"]["down_proj"]
     assert all(
-        v for v in __import__("flax").traverse_util.flatten_dict(
-            optim.decay_mask(params, optim.T2L_NO_DECAY)).values()
+        v
+        for v in __import__("flax")
+        .traverse_util.flatten_dict(optim.decay_mask(params, optim.T2L_NO_DECAY))
+        .values()
     )
 
 
@@ -174,7 +181,12 @@ def test_adamw_step_matches_torch():
     w0 = RNG.normal(size=(4, 3)).astype(np.float32)
     grads = [RNG.normal(size=(4, 3)).astype(np.float32) * 3 for _ in range(3)]
     tx, _ = optim.make_optimizer(
-        {"w": w0}, lr=1e-2, total_steps=3, schedule="constant", weight_decay=0.1, no_decay=(),
+        {"w": w0},
+        lr=1e-2,
+        total_steps=3,
+        schedule="constant",
+        weight_decay=0.1,
+        no_decay=(),
         max_grad_norm=1.0,
     )
     import optax

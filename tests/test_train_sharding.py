@@ -22,20 +22,24 @@ def test_sharded_step_equals_single_device_and_follows_rules():
         "JAX_PLATFORMS": "cpu",
     }
     r = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_sharded_step.py")], cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, str(ROOT / "tests" / "_sharded_step.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.split("RESULT ", 1)[1])
     assert abs(res["loss1"] - res["loss8"]) <= 1e-5, res
     assert res["param_diff"] <= 1e-5, res
     # rules: vocab -> tensor, embed -> fsdp, mlp/heads -> tensor, layers replicated
-    assert res["embedding"] == "PartitionSpec('tensor', 'fsdp')", res
-    assert res["down_proj"] == "PartitionSpec(None, 'tensor', 'fsdp')", res
-    assert res["q_proj"] == "PartitionSpec(None, 'fsdp', 'tensor')", res
+    assert res["embedding"] == "P('tensor', 'fsdp')", res
+    assert res["down_proj"] == "P(None, 'tensor', 'fsdp')", res
+    assert res["q_proj"] == "P(None, 'fsdp', 'tensor')", res
     # unannotated big hypernet weight: FSDP on its largest divisible dim; Adam moments follow
     assert "fsdp" in res["head"] and res["head_mu"] == res["head"], res
-    assert res["batch"] == "PartitionSpec(('data', 'fsdp'), None)", res
+    assert res["batch"] == "P(('data', 'fsdp'), None)", res
     assert all("Auto" in t for t in res["axis_types"]), res
 
 

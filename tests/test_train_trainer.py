@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,8 +29,12 @@ def _losses(workdir):
 def _run_sub(*args):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=300,
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -48,9 +53,9 @@ def test_resume_after_sigkill_reproduces_losses(tmp_path):
     killed = tmp_path / "killed"
     r = _run_sub(killed, 10, "--kill-at", 5)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    assert sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())[
-        -1
-    ] == 5
+    assert (
+        sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())[-1] == 5
+    )
     # a half-written (uncommitted) newer checkpoint must be ignored
     half = killed / "checkpoints" / "7"
     shutil.copytree(killed / "checkpoints" / "5", half)
@@ -80,7 +85,8 @@ def test_nan_gradient_is_skipped_counted_and_never_saved(tmp_path):
     assert int(jax.device_get(tr.state.bad_total)) == 1
     # restore every saved step: all finite
     for s in tr.manager.all_steps():
-        st = tr.manager.restore(s)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore())
+        st = tr.manager.restore(s, args=args)
         for leaf in jax.tree_util.tree_leaves(st["state"]["params"]):
             assert np.all(np.isfinite(np.asarray(leaf)))
 

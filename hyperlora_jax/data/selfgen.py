@@ -328,8 +328,8 @@ def make_jax_topk(
     dtype = dtype or jnp.float32
 
     @jax.jit
-    def run(tokens, seg):
-        logits = forward(params, config, tokens, segment_ids=seg, dtype=dtype).logits
+    def run(p, tokens, seg):  # params as an argument: never baked into the program as constants
+        logits = forward(p, config, tokens, segment_ids=seg, dtype=dtype).logits
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         return jax.lax.top_k(logp, k)
 
@@ -344,7 +344,7 @@ def make_jax_topk(
             for i, x in enumerate(chunk):
                 tok[i, : len(x)] = x
                 seg[i, : len(x)] = 1
-            vals, idx = (np.asarray(a) for a in run(tok, seg))
+            vals, idx = (np.asarray(a) for a in run(params, tok, seg))
             for i, x in enumerate(chunk):
                 p = n_prompt[s + i]
                 res.append((vals[i, p - 1 : len(x) - 1], idx[i, p - 1 : len(x) - 1]))

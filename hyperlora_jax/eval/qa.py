@@ -219,6 +219,7 @@ class D2LEvaluator:
             )
             s.done(out.tokens)
         responses = [row[: int(n)].tolist() for row, n in zip(out.tokens, out.lengths)]
+        self.last_teacher_answers = out.texts
         keep = [i for i, r in enumerate(responses) if r]
         if not keep:
             raise InputError("the CD teacher produced only empty responses")

@@ -172,6 +172,20 @@ def compose(
     return Adapter(out_a, out_b, float(scale))
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "ctx_config", "n_chunks", "iterative", "dtype"))
+def _internalize(
+    hyper_params, ctx_params, tokens, mask, scalers, bias_scaler, *, cfg, ctx_config, n_chunks,
+    iterative, dtype,
+) -> Adapter:  # fmt: skip
+    """chunk_loras + bias LoRA + compose as ONE compiled program (no eager ops per call)."""
+    a, b = chunk_loras(
+        hyper_params, ctx_params, tokens, mask, cfg=cfg, ctx_config=ctx_config,
+        iterative=iterative, dtype=dtype,
+    )  # fmt: skip
+    bias = bias_lora(hyper_params, cfg) if cfg.use_bias else None
+    return compose(a, b, n_chunks, cfg.lora_alpha, bias, scalers, bias_scaler)
+
+
 # ----------------------------------------------------------------------------- API
 def _load_base(path: str | Path, dtype=None):
     from hyperlora_jax.models.hf import load_hf_model
@@ -242,7 +256,7 @@ class DocToLoRA:
         ctx_tokenizer: Any = None,
         dtype=jnp.float32,
         template_kind: str | None = None,
-        pad_multiple: int = 32,
+        pad_multiple: int = 64,
         meta: dict | None = None,
     ):
         check_base_compatible(cfg, base_config, "the D2L hypernetwork")
@@ -372,10 +386,20 @@ class DocToLoRA:
         if not docs_chunks or any(len(d) == 0 for d in docs_chunks):
             raise InputError("every document needs at least one chunk")
         flat = [list(c) for d in docs_chunks for c in d]
-        a, b = self.chunk_loras(flat, iterative=iterative)
-        bias = bias_lora(self.params, self.cfg) if self.cfg.use_bias else None
-        n = [len(d) for d in docs_chunks]
-        return compose(a, b, n, self.cfg.lora_alpha, bias, scalers, bias_scaler)
+        tokens, mask = pad_chunks(flat, multiple=self.pad_multiple)
+        return _internalize(
+            self.params,
+            self.ctx_params,
+            jnp.asarray(tokens),
+            jnp.asarray(mask),
+            None if scalers is None else jnp.asarray(scalers, jnp.float32),
+            None if bias_scaler is None else jnp.asarray(bias_scaler, jnp.float32),
+            cfg=self.cfg,
+            ctx_config=self.ctx_config,
+            n_chunks=tuple(len(d) for d in docs_chunks),
+            iterative=iterative,
+            dtype=self.dtype,
+        )
 
     def internalize(
         self,
@@ -385,14 +409,19 @@ class DocToLoRA:
         iterative: bool = False,
         scalers: Sequence[float] | None = None,
         bias_scaler: float | None = None,
+        combine: bool = False,
     ) -> Adapter:
         """Documents -> one composed Adapter. A single str gives an unbatched adapter
-        [L, (K+1) r, d]; a list gives [n_docs, L, (Kmax+1) r, d] (zero-padded ranks)."""
+        [L, (K+1) r, d]; a list gives [n_docs, L, (Kmax+1) r, d] (zero-padded ranks).
+        combine=True composes all documents into ONE unbatched adapter: every chunk of every
+        document in order, then the bias LoRA once (as if they were one chunked document)."""
         single = isinstance(texts, str)
         docs = [texts] if single else list(texts)
         if not docs:
             raise InputError("no documents to internalize")
         chunks = [self.chunk_document(t, chunk_size) for t in docs]
+        if combine:
+            chunks, single = [[c for d in chunks for c in d]], True
         ad = self.internalize_chunks(
             chunks, iterative=iterative, scalers=scalers, bias_scaler=bias_scaler
         )

@@ -11,6 +11,7 @@ GQA with 16 x 128 query heads and 4 kv heads regardless of the latent width.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -61,29 +62,71 @@ class RMSNorm(nn.Module):
         return (w * y.astype(x.dtype)).astype(x.dtype)
 
 
-def _dense(features: int, name: str, dtype) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=False,
-        kernel_init=torch_linear_init,
-        dtype=dtype,
-        name=name,
-        param_dtype=jnp.float32,
-    )
+# Tokens per lax.map step of the modality projection: keeps its [tokens, 4H] SwiGLU
+# activations in cache instead of materialising [N, T, 4H] (~1.5x faster on CPU, far less memory).
+PROJ_BLOCK_TOKENS = 256
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), bias-free."""
+class _Kernel(nn.Module):
+    """A bias-free linear layer's kernel [d_in, d_out] (same tree as nn.Dense: {'kernel': w})."""
 
-    hidden: int
-    out: int
+    shape: tuple[int, int]
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param("kernel", torch_linear_init, self.shape, jnp.float32)
+
+
+def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """x @ w in `dtype` with f32 accumulation (a plain bf16 dot is no faster than f32 on CPU)."""
+    y = jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return y.astype(dtype)
+
+
+class Dense(nn.Module):
+    """Bias-free nn.Dense replacement (params {'kernel'}) that accumulates in f32."""
+
+    features: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        g = _dense(self.hidden, "gate_proj", self.dtype)(x)
-        u = _dense(self.hidden, "up_proj", self.dtype)(x)
-        return _dense(self.out, "down_proj", self.dtype)(nn.silu(g) * u)
+        w = self.param("kernel", torch_linear_init, (x.shape[-1], self.features), jnp.float32)
+        return _matmul(x, w, self.dtype)
+
+
+def _dense(features: int, name: str, dtype) -> Dense:
+    return Dense(features, dtype, name=name)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), bias-free. block_tokens: run over the flattened tokens in
+    blocks of this many with lax.map (same result; bounded intermediate memory)."""
+
+    hidden: int
+    out: int
+    dtype: jnp.dtype = jnp.float32
+    block_tokens: int | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d, dt = x.shape[-1], self.dtype
+        wg = _Kernel((d, self.hidden), name="gate_proj")()
+        wu = _Kernel((d, self.hidden), name="up_proj")()
+        wd = _Kernel((self.hidden, self.out), name="down_proj")()
+
+        def f(z):
+            return _matmul(nn.silu(_matmul(z, wg, dt)) * _matmul(z, wu, dt), wd, dt)
+
+        lead = x.shape[:-1]
+        n = math.prod(lead)
+        blk = self.block_tokens
+        if blk is None or n <= blk:
+            return f(x)
+        nb = -(-n // blk)
+        flat = jnp.pad(x.reshape(n, d), ((0, nb * blk - n), (0, 0)))
+        y = jax.lax.map(f, flat.reshape(nb, blk, d)).reshape(nb * blk, self.out)
+        return y[:n].reshape(*lead, self.out)
 
 
 class PerceiverAttention(nn.Module):
@@ -181,6 +224,7 @@ class Perceiver(nn.Module):
             c.intermediate_factor * c.input_size,
             c.latent_size,
             self.dtype,
+            PROJ_BLOCK_TOKENS,
             name="modality_projection",
         )(x)
         lat = Resampler(

@@ -83,7 +83,5 @@ def register(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument(
-        "--no-chat-template", action="store_true", help="feed the prompt as plain text"
-    )
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
     p.set_defaults(func=_chat)

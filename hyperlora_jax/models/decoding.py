@@ -72,8 +72,19 @@ def _sample(logits: jax.Array, key: jax.Array, temperature, top_p) -> jax.Array:
     static_argnames=("config", "max_new_tokens", "pad_id", "dtype"),
 )
 def _generate(
-    params, tokens, segment_ids, adapter, key, stops, temperature, top_p, *, config,
-    max_new_tokens, pad_id, dtype,
+    params,
+    tokens,
+    segment_ids,
+    adapter,
+    key,
+    stops,
+    temperature,
+    top_p,
+    *,
+    config,
+    max_new_tokens,
+    pad_id,
+    dtype,
 ):
     """Token ids [B, max_new_tokens]. stops: [S] stop ids (-1 = unused slot)."""
     b, t = tokens.shape
@@ -169,7 +180,8 @@ def generate(
     texts = None
     if tokenizer is not None:
         texts = [
-            tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(out, lengths)
+            tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+            for row, n in zip(out, lengths)
         ]
     return GenerationOutput(out, lengths, texts)
 

@@ -9,6 +9,7 @@ model and the PyTorch reference. Conversion happens once into the cache (default
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -150,8 +151,11 @@ def fetch_model(name_or_path: str, dest: str | os.PathLike | None = None) -> Pat
     Known names: see KNOWN_MODELS. Results are cached: a second call returns at once.
     """
     p = Path(name_or_path).expanduser()
-    if p.is_dir() and _is_ready(p) and dest is None:
-        return p
+    if p.is_dir() and _is_ready(p):
+        if dest is None:
+            return p
+        shutil.copytree(p, Path(dest).expanduser(), dirs_exist_ok=True)
+        return Path(dest).expanduser()
     known = KNOWN_MODELS.get(name_or_path)
     is_gguf = p.is_file() and p.suffix == ".gguf"
     if known is None and not is_gguf:
@@ -170,6 +174,15 @@ def fetch_model(name_or_path: str, dest: str | os.PathLike | None = None) -> Pat
     if (target / DONE_FILE).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # One process converts at a time (parallel test workers, notebooks); the others then find it.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / DONE_FILE).exists():
+            return target
+        return _convert_into(name_or_path, name, known, p, target)
+
+
+def _convert_into(name_or_path: str, name: str, known, p: Path, target: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(0o755)
     try:

@@ -136,9 +136,7 @@ def hf_config_from_gguf(reader) -> dict:
         }
     cfg = transformers.AutoConfig.for_model(model_type, **d)
     out = cfg.to_dict()
-    out["architectures"] = [
-        "LlamaForCausalLM" if arch == "llama" else "Gemma3ForCausalLM"
-    ]
+    out["architectures"] = ["LlamaForCausalLM" if arch == "llama" else "Gemma3ForCausalLM"]
     return out
 
 

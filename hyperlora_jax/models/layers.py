@@ -136,6 +136,28 @@ def attention_mask(q_idx, q_seg, k_idx, k_seg, sliding: jax.Array, window: int |
     return allowed[:, None, None]
 
 
+# Query block length of the cache-free (prefill / encoding / training) attention path.
+ATTN_BLOCK = 128
+
+
+def _attend(qg, k, v, mask_args, c: ModelConfig) -> jax.Array:
+    """Softmax attention core. qg [b, kv, g, tq, d], k/v [b, kv, s, d] -> [b, kv, g, tq, d] f32."""
+    b, nkv, g, tq, hd = qg.shape
+    s = k.shape[2]
+    logits = jnp.einsum(
+        "bkqd,bksd->bkqs", qg.reshape(b, nkv, g * tq, hd), k, preferred_element_type=F32
+    ).reshape(b, nkv, g, tq, s)
+    qpas = c.query_pre_attn_scalar
+    logits = logits * (qpas**-0.5 if qpas is not None else hd**-0.5)
+    if c.attn_logit_softcap is not None:
+        logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
+    mask = attention_mask(*mask_args, c.sliding_window)  # [b, 1, 1, tq, s]
+    logits = jnp.where(mask, logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, nkv, g * tq, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=F32)
+    return out.reshape(b, nkv, g, tq, hd)
+
+
 class Attention(nn.Module):
     """GQA self-attention with optional q/k norm, soft-cap, sliding window and a KV cache."""
 
@@ -176,17 +198,22 @@ class Attention(nn.Module):
             k, v = k_all.astype(x.dtype), v_all.astype(x.dtype)
 
         g = nh // nkv
-        qg = q.reshape(b, t, nkv, g, hd)
-        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32)
-        qpas = c.query_pre_attn_scalar
-        logits = logits * (qpas**-0.5 if qpas is not None else hd**-0.5)
-        if c.attn_logit_softcap is not None:
-            logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-        mask = attention_mask(q_idx, q_seg, k_idx, k_seg, sliding, c.sliding_window)
-        logits = jnp.where(mask, logits, MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=F32)
-        out = out.reshape(b, t, nh * hd).astype(x.dtype)
+        # [b, kv, g, t, d]: batch dims leading so each einsum is a plain batched matmul
+        # (XLA:CPU runs "btkgd,bskd->bkgts" as a slow generic loop, ~3x slower).
+        qg = q.reshape(b, t, nkv, g, hd).transpose(0, 2, 3, 1, 4)
+        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if cache is None and t > ATTN_BLOCK:
+            # No cache: key j sits at index j, so causal query block [s0, s1) needs keys [0, s1)
+            # only. Skips the masked upper triangle and keeps each block's logits in cache.
+            outs = []
+            for s0 in range(0, t, ATTN_BLOCK):
+                s1 = min(s0 + ATTN_BLOCK, t)
+                blk = (q_idx[:, s0:s1], q_seg[:, s0:s1], k_idx[:, :s1], k_seg[:, :s1], sliding)
+                outs.append(_attend(qg[:, :, :, s0:s1], kt[:, :, :s1], vt[:, :, :s1], blk, c))
+            out = jnp.concatenate(outs, axis=3)
+        else:
+            out = _attend(qg, kt, vt, (q_idx, q_seg, k_idx, k_seg, sliding), c)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, nh * hd).astype(x.dtype)
         out = Proj(nh * hd, h, ("heads", "embed"), name="o_proj", **kw)(  # no bias in any family
             out, _lora(lora, "o_proj"), scale, adapter_index
         )

@@ -18,7 +18,12 @@ from hyperlora_jax.errors import ConfigError
 from hyperlora_jax.train import optim
 from hyperlora_jax.train import steps as S
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "f32": jnp.float32, "bf16": jnp.bfloat16}
+DTYPES = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "f32": jnp.float32,
+    "bf16": jnp.bfloat16,
+}
 
 
 def _get(t, *names, default=None):
@@ -56,6 +61,8 @@ class HParams:
     max_chunks: int = 16
     max_qas: int = 64
     top_k: int = 16
+    max_chunks_per_ctx: int = 1  # rank slots per context: (K + 1) r
+    max_chunk_len: int | None = None  # longest chunk (default: the packed context length)
 
 
 def kind_of(config) -> str:
@@ -124,7 +131,24 @@ def hparams(config) -> HParams:
         max_chunks=int(_get(t, "max_chunks_per_pack", default=16)),
         max_qas=int(_get(t, "max_qas_per_pack", default=64)),
         top_k=int(_get(t, "top_k_teacher", default=16)),
+        max_chunks_per_ctx=int(
+            _get(
+                t,
+                "max_chunks_per_ctx",
+                default=max(
+                    [int(k) for k in dict(_get(t, "num_chunk_probs", default={}) or {})] or [1]
+                ),
+            )
+        ),
+        max_chunk_len=_chunk_len(t),
     )
+
+
+def _chunk_len(t) -> int | None:
+    n = _get(t, "max_chunk_len", "max_ctx_chunk_len", default=None)
+    if n is None or int(n) <= 0:
+        return None
+    return min(int(n), int(_get(t, "max_packed_ctx_len", default=int(n))))
 
 
 @dataclasses.dataclass
@@ -147,8 +171,13 @@ def experiment(config) -> Parts:
 
         base_cfg, hcfg = configs_from_experiment(config)
         loss = S.make_d2l_loss(
-            hcfg, base_cfg, objective=hp.objective, l1_coef=hp.l1_coef,
-            neftune_alpha=hp.neftune_alpha, dtype=hp.dtype, remat_policy=hp.remat_policy,
+            hcfg,
+            base_cfg,
+            objective=hp.objective,
+            l1_coef=hp.l1_coef,
+            neftune_alpha=hp.neftune_alpha,
+            dtype=hp.dtype,
+            remat_policy=hp.remat_policy,
         )
         init = lambda k: d2l_init(hcfg, k)  # noqa: E731
         count = S.d2l_count
@@ -172,8 +201,13 @@ def experiment(config) -> Parts:
             loss = S.make_t2l_recon_loss(hcfg)
         else:
             loss = S.make_t2l_sft_loss(
-                hcfg, base_cfg, label_smoothing=hp.label_smoothing, l2_coef=hp.l2_coef,
-                neftune_alpha=hp.neftune_alpha, dtype=hp.dtype, remat_policy=hp.remat_policy,
+                hcfg,
+                base_cfg,
+                label_smoothing=hp.label_smoothing,
+                l2_coef=hp.l2_coef,
+                neftune_alpha=hp.neftune_alpha,
+                dtype=hp.dtype,
+                remat_policy=hp.remat_policy,
             )
         init = lambda k: t2l_init(hcfg, k)  # noqa: E731
         count = S.t2l_count
@@ -191,9 +225,15 @@ def experiment(config) -> Parts:
 def make_tx(parts: Parts, params_like):
     hp = parts.hp
     return optim.make_optimizer(
-        params_like, lr=hp.lr, total_steps=hp.steps, schedule=hp.schedule,
-        warmup_steps=hp.warmup_steps, min_lr=hp.min_lr, weight_decay=hp.weight_decay,
-        no_decay=hp.no_decay, max_grad_norm=hp.max_grad_norm,
+        params_like,
+        lr=hp.lr,
+        total_steps=hp.steps,
+        schedule=hp.schedule,
+        warmup_steps=hp.warmup_steps,
+        min_lr=hp.min_lr,
+        weight_decay=hp.weight_decay,
+        no_decay=hp.no_decay,
+        max_grad_norm=hp.max_grad_norm,
     )
 
 
@@ -205,13 +245,23 @@ def batch_spec(parts: Parts, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
     if hp.kind == "d2l":
         t, tc = hp.inp_len, hp.ctx_len
         out = {
-            k: sd(t) for k in ("input_ids", "positions", "segment_ids", "labels", "qa_index",
-                               "adapter_index")
+            k: sd(t)
+            for k in (
+                "input_ids",
+                "positions",
+                "segment_ids",
+                "labels",
+                "qa_index",
+                "adapter_index",
+            )
         }
         out.update({k: sd(tc) for k in ("ctx_ids", "ctx_positions", "ctx_segment_ids")})
         out.update(
-            chunk_context=sd(hp.max_chunks), n_ctx_chunks=sd(hp.max_contexts),
-            n_queries=sd(hp.max_contexts), qa_context=sd(hp.max_qas), num_contexts=sd(),
+            chunk_context=sd(hp.max_chunks),
+            n_ctx_chunks=sd(hp.max_contexts),
+            n_queries=sd(hp.max_contexts),
+            qa_context=sd(hp.max_qas),
+            num_contexts=sd(),
         )
         if hp.objective == "distill":
             out["logprobs_vals"] = sd(t, hp.top_k, d=f32)

@@ -29,25 +29,35 @@ memory and FLOPs per step.
 """
 
 
-def _flags(name: str):
+def _flags(name: str, argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "experiment config", flag_values=fv,
-                                    lock_config=False)
+    # sys_argv: the dotted overrides are registered from the argument list they will come from
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "experiment config",
+        flag_values=fv,
+        lock_config=False,
+        accept_new_attributes=True,
+        sys_argv=[name, *argv],
+    )
     flags.DEFINE_string("mesh", "", "data=N,fsdp=N,tensor=N", flag_values=fv)
     if name == "train":
         flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
         flags.DEFINE_multi_string("data", [], "training records", flag_values=fv)
-        flags.DEFINE_string("base_model", None, "base model folder (save_pretrained)",
-                            flag_values=fv)
+        flags.DEFINE_string(
+            "base_model", None, "base model folder (save_pretrained)", flag_values=fv
+        )
         flags.DEFINE_string("coordinator", None, "multi-process coordinator", flag_values=fv)
         flags.DEFINE_integer("num_processes", None, "multi-process count", flag_values=fv)
         flags.DEFINE_integer("process_id", None, "this process", flag_values=fv)
     else:
-        flags.DEFINE_integer("rows", None, "global rows per step (default: the config's)",
-                             flag_values=fv)
+        flags.DEFINE_integer(
+            "rows", None, "global rows per step (default: the config's)", flag_values=fv
+        )
         flags.DEFINE_bool("json", False, "print JSON", flag_values=fv)
     return fv
 
@@ -56,7 +66,7 @@ def _parse(name: str, args: list[str]):
     if not args or any(a in ("-h", "--help") for a in args):
         print(TRAIN_HELP if name == "train" else PLAN_HELP)
         raise SystemExit(0)
-    fv = _flags(name)
+    fv = _flags(name, args)
     try:
         fv([name, *args])
     except Exception as e:  # absl: unknown flag, bad value, missing file
@@ -68,9 +78,10 @@ def _parse(name: str, args: list[str]):
 
 def load_config(config_arg: str, overrides: list[str]):
     """An experiment config from 'file.py:preset' plus '--config.x=...' overrides."""
-    fv = _flags("plan")
+    argv = [f"--config={config_arg}", *overrides]
+    fv = _flags("plan", argv)
     try:
-        fv(["plan", f"--config={config_arg}", *overrides])
+        fv(["plan", *argv])
     except Exception as e:
         raise ConfigError(f"cannot load config {config_arg!r}: {e}") from e
     return fv.config

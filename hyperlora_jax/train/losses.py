@@ -87,7 +87,7 @@ def per_context_loss_sum(
 def per_sample_loss_sum(
     token_loss: jax.Array, mask: jax.Array, sample_ids: jax.Array, num_samples: int
 ) -> jax.Array:
-    """Sum over samples of the mean over each sample's label tokens (T2L `equally_weight_sample`)."""
+    """Sum over samples of the mean over their label tokens (T2L `equally_weight_sample`)."""
     means, valid = segment_means(token_loss, mask, sample_ids, num_samples)
     return jnp.sum(jnp.where(valid, means, 0.0))
 

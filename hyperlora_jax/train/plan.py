@@ -46,8 +46,14 @@ def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
     rows = rows or hp.global_batch
     batch = build.batch_spec(parts, rows)
     batch_sh = {k: shd.batch_sharding(m, len(v.shape)) for k, v in batch.items()}
+    axes = tuple(a for a in ("data", "fsdp") if m.shape[a] > 1) or None
     step = make_train_step(
-        parts.loss_fn, tx, parts.count_fn, grad_accum_steps=hp.grad_accum_steps, schedule=sched
+        parts.loss_fn,
+        tx,
+        parts.count_fn,
+        grad_accum_steps=hp.grad_accum_steps,
+        schedule=sched,
+        micro_batch_axes=axes,
     )
     jitted = jax.jit(
         step,
@@ -72,9 +78,13 @@ def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
         "devices": n_dev,
         "global_rows_per_step": rows,
         "grad_accum_steps": hp.grad_accum_steps,
-        "row_shape": {k: list(v.shape[1:]) for k, v in batch.items() if k in (
-            "input_ids", "ctx_ids", "tokens")},
+        "row_shape": {
+            k: list(v.shape[1:])
+            for k, v in batch.items()
+            if k in ("input_ids", "ctx_ids", "tokens")
+        },
         "compute_dtype": jnp.dtype(hp.dtype).name,
+        "remat_policy": hp.remat_policy,
         "base_params": count(base_abs),
         "hypernet_params": count(hyper_abs),
         "lower_s": round(t1 - t0, 1),
@@ -108,10 +118,7 @@ def format_plan(p: dict) -> str:
     ]
     if "per_device_GiB" in p:
         g = p["per_device_GiB"]
-        lines.append(
-            "  per-device memory (GiB): "
-            + ", ".join(f"{k} {v}" for k, v in g.items())
-        )
+        lines.append("  per-device memory (GiB): " + ", ".join(f"{k} {v}" for k, v in g.items()))
     if "flops_per_device_per_step" in p:
         lines.append(
             f"  FLOPs per step: {p['flops_per_device_per_step']:.3e} per device, "
@@ -120,8 +127,13 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
-def run_subprocess(config_arg: str, overrides: list[str], mesh: dict[str, int],
-                   rows: int | None, timeout: int = 3600) -> dict:
+def run_subprocess(
+    config_arg: str,
+    overrides: list[str],
+    mesh: dict[str, int],
+    rows: int | None,
+    timeout: int = 3600,
+) -> dict:
     """Run `plan` in a fresh process with the mesh's device count faked on the CPU."""
     n = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
     env = {
@@ -130,8 +142,15 @@ def run_subprocess(config_arg: str, overrides: list[str], mesh: dict[str, int],
         f"--xla_force_host_platform_device_count={n}".strip(),
         "JAX_PLATFORMS": "cpu",
     }
-    cmd = [sys.executable, "-m", "hyperlora_jax.train.plan", config_arg, json.dumps(mesh),
-           json.dumps(rows), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hyperlora_jax.train.plan",
+        config_arg,
+        json.dumps(mesh),
+        json.dumps(rows),
+        *overrides,
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0 or "PLAN " not in r.stdout:
         from hyperlora_jax.errors import ConfigError

@@ -38,7 +38,8 @@ def _base_params(config, parts, base_model: str | None):
     cfg, params = load_hf_model(base_model, dtype=dtype)
     if cfg.num_layers != parts.base_cfg.num_layers or cfg.hidden_size != parts.base_cfg.hidden_size:
         raise ConfigError(
-            f"--base_model {base_model} ({cfg.family}, {cfg.num_layers} layers, H={cfg.hidden_size})"
+            f"--base_model {base_model} ({cfg.family}, {cfg.num_layers} layers, "
+            f"H={cfg.hidden_size})"
             f" does not match the config's base model {config.get('base_model')!r}"
         )
     return params
@@ -52,11 +53,13 @@ def synthetic_d2l_items(vocab: int, n: int, seed: int) -> list[dict]:
     out = []
     for _ in range(n):
         k, v = k0 + r.randrange(nk), v0 + r.randrange(nv)
-        out.append({
-            "ctx_chunks": [[1, k, v, 2]],
-            "input_ids": [[1, k, 3, v]],
-            "labels": [[-100, -100, -100, v]],
-        })
+        out.append(
+            {
+                "ctx_chunks": [[1, k, v, 2]],
+                "input_ids": [[1, k, 3, v]],
+                "labels": [[-100, -100, -100, v]],
+            }
+        )
     return out
 
 
@@ -66,8 +69,11 @@ def d2l_data(config, parts, paths: list[str], seed: int):
 
     hp = parts.hp
     pc = packing.PackConfig(
-        max_inp_len=hp.inp_len, max_ctx_len=hp.ctx_len, max_contexts=hp.max_contexts,
-        max_chunks=hp.max_chunks, max_qas=hp.max_qas,
+        max_inp_len=hp.inp_len,
+        max_ctx_len=hp.ctx_len,
+        max_contexts=hp.max_contexts,
+        max_chunks=hp.max_chunks,
+        max_qas=hp.max_qas,
         top_k=hp.top_k if hp.objective == "distill" else 0,
     )
     if paths:
@@ -77,27 +83,34 @@ def d2l_data(config, parts, paths: list[str], seed: int):
             min_chunk_len=t.get("min_ctx_chunk_len"),
             num_chunk_probs=(
                 {int(k): float(v) for k, v in dict(t.num_chunk_probs).items()}
-                if t.get("num_chunk_probs") else None
+                if t.get("num_chunk_probs")
+                else None
             ),
         )
         records = [rec for _, _, rec in iter_raw_records(paths, errors=ErrorLog("raise"))]
         items = pipeline.build_items(
-            records, lambda rec, rng: pipeline.selfgen_item(rec, chunk, rng, hp.top_k),
-            seed=seed, max_qas_len=int(t.get("max_qas_len") or -1),
+            records,
+            lambda rec, rng: pipeline.selfgen_item(rec, chunk, rng, hp.top_k),
+            seed=seed,
+            max_qas_len=int(t.get("max_qas_len") or -1),
             max_qas_per_sample=int(t.get("max_qas_per_sample") or -1),
         )
     elif config.get("base_model_config"):
         items = synthetic_d2l_items(parts.base_cfg.vocab_size, 4096, seed)
-        pc = packing.PackConfig(max_inp_len=8, max_ctx_len=4, max_contexts=1, max_chunks=1,
-                                max_qas=1, top_k=0)
+        pc = packing.PackConfig(
+            max_inp_len=8, max_ctx_len=4, max_contexts=1, max_chunks=1, max_qas=1, top_k=0
+        )
         if hp.objective == "distill":
             raise ConfigError("the synthetic task has no teacher: add --config.train.loss=ce")
     else:
         raise ConfigError("D2L training needs --data (self-generated QA records)")
     per_process = hp.global_batch // jax.process_count()
     loader = pipeline.LoaderConfig(
-        batch_size=per_process, seed=seed, num_epochs=None,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        batch_size=per_process,
+        seed=seed,
+        num_epochs=None,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
     return iter(pipeline.make_packed_dataset(items, pc, loader))
 
@@ -128,8 +141,14 @@ def synthetic_t2l_data(parts, batch: int, seed: int):
     return iter(ds.batch(batch // jax.process_count()).to_iter_dataset())
 
 
-def build_trainer(config, *, workdir: str, data: list[str] | None = None,
-                  base_model: str | None = None, mesh: str = "") -> Trainer:
+def build_trainer(
+    config,
+    *,
+    workdir: str,
+    data: list[str] | None = None,
+    base_model: str | None = None,
+    mesh: str = "",
+) -> Trainer:
     parts = build.experiment(config)
     hp = parts.hp
     t = config.train
@@ -156,22 +175,36 @@ def build_trainer(config, *, workdir: str, data: list[str] | None = None,
     base_sh = shd.shardings_from_logical(transformer.param_logical_axes(parts.base_cfg), base, m)
     tx, sched = build.make_tx(parts, jax.eval_shape(parts.init_params, jax.random.key(0)))
     opts = TrainOptions(
-        steps=hp.steps, workdir=workdir, seed=seed, grad_accum_steps=hp.grad_accum_steps,
-        log_every=int(t.get("log_every", 1) or 1), save_every=int(t.get("save_every", 1000)),
-        max_to_keep=int(t.get("max_to_keep", 3)), max_bad_steps=int(t.get("max_bad_steps", 10)),
+        steps=hp.steps,
+        workdir=workdir,
+        seed=seed,
+        grad_accum_steps=hp.grad_accum_steps,
+        log_every=int(t.get("log_every", 1) or 1),
+        save_every=int(t.get("save_every", 1000)),
+        max_to_keep=int(t.get("max_to_keep", 3)),
+        max_bad_steps=int(t.get("max_bad_steps", 10)),
     )
     return Trainer(
-        loss_fn=parts.loss_fn, count_fn=parts.count_fn, init_params=parts.init_params,
-        base_params=base, tx=tx, schedule=sched, data=it, options=opts, mesh=m,
-        base_shardings=base_sh, rebuild_info=parts.rebuild_info,
+        loss_fn=parts.loss_fn,
+        count_fn=parts.count_fn,
+        init_params=parts.init_params,
+        base_params=base,
+        tx=tx,
+        schedule=sched,
+        data=it,
+        options=opts,
+        mesh=m,
+        base_shardings=base_sh,
+        rebuild_info=parts.rebuild_info,
     )
 
 
 def train_from_flags(fv) -> list[dict]:
     shd.maybe_initialize_distributed(fv.coordinator, fv.num_processes, fv.process_id)
     workdir = fv.workdir or f"runs/{fv.config.get('name', 'run')}"
-    tr = build_trainer(fv.config, workdir=workdir, data=fv.data, base_model=fv.base_model,
-                       mesh=fv.mesh)
+    tr = build_trainer(
+        fv.config, workdir=workdir, data=fv.data, base_model=fv.base_model, mesh=fv.mesh
+    )
     try:
         rows = tr.run()
     finally:

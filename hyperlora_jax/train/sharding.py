@@ -13,9 +13,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
-import flax.linen as nn
 from flax import traverse_util
 from flax.core import meta
 from jax.sharding import AxisType, Mesh, NamedSharding

@@ -22,7 +22,7 @@ LossFn = Callable[..., tuple[jax.Array, dict]]
 
 @struct.dataclass
 class TrainState:
-    """Everything a checkpoint restores: hypernet params, optimizer state, step, RNG, guard counters."""
+    """What a checkpoint restores: hypernet params, optimizer state, step, RNG, guard counters."""
 
     step: jax.Array  # int32, steps taken (including skipped ones)
     params: Any
@@ -33,8 +33,9 @@ class TrainState:
 
     @classmethod
     def create(cls, params, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
-        z = jnp.zeros((), jnp.int32)
-        return cls(z, params, tx.init(params), jax.random.key_data(jax.random.key(seed)), z, z)
+        z = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 - distinct buffers (donation)
+        rng = jax.random.key_data(jax.random.key(seed))
+        return cls(z(), params, tx.init(params), rng, z(), z())
 
 
 def all_finite(tree) -> jax.Array:
@@ -50,6 +51,7 @@ def make_train_step(
     grad_accum_steps: int = 1,
     schedule: optax.Schedule | None = None,
     inject_nan_at: int | None = None,
+    micro_batch_axes=None,
 ):
     """step(state, base_params, batch) -> (state, metrics).
 
@@ -58,6 +60,8 @@ def make_train_step(
     result equals one big batch (the official per-context normalisation across accumulation).
     A non-finite loss or gradient skips the update (params and optimizer state unchanged) and
     is counted. `inject_nan_at` (tests only) poisons the gradient at that step.
+    micro_batch_axes: mesh axes of the batch (e.g. ("data", "fsdp")), to keep accumulation
+    micro-batches sharded (run under jax.set_mesh).
     """
 
     def grads_of(params, base_params, batch, rng, num_items):
@@ -76,16 +80,23 @@ def make_train_step(
             micro = jax.tree_util.tree_map(
                 lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch
             )
+            if micro_batch_axes is not None:  # keep each micro-batch split over the batch axes
+                micro = jax.tree_util.tree_map(
+                    lambda x: jax.lax.with_sharding_constraint(
+                        x, jax.sharding.PartitionSpec(None, micro_batch_axes)
+                    ),
+                    micro,
+                )
 
             def body(carry, xs):
                 mb, i = xs
-                (l, a), g = grads_of(
+                (lo, a), g = grads_of(
                     state.params, base_params, mb, jax.random.fold_in(step_rng, i), num_items
                 )
                 acc_g, acc_l, acc_a = carry
                 acc_g = jax.tree_util.tree_map(jnp.add, acc_g, g)
                 acc_a = jax.tree_util.tree_map(jnp.add, acc_a, a)
-                return (acc_g, acc_l + l, acc_a), None
+                return (acc_g, acc_l + lo, acc_a), None
 
             zero_g = jax.tree_util.tree_map(jnp.zeros_like, state.params)
             _, aux0 = jax.eval_shape(
@@ -211,6 +222,7 @@ def make_d2l_loss(
     l1_coef: float = 0.1,
     neftune_alpha: float = 0.0,
     max_chunk_len: int | None = None,
+    max_chunks_per_ctx: int | None = None,
     dtype=jnp.float32,
     hypernet_dtype=None,
     remat_policy: str | None = None,
@@ -221,6 +233,8 @@ def make_d2l_loss(
     "ce": gold-response CE (NIAH). Both: mean per QA, then per context, summed / n_contexts,
     plus l1_coef * L1 of the combined adapter (bias LoRA included), / n_contexts.
     max_chunk_len: longest chunk (static; default the packed context length).
+    max_chunks_per_ctx: rank slots per context (K; the adapter rank is (K+1) r); default the
+    row's chunk slots. Chunks beyond K are dropped, so K must cover the data's chunk counts.
     """
     from hyperlora_jax.errors import ConfigError
     from hyperlora_jax.hypernet.d2l import bias_lora, generate_chunk_loras
@@ -241,12 +255,19 @@ def make_d2l_loss(
         n_slots = batch["chunk_context"].shape[1]
         n_ctx_slots = batch["n_ctx_chunks"].shape[1]
         hs = forward(
-            base_params, base_cfg, batch["ctx_ids"], segment_ids=seg_c,
-            positions=batch["ctx_positions"], num_layers=k_enc, return_hidden_states=True,
-            return_logits=False, dtype=dtype, remat_policy=remat_policy,
+            base_params,
+            base_cfg,
+            batch["ctx_ids"],
+            segment_ids=seg_c,
+            positions=batch["ctx_positions"],
+            num_layers=k_enc,
+            return_hidden_states=True,
+            return_logits=False,
+            dtype=dtype,
+            remat_policy=remat_policy,
         ).hidden_states  # [B, k+1, Tc, H]
         feats = hs if hcfg.layer_to_layer else hs[:, -1]
-        feats = jax.lax.stop_gradient(feats.astype(jnp.float32))
+        feats = jax.lax.stop_gradient(feats.astype(hdtype))
         cf, cmask = gather_chunks(feats, seg_c, n_slots, max_chunk_len or tc)
         a, b = generate_chunk_loras(params, hcfg, cf, cmask, dtype=hdtype)
         ba, bb = bias_lora(params, hcfg)
@@ -264,7 +285,14 @@ def make_d2l_loss(
         a = {m: jnp.where(used[:, None, None, None], x, 0) for m, x in a.items()}
         b = {m: jnp.where(used[:, None, None, None], x, 0) for m, x in b.items()}
         ca, cb = compose_chunks(
-            a, b, ba, bb, chunk_ctx, jnp.maximum(slot, 0).reshape(-1), nch.reshape(-1), n_slots
+            a,
+            b,
+            ba,
+            bb,
+            chunk_ctx,
+            jnp.maximum(slot, 0).reshape(-1),
+            nch.reshape(-1),
+            max_chunks_per_ctx or n_slots,
         )
         adapter = Adapter(ca, cb, float(hcfg.lora_alpha))
         return adapter, batch["adapter_index"] + rows * n_ctx_slots
@@ -280,9 +308,16 @@ def make_d2l_loss(
             shape = (*tokens.shape, base_cfg.hidden_size)
             noise = losses.neftune_noise(jax.random.fold_in(rng, 1), shape, neftune_alpha, dtype)
         logits = forward(
-            base_params, base_cfg, tokens, segment_ids=batch["segment_ids"],
-            positions=batch["positions"], adapter=adapter, adapter_index=ad_index, dtype=dtype,
-            remat_policy=remat_policy, embeddings_noise=noise,
+            base_params,
+            base_cfg,
+            tokens,
+            segment_ids=batch["segment_ids"],
+            positions=batch["positions"],
+            adapter=adapter,
+            adapter_index=ad_index,
+            dtype=dtype,
+            remat_policy=remat_policy,
+            embeddings_noise=noise,
         ).logits
         labels = batch["labels"]
         mask = losses.shift_targets(labels >= 0, False)
@@ -315,7 +350,10 @@ def _teacher_topk(base_params, base_cfg, batch, dtype, k: int = 16):
             losses.shift_targets(batch["logprobs_indices"]),
         )
     t_logits = forward(
-        base_params, base_cfg, batch["teacher_ids"], segment_ids=batch["teacher_segment_ids"],
+        base_params,
+        base_cfg,
+        batch["teacher_ids"],
+        segment_ids=batch["teacher_segment_ids"],
         dtype=dtype,
     ).logits
     logp = jax.nn.log_softmax(jax.lax.stop_gradient(t_logits).astype(jnp.float32), -1)
@@ -356,7 +394,9 @@ def make_t2l_sft_loss(
 
     def loss_fn(params, base_params, batch, rng, num_samples):
         a, b = HyperModulator(tcfg).apply(
-            {"params": params}, batch["task_embs"], deterministic=False,
+            {"params": params},
+            batch["task_embs"],
+            deterministic=False,
             rngs={"dropout": jax.random.fold_in(rng, 0)},
         )
         a, b = postprocess(tcfg, a, b, None)
@@ -368,8 +408,15 @@ def make_t2l_sft_loss(
             noise = losses.neftune_noise(jax.random.fold_in(rng, 1), shape, neftune_alpha, dtype)
         index = batch.get("adapter_index")
         logits = forward(
-            base_params, base_cfg, tokens, segment_ids=batch["segment_ids"], adapter=adapter,
-            adapter_index=index, dtype=dtype, remat_policy=remat_policy, embeddings_noise=noise,
+            base_params,
+            base_cfg,
+            tokens,
+            segment_ids=batch["segment_ids"],
+            adapter=adapter,
+            adapter_index=index,
+            dtype=dtype,
+            remat_policy=remat_policy,
+            embeddings_noise=noise,
         ).logits
         tok = losses.cross_entropy(logits, losses.shift_targets(tokens), label_smoothing)
         mask = losses.shift_targets(batch["loss_mask"], False)
@@ -401,7 +448,9 @@ def make_t2l_recon_loss(tcfg, *, stats: dict | None = None) -> LossFn:
     def loss_fn(params, base_params, batch, rng, num_samples):
         del base_params
         a, b = HyperModulator(tcfg).apply(
-            {"params": params}, batch["task_embs"], deterministic=False,
+            {"params": params},
+            batch["task_embs"],
+            deterministic=False,
             rngs={"dropout": jax.random.fold_in(rng, 0)},
         )
         valid = batch["sample_valid"].astype(jnp.float32)

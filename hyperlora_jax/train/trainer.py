@@ -38,7 +38,7 @@ class NonFiniteError(HyperLoraError):
 
 @dataclasses.dataclass
 class TrainOptions:
-    """Loop settings (the `train` section of an experiment config holds the same names)."""
+    """Loop settings (built from an experiment config's `train` section by train/build.py)."""
 
     steps: int
     workdir: str
@@ -52,39 +52,6 @@ class TrainOptions:
     async_checkpointing: bool = True
     progress: bool = True
     inject_nan_at: int | None = None  # tests: poison the gradient of this step
-
-
-def train_defaults():
-    """The `train` sub-config every experiment config carries (ml_collections), with defaults.
-
-    Experiment presets override these; the launch command line overrides those
-    (`--config.train.lr=1e-4`).
-    """
-    import ml_collections
-
-    c = ml_collections.ConfigDict()
-    c.steps = 1000
-    c.batch_size = 8  # global: rows per step, over all hosts
-    c.grad_accum_steps = 1
-    c.lr = 4e-5
-    c.schedule = "cosine"  # cosine (to min_lr) | linear (to 0) | constant
-    c.warmup_steps = 100
-    c.min_lr = 1e-7
-    c.weight_decay = 0.01
-    c.no_decay = "d2l"  # d2l: official exclusions; t2l: decay everything
-    c.max_grad_norm = 1.0
-    c.seed = 42
-    c.dtype = "bfloat16"  # compute dtype of the base model; params stay f32, loss in f32
-    c.remat_policy = ""  # "", "full", or a jax.checkpoint_policies name (e.g. dots_saveable)
-    c.log_every = 10
-    c.save_every = 1000
-    c.eval_every = 0
-    c.max_to_keep = 3
-    c.max_bad_steps = 10
-    c.workdir = "runs/default"
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    c.rules = ()  # extra (logical, mesh axes) rules, prepended to sharding.DEFAULT_RULES
-    return c
 
 
 def _abstract(tree, shardings):
@@ -147,9 +114,9 @@ class Trainer:
         self.param_shardings = shd.tree_shardings(
             abstract_params, self.mesh, rules, fsdp_fallback_min=fsdp_min_size
         )
-        params = jax.jit(
-            lambda r: meta.unbox(init_params(r)), out_shardings=self.param_shardings
-        )(jax.random.key(options.seed))
+        params = jax.jit(lambda r: meta.unbox(init_params(r)), out_shardings=self.param_shardings)(
+            jax.random.key(options.seed)
+        )
         state = jax.jit(lambda p: TrainState.create(p, tx, options.seed))(params)
         self.state_shardings = self._state_shardings(state)
         self.state = jax.device_put(state, self.state_shardings)
@@ -166,6 +133,7 @@ class Trainer:
             grad_accum_steps=options.grad_accum_steps,
             schedule=schedule,
             inject_nan_at=options.inject_nan_at,
+            micro_batch_axes=tuple(a for a in ("data", "fsdp") if self.mesh.shape[a] > 1) or None,
         )
         self._step_fn = step
         self._jitted = None  # built at the first batch (needs its shardings)
