@@ -1,4 +1,4 @@
-"""`hyperlora-jax convert official-d2l|official-t2l SRC OUT`: official PyTorch checkpoints -> ours."""
+"""`hyperlora-jax convert official-d2l|official-t2l SRC OUT`: official checkpoints -> ours."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def register(subparsers) -> None:
     d2l.add_argument("out", help="output checkpoint folder")
     d2l.set_defaults(func=_convert_d2l)
     t2l = kinds.add_parser("official-t2l", help="a released T2L folder (hypermod.pt, args.yaml)")
-    t2l.add_argument("src", help="release folder holding hypermod.pt, args.yaml, adapter_config.json")
+    t2l.add_argument("src", help="release folder: hypermod.pt, args.yaml, adapter_config.json")
     t2l.add_argument("out", help="output checkpoint folder")
     t2l.add_argument(
         "--base-model", default=None, help="HF model folder to check the hypernet's shapes against"

@@ -145,16 +145,20 @@ class PerceiverAttention(nn.Module):
         v = _dense(c.num_kv_heads * c.head_dim, "v_proj", self.dtype)(kv_input)
         groups = c.n_heads // c.num_kv_heads
         # Query head h uses kv head h // groups (flash-attn / repeat_kv convention).
-        q = q.reshape(n, q_len, c.num_kv_heads, groups, c.head_dim)
-        k = k.reshape(n, s, c.num_kv_heads, c.head_dim)
-        v = v.reshape(n, s, c.num_kv_heads, c.head_dim)
-        scores = jnp.einsum("nqkgh,nskh->nkgqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (c.head_dim**-0.5)
+        nkv, hd = c.num_kv_heads, c.head_dim
+        # Batch dims leading ([n, kv, g*q, hd] x [n, kv, s, hd]): plain batched matmuls on CPU.
+        q = q.reshape(n, q_len, nkv, groups, hd).transpose(0, 2, 3, 1, 4)
+        q = q.reshape(n, nkv, groups * q_len, hd)
+        k = k.reshape(n, s, nkv, hd).transpose(0, 2, 1, 3)
+        v = v.reshape(n, s, nkv, hd).transpose(0, 2, 1, 3)
+        scores = jnp.einsum("nkqh,nksh->nkqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (hd**-0.5)
         if kv_mask is not None:
             big_neg = jnp.finfo(jnp.float32).min
-            scores = jnp.where(kv_mask[:, None, None, None, :], scores, big_neg)
+            scores = jnp.where(kv_mask[:, None, None, :], scores, big_neg)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("nkgqs,nskh->nqkgh", probs, v, preferred_element_type=jnp.float32)
+        out = jnp.einsum("nkqs,nksh->nkqh", probs, v, preferred_element_type=jnp.float32)
+        out = out.reshape(n, nkv, groups, q_len, hd).transpose(0, 3, 1, 2, 4)
         out = out.reshape(n, q_len, c.n_heads * c.head_dim).astype(self.dtype)
         return _dense(latents.shape[-1], "o_proj", self.dtype)(out)
 
