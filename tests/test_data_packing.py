@@ -1,7 +1,6 @@
 """Packing: segment isolation through the real decoder, per-context adapters via adapter_index,
 and per-context-averaged losses on packed rows equal to the unpacked computation."""
 
-import math
 import random
 
 import jax
@@ -9,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hyperlora_jax.data import packing
+from hyperlora_jax.data import chat, packing
 from hyperlora_jax.lora.adapter import Adapter
 from hyperlora_jax.models.config import ModelConfig
 from hyperlora_jax.models.transformer import forward, init_params
@@ -225,7 +224,7 @@ def test_chunk_sampling_rule():
     assert abs(counts[1] / 4000 - 0.5 / 0.75) < 0.03
     # ceil(n / max_len) is the floor
     assert packing.sample_num_chunks(1100, rng, probs, 512, 25) >= 3
-    chunks = packing.split_ctx_ids(list(range(10)), 3, prefix=[-1], suffix=[-2])
+    chunks = chat.slice_into_chunks(list(range(10)), 3, prefix=[-1], suffix=[-2])
     assert chunks == [[0, 1, 2, 3, -2], [-1, 4, 5, 6, 7, -2], [-1, 8, 9]]
 
 
@@ -239,14 +238,3 @@ def test_split_qas_official_rule():
     assert [[x[0] for x in it["input_ids"]] for it in out] == [[1, 3], [4]]
     out = packing.split_qas(item, max_qas_len=-1, max_qas_per_sample=1)
     assert len(out) == 4 and all(it["ctx_chunks"] == [[1]] for it in out)
-
-
-def test_split_matches_chat_eval_rule():
-    from hyperlora_jax.data import chat
-
-    ids = list(range(103))
-    for max_len in (10, 25, 60, 200):
-        n = math.ceil(len(ids) / max_len)
-        assert packing.split_ctx_ids(ids, n, [-1], [-2]) == chat.split_ctx_ids(
-            ids, max_len, [-1], [-2]
-        )

@@ -124,19 +124,26 @@ def split_ctx_ids(
     prefix: Sequence[int],
     suffix: Sequence[int],
 ) -> list[list[int]]:
-    """Equal contiguous slices of the templated ids, re-wrapped with the affixes.
-
-    First chunk + suffix, middle chunks prefix + . + suffix, last chunk prefix + . (the first and
-    last already carry the document's own header / trailer).
-    """
+    """The official eval split: ceil(len / max_chunk_len) chunks (see `slice_into_chunks`)."""
     ids = list(ids)
     if not ids:
         raise InputError("cannot split an empty token sequence")
-    n = num_chunks(len(ids), max_chunk_len)
-    if n == 1:
+    return slice_into_chunks(ids, num_chunks(len(ids), max_chunk_len), prefix, suffix)
+
+
+def slice_into_chunks(
+    ids: Sequence[int], n_chunks: int, prefix: Sequence[int], suffix: Sequence[int]
+) -> list[list[int]]:
+    """Official `split_too_long_ctx` slicing: equal contiguous slices of ceil(n/k) templated ids,
+    re-wrapped so each is a chat turn: first + suffix, middle prefix + . + suffix, last prefix + .
+    (the first and last already carry the document's own header / trailer)."""
+    ids = list(ids)
+    if n_chunks <= 1:
         return [ids]
-    step = math.ceil(len(ids) / n)
+    step = math.ceil(len(ids) / n_chunks)
     chunks = [ids[i : i + step] for i in range(0, len(ids), step)]
+    if len(chunks) == 1:
+        return chunks
     out = [chunks[0] + list(suffix)]
     out += [list(prefix) + c + list(suffix) for c in chunks[1:-1]]
     out.append(list(prefix) + chunks[-1])

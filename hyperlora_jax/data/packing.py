@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hyperlora_jax.data.chat import slice_into_chunks
 from hyperlora_jax.errors import ConfigError, InputError
 
 IGNORE_INDEX = -100
@@ -54,31 +55,6 @@ def sample_num_chunks(
     return rng.choices(list(cands), weights=list(cands.values()), k=1)[0]
 
 
-# chat.split_ctx_ids is the eval rule (count = ceil(n / max_chunk_len)); this is the same slicing
-# for an explicit, e.g. sampled, count.
-def split_ctx_ids(
-    ctx_ids: Sequence[int],
-    n_chunks: int,
-    prefix: Sequence[int],
-    suffix: Sequence[int],
-) -> list[list[int]]:
-    """Official `split_too_long_ctx` slicing: equal slices of ceil(n/k) templated ids, re-wrapped
-    so each is a chat turn (first +suffix, middle prefix+..+suffix, last prefix+..)."""
-    ctx_ids = list(ctx_ids)
-    n_chunks = max(1, n_chunks)
-    if n_chunks == 1:
-        return [ctx_ids]
-    avg = math.ceil(len(ctx_ids) / n_chunks)
-    chunks = [ctx_ids[i : i + avg] for i in range(0, len(ctx_ids), avg)]
-    if len(chunks) == 1:
-        return chunks
-    chunks[0] = chunks[0] + list(suffix)
-    for i in range(1, len(chunks) - 1):
-        chunks[i] = list(prefix) + chunks[i] + list(suffix)
-    chunks[-1] = list(prefix) + chunks[-1]
-    return chunks
-
-
 def chunk_context(
     ctx_ids: Sequence[int],
     *,
@@ -99,7 +75,7 @@ def chunk_context(
         k = sample_num_chunks(n, rng, num_chunk_probs, max_chunk_len, min_chunk_len)
     else:
         k = math.ceil(n / max_chunk_len)
-    return split_ctx_ids(ctx_ids, k, prefix, suffix)
+    return slice_into_chunks(ctx_ids, k, prefix, suffix)
 
 
 # ----------------------------------------------------------------------------- items
