@@ -175,7 +175,8 @@ def fetch_model(name_or_path: str, dest: str | os.PathLike | None = None) -> Pat
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # One process converts at a time (parallel test workers, notebooks); the others then find it.
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
+    lock_name = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"hyperlora_fetch_{lock_name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / DONE_FILE).exists():
             return target
