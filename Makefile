@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q -n 2 --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=25 $(PYTEST_ARGS)
 
 demo: install
 	$(PY) -m hyperlora_jax.cli demo
