@@ -6,6 +6,7 @@ Official setups (reference/d2l.md §1, §3.4) and CPU-scale ones:
   mistral7b_qa     l2l, 9 blocks (574.2M)          qwen3_4b_qa   l2l, 9 blocks (421.0M)
   smollm2_qa       SmolLM2-135M-Instruct, l2l, latent 32, 2 blocks (6.04M params, 24.2 MB f32)
   smollm2_niah     SmolLM2-135M-Instruct, early exit, 240 latents, latent 32 (6.06M, 24.2 MB)
+  smollm2_embedded smollm2_niah trained on NIAH + fact documents (the shipped default)
   tiny             random 2-layer base, latent 16, 1 block (tests, seconds on a CPU)
 
 Launch (trainer helper consumes `train`):
@@ -224,6 +225,11 @@ def smollm2_niah() -> mlc.ConfigDict:
         loss="ce",
         l1_coef=1.5,
         neftune_alpha=0.0,
+        steps=200,
+        warmup_steps=20,
+        save_every=20,
+        max_packed_inp_len=256,  # ~6 NIAH queries of ~40 tokens per row
+        max_contexts_per_pack=8,
         max_ctx_chunk_len=256,
         min_ctx_chunk_len=25,
         num_chunk_probs=NUM_CHUNK_PROBS,
@@ -238,6 +244,17 @@ def smollm2_niah() -> mlc.ConfigDict:
         compute_dtype="float32",
     )
     c.eval.max_ctx_chunk_len = 256
+    return c
+
+
+def smollm2_embedded() -> mlc.ConfigDict:
+    """The shipped default: smollm2_niah's hypernetwork trained in one CE run on NIAH records
+    mixed with synthetic fact documents (gold answers; see hyperlora_jax/checkpoints/README)."""
+    c = smollm2_niah()
+    c.name = "smollm2_embedded"
+    c.train.update(
+        dict(steps=130, learning_rate=8e-4, max_packed_inp_len=384, max_qas_per_pack=32)
+    )
     return c
 
 
@@ -276,6 +293,7 @@ PRESETS = {
         qwen3_4b_qa,
         smollm2_qa,
         smollm2_niah,
+        smollm2_embedded,
         tiny,
     )
 }

@@ -4,7 +4,8 @@
     hyperlora-jax train --config configs/t2l.py:llama8b_sft      # Llama-3.1-8B SFT (L, 512/2048)
     hyperlora-jax train --config configs/t2l.py:gemma2_2b_sft    # gemma-2-2b SFT (L, 512/2048)
     hyperlora-jax train --config configs/t2l.py:mistral7b_recon  # reconstruction (M head)
-    hyperlora-jax train --config configs/t2l.py:smollm2_sft      # CPU: SmolLM2-135M + MiniLM
+    hyperlora-jax train --config configs/t2l.py:smollm2_sft \
+        --data SUITE --base_model DIR                     # CPU: SmolLM2-135M + MiniLM (PyPI)
     hyperlora-jax train --config configs/t2l.py:smollm2_recon    # CPU: recon (M head)
     hyperlora-jax train --config configs/t2l.py:tiny             # seconds on CPU, for tests
 

@@ -16,7 +16,7 @@ COMMAND_MODULES = (
     "hyperlora_jax.hypernet.text_to_lora_cli",  # generate-adapter
     "hyperlora_jax.convert.cli",  # convert official-d2l | official-t2l
     "hyperlora_jax.data.cli",  # data niah | selfgen | ...
-    "hyperlora_jax.train.cli",  # train, plan
+    "hyperlora_jax.train.cli",  # train, plan, export-run
     "hyperlora_jax.eval.cli",  # eval d2l | t2l
     "hyperlora_jax.demo",  # demo
 )

@@ -133,3 +133,16 @@ def test_bad_inputs_raise():
         generate({}, None, [[1]], max_new_tokens=0)
     with pytest.raises(InputError, match="tokenizer"):
         generate({}, None, ["hello"], max_new_tokens=2)
+
+
+def test_logits_at_positions_equal_the_full_logits_rows(tiny):
+    from hyperlora_jax.models.transformer import forward
+
+    _, cfg, params = tiny
+    ids, seg = left_pad(PROMPTS, PAD)
+    full = forward(params, cfg, ids, segment_ids=seg).logits
+    at = np.array([[6, 2], [6, 5], [3, 4]])
+    part = forward(params, cfg, ids, segment_ids=seg, logits_at=at).logits
+    np.testing.assert_allclose(
+        part, np.take_along_axis(np.asarray(full), at[..., None], 1), rtol=1e-5, atol=1e-5
+    )

@@ -1,11 +1,12 @@
 """Stage trackers measure real time and memory; plots are non-empty PNGs with labelled axes."""
 
+import json
 import time
 
 import jax.numpy as jnp
 import numpy as np
 
-from hyperlora_jax.eval.plots import plot_accuracy_vs_length, plot_memory_vs_length
+from hyperlora_jax.eval.plots import plot_accuracy_vs_length, plot_loss_curve, plot_memory_vs_length
 from hyperlora_jax.eval.trackers import StageTracker
 
 
@@ -52,3 +53,9 @@ def test_plots_write_labelled_pngs(tmp_path):
     p2 = tmp_path / "mem.png"
     fig = plot_memory_vs_length({"KV cache": ([1024, 4096], [49.5, 191.0])}, p2)
     _check_png(p2, fig, "context length (tokens)", "memory (MiB)")
+    p3 = tmp_path / "loss.png"
+    rows = [{"step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 21)] + [{"step": 20, "loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = plot_loss_curve(tmp_path / "metrics.jsonl", p3)
+    _check_png(p3, fig, "step", "loss")
+    assert fig.axes[0].lines[0].get_ydata()[-1] == 1.0  # a resumed run's row wins

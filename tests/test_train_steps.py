@@ -1,6 +1,6 @@
-"""Pieces of the pure training steps: chunk composition equals the official combine_lora order
-(hypernet/doc_to_lora.compose), packed-context gathering, gradient accumulation equals one big
-batch, and the frozen base params receive no update."""
+"""Pieces of the pure training steps: the packed student with masked chunk LoRAs equals the
+official combine_lora composition (hypernet/doc_to_lora.compose), packed-context gathering,
+gradient accumulation equals one big batch, and the frozen base params receive no update."""
 
 import jax
 import jax.numpy as jnp
@@ -13,27 +13,79 @@ from hyperlora_jax.train import steps as S
 RNG = np.random.default_rng(0)
 
 
-def test_compose_chunks_matches_combine_lora():
-    L, r, di, do = 2, 3, 5, 4  # noqa: N806
-    n_chunks = [2, 1]
-    a = {"down_proj": RNG.normal(size=(3, L, r, di)).astype(np.float32)}
-    b = {"down_proj": RNG.normal(size=(3, L, r, do)).astype(np.float32)}
-    bias = ({"down_proj": RNG.normal(size=(L, r, di))}, {"down_proj": RNG.normal(size=(L, r, do))})
-    want = compose(a, b, n_chunks, 2.0, bias=bias)
-    # same chunks, in fixed slots: 4 chunk slots (last unused), 3 context slots (last unused)
-    pad = lambda x: np.concatenate([x, 7 + np.zeros_like(x[:1])])  # noqa: E731
-    ca, cb = S.compose_chunks(
-        {"down_proj": pad(a["down_proj"])},
-        {"down_proj": pad(b["down_proj"])},
-        *bias,
-        np.array([0, 0, 1, -1]),
-        np.array([0, 1, 0, 0]),
-        np.array([2, 1, 0]),
-        2,
+def test_packed_d2l_student_equals_inference_composition():
+    """The training step's masked chunk LoRAs on a packed row give the same student logits as
+    inference: each chunk encoded alone, LoRAs composed in the official combine_lora order
+    (hypernet/doc_to_lora.compose), each context's query run alone with its adapter."""
+    from hyperlora_jax.data import packing
+    from hyperlora_jax.hypernet.d2l import D2LConfig, bias_lora
+    from hyperlora_jax.hypernet.d2l import init_params as d2l_init
+    from hyperlora_jax.hypernet.doc_to_lora import chunk_loras, pad_chunks
+    from hyperlora_jax.models import transformer
+    from hyperlora_jax.models.config import ModelConfig
+
+    cfg = ModelConfig(
+        family="llama",
+        vocab_size=48,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
     )
-    np.testing.assert_allclose(ca["down_proj"][:2], want.a["down_proj"], rtol=1e-6)
-    np.testing.assert_allclose(cb["down_proj"][:2], want.b["down_proj"], rtol=1e-6)
-    assert not np.any(ca["down_proj"][2]) and not np.any(cb["down_proj"][2])
+    base = transformer.init_params(cfg, jax.random.key(0))
+    hcfg = D2LConfig.for_base(
+        cfg,
+        latent_size=16,
+        n_latent_queries=4,
+        num_blocks=1,
+        lora_r=2,
+        ctx_encoder_type="early_exit",
+        early_exit_layer=1,
+    )
+    hyper = d2l_init(hcfg, jax.random.key(1))
+    # the bias LoRA starts at zero: give it values so its once-per-context use is checked too
+    hyper = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.05 if "bias" in jax.tree_util.keystr(p).lower() else x, hyper
+    )
+    tok = lambda n: [int(x) for x in RNG.integers(3, 48, size=n)]  # noqa: E731
+    items = [  # context 0: two chunks, context 1: one chunk; two queries for context 0
+        {
+            "ctx_chunks": [tok(5), tok(3)],
+            "input_ids": [tok(4), tok(6)],
+            "labels": [[-100, -100, 7, 8], [-100] * 5 + [9]],
+        },
+        {"ctx_chunks": [tok(4)], "input_ids": [tok(5)], "labels": [[-100] * 4 + [5]]},
+    ]
+    pc = packing.PackConfig(
+        max_inp_len=20, max_ctx_len=16, max_contexts=3, max_chunks=4, max_qas=4, top_k=0
+    )
+    row = {k: jnp.asarray(v)[None] for k, v in packing.pack_row(items, pc).items()}
+    loss = S.make_d2l_loss(hcfg, cfg, objective="ce", max_chunk_len=8)
+    adapter, weights = loss.adapter_fn(hyper, base, row)
+    got = transformer.forward(
+        base,
+        cfg,
+        row["input_ids"],
+        segment_ids=row["segment_ids"],
+        positions=row["positions"],
+        adapter=adapter,
+        adapter_index=weights,
+    ).logits[0]
+
+    t = 0
+    for it in items:
+        toks, mask = pad_chunks(it["ctx_chunks"])
+        a, b = chunk_loras(hyper, base, toks, mask, cfg=hcfg, ctx_config=cfg)
+        ad = compose(a, b, [len(it["ctx_chunks"])], hcfg.lora_alpha, bias=bias_lora(hyper, hcfg))
+        for ids in it["input_ids"]:
+            want = transformer.forward(base, cfg, jnp.asarray([ids]), adapter=ad).logits[0]
+            np.testing.assert_allclose(got[t : t + len(ids)], want, rtol=1e-4, atol=1e-5)
+            t += len(ids)
+    # the adapters matter: without them the logits differ
+    plain = transformer.forward(base, cfg, jnp.asarray([items[1]["input_ids"][0]])).logits[0]
+    assert not np.allclose(got[t - 5 : t], plain, atol=1e-4)
 
 
 def test_gather_chunks_unpacks_packed_context():

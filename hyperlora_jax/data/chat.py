@@ -44,12 +44,18 @@ CTX_AFFIXES: dict[str, dict[str, list[int]]] = {
 def template_kind(tokenizer: Any = None, family: str | None = None) -> str:
     """The chat template kind: from the tokenizer's special tokens, else from the model family."""
     if tokenizer is not None:
-        vocab = tokenizer.get_vocab()
-        if "<start_of_turn>" in vocab:
+        # token lookups, not get_vocab(): that builds the whole vocabulary dict on every call
+        unk = tokenizer.unk_token_id
+
+        def has(tok: str) -> bool:
+            i = tokenizer.convert_tokens_to_ids(tok)
+            return i is not None and i != unk
+
+        if has("<start_of_turn>"):
             return "gemma"
-        if "<|im_start|>" in vocab:
+        if has("<|im_start|>"):
             return "chatml"
-        if "[INST]" in vocab or "▁[INST]" in vocab:
+        if has("[INST]") or has("▁[INST]"):
             return "mistral"
     if family is not None:
         if family not in FAMILY_TEMPLATE:

@@ -1,4 +1,4 @@
-"""`hyperlora-jax data niah | selfgen | inspect`: build datasets on disk."""
+"""`hyperlora-jax data niah | selfgen | facts | task-suite | inspect`: datasets on disk."""
 
 from __future__ import annotations
 
@@ -73,6 +73,25 @@ def register(subparsers) -> None:
     s.add_argument("--limit", type=int, default=None, help="use only the first N documents")
     s.add_argument("--on-error", default="raise", choices=("raise", "skip"))
     s.set_defaults(func=_selfgen)
+
+    f = sub.add_parser("facts", help="synthetic fact documents (training docs + held-out QA)")
+    f.add_argument("--out", required=True, help="output folder")
+    f.add_argument("--n-train", type=int, default=2000, help="training documents")
+    f.add_argument("--n-test", type=int, default=100, help="held-out test documents")
+    f.add_argument("--qa-per-doc", type=int, default=2, help="held-out questions per document")
+    f.add_argument("--train-qa-per-doc", type=int, default=3, help="questions per training doc")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=_facts)
+
+    ts = sub.add_parser(
+        "task-suite", help="the synthetic T2L task suite in the Lots-of-LoRAs layout"
+    )
+    ts.add_argument("--out", required=True, help="output folder (one sub-folder per task)")
+    ts.add_argument("--n-train", type=int, default=400, help="training examples per task")
+    ts.add_argument("--n-valid", type=int, default=50)
+    ts.add_argument("--n-test", type=int, default=100)
+    ts.add_argument("--seed", type=int, default=0)
+    ts.set_defaults(func=_task_suite)
 
     i = sub.add_parser("inspect", help="count and size of a dataset file or folder")
     i.add_argument("path")
@@ -189,6 +208,46 @@ def _selfgen(args: argparse.Namespace) -> int:
         out=str(out),
     )
     print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _facts(args: argparse.Namespace) -> int:
+    """train_docs.jsonl (context / prompts / responses: gold-answer training rows, or input to
+    `data selfgen --text-field context --questions-field prompts`),
+    val.jsonl / test.jsonl (plain QA rows for `eval d2l --qa ... --qa-format plain`)."""
+    from hyperlora_jax.data import facts, storage
+    from hyperlora_jax.eval.qa import QA_INSTRUCTION
+
+    out = Path(args.out)
+    train = facts.generate_fact_documents(args.n_train, "train", args.seed)
+    counts = {
+        "train_docs": storage.write_records(
+            out / "train_docs.jsonl",
+            facts.training_records(train, args.seed, QA_INSTRUCTION, args.train_qa_per_doc),
+        )
+    }
+    for split in ("val", "test"):
+        docs = facts.generate_fact_documents(args.n_test, split, args.seed)
+        rows = facts.qa_records(docs, args.seed, args.qa_per_doc)
+        counts[split] = storage.write_records(out / f"{split}.jsonl", rows)
+    print(json.dumps(counts, indent=2))
+    return 0
+
+
+def _task_suite(args: argparse.Namespace) -> int:
+    from hyperlora_jax.data import task_suite
+
+    out = task_suite.write_suite(args.out, args.n_train, args.n_valid, args.n_test, args.seed)
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "train_tasks": len(task_suite.train_tasks()),
+                "held_out_tasks": len(task_suite.held_out_tasks()),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -246,3 +246,36 @@ def generate_fact_documents(
         first, last = names[i % len(names)]
         docs.append(KINDS[kinds[i % len(kinds)]](rng, first, last))
     return docs
+
+
+def training_records(
+    docs: list[FactDocument], seed: int = 0, instruction: str = "{input}", per_doc: int = 3
+) -> list[dict]:
+    """Training rows {context, prompts, responses}: `per_doc` random facts per document, one
+    random paraphrase each, wrapped in `instruction` (use the evaluation's QA wording so training
+    and evaluation ask alike). Gold-answer CE trains on them directly (`train --data`);
+    `data selfgen --text-field context --questions-field prompts` adds teacher log-probs."""
+    rng = random.Random(f"questions-{seed}")
+    out = []
+    for d in docs:
+        qas = rng.sample(d.qas, min(per_doc, len(d.qas)))
+        out.append(
+            {
+                "context": d.text,
+                "kind": d.kind,
+                "prompts": [instruction.format(input=rng.choice(qa.questions)) for qa in qas],
+                "responses": [qa.answer for qa in qas],
+            }
+        )
+    return out
+
+
+def qa_records(docs: list[FactDocument], seed: int = 0, per_doc: int = 2) -> list[dict]:
+    """Evaluation rows in the `plain` QA format (context / question / answers)."""
+    rng = random.Random(f"qa-{seed}")
+    out = []
+    for d in docs:
+        for qa in rng.sample(d.qas, min(per_doc, len(d.qas))):
+            q = rng.choice(qa.questions)
+            out.append({"context": d.text, "question": q, "answers": [qa.answer], "kind": d.kind})
+    return out

@@ -328,26 +328,32 @@ def make_jax_topk(
     dtype = dtype or jnp.float32
 
     @jax.jit
-    def run(p, tokens, seg):  # params as an argument: never baked into the program as constants
-        logits = forward(p, config, tokens, segment_ids=seg, dtype=dtype).logits
+    def run(p, tokens, seg, at):  # params as an argument: never baked into the program as constants
+        logits = forward(p, config, tokens, segment_ids=seg, dtype=dtype, logits_at=at).logits
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         return jax.lax.top_k(logp, k)
+
+    def bucket(n: int) -> int:  # padded sizes: few compiled shapes
+        return -(-n // 64) * 64
 
     def topk(seqs: list[list[int]], n_prompt: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         res = []
         for s in range(0, len(seqs), batch_size):
             chunk = seqs[s : s + batch_size]
-            t = max(len(x) for x in chunk)
-            t = -(-t // 64) * 64  # bucket lengths: fewer compiles
-            tok = np.zeros((len(chunk), t), np.int32)
-            seg = np.zeros((len(chunk), t), np.int32)
-            for i, x in enumerate(chunk):
+            spans = [(n_prompt[s + i] - 1, len(x) - 1) for i, x in enumerate(chunk)]
+            t = bucket(max(len(x) for x in chunk))
+            r = bucket(max(e - b for b, e in spans))
+            # the batch padded to batch_size too, so the last partial batch does not recompile
+            tok = np.zeros((batch_size, t), np.int32)
+            seg = np.zeros((batch_size, t), np.int32)
+            at = np.zeros((batch_size, r), np.int32)
+            for i, (x, (b, e)) in enumerate(zip(chunk, spans)):
                 tok[i, : len(x)] = x
                 seg[i, : len(x)] = 1
-            vals, idx = (np.asarray(a) for a in run(params, tok, seg))
-            for i, x in enumerate(chunk):
-                p = n_prompt[s + i]
-                res.append((vals[i, p - 1 : len(x) - 1], idx[i, p - 1 : len(x) - 1]))
+                at[i, : e - b] = np.arange(b, e)  # the positions predicting response tokens
+            vals, idx = (np.asarray(a) for a in run(params, tok, seg, at))
+            for i, (b, e) in enumerate(spans):
+                res.append((vals[i, : e - b], idx[i, : e - b]))
         return res
 
     return topk

@@ -101,10 +101,9 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarra
 
 def _response_logits(params, config, ids, seg, start, r: int, adapter=None):
     """Logits predicting the response tokens: positions start-1 .. start+r-2 -> [N, r, V]."""
-    logits = transformer.forward(params, config, ids, segment_ids=seg, adapter=adapter).logits
-    pos = start[:, None] - 1 + jnp.arange(r)[None, :]
-    pos = jnp.clip(pos, 0, ids.shape[1] - 1)
-    return jnp.take_along_axis(logits, pos[..., None], axis=1)
+    pos = jnp.clip(start[:, None] - 1 + jnp.arange(r)[None, :], 0, ids.shape[1] - 1)
+    fwd = transformer.forward(params, config, ids, segment_ids=seg, adapter=adapter, logits_at=pos)
+    return fwd.logits
 
 
 def teacher_topk(
@@ -117,11 +116,9 @@ def teacher_topk(
 
     @jax.jit
     def run(ids, seg, start):
-        logits = transformer.forward(params, config, ids, segment_ids=seg).logits.astype(
-            jnp.float32
-        )
         pos = jnp.clip(start[:, None] - 1 + jnp.arange(r)[None, :], 0, ids.shape[1] - 1)
-        z = jnp.take_along_axis(logits, pos[..., None], axis=1)
+        fwd = transformer.forward(params, config, ids, segment_ids=seg, logits_at=pos)
+        z = fwd.logits.astype(jnp.float32)
         vals, idx = jax.lax.top_k(z, k)
         return vals - jax.nn.logsumexp(z, axis=-1, keepdims=True), idx
 

@@ -168,7 +168,7 @@ def d2l_markdown(result: dict) -> str:
         key=lambda b: (float(b.split("-")[0]), b),
     )
     lines = [
-        f"# D2L evaluation ({result['metric']})",
+        f"# D2L evaluation ({result['metric']} / exact match)",
         "",
         f"data: `{result['data']}`; base: `{result['base_model']}`",
         "",
@@ -179,9 +179,14 @@ def d2l_markdown(result: dict) -> str:
         cells = []
         for m in methods:
             e = summ[m].get("bins", {}).get(b)
-            cells.append(f"{e['score']:.3f} (n={e['count']})" if e else "")
+            if not e:
+                cells.append("")
+                continue
+            em = f" / {e['exact_match']:.3f}" if "exact_match" in e else ""
+            cells.append(f"{e['score']:.3f}{em} (n={e['count']})")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    lines.append("| **overall** | " + " | ".join(f"{summ[m]['score']:.3f}" for m in methods) + " |")
+    overall = [f"{summ[m]['score']:.3f} / {summ[m].get('exact_match', 0.0):.3f}" for m in methods]
+    lines.append("| **overall** | " + " | ".join(overall) + " |")
     lines += ["", "| method | mean adapter MiB | mean KV-cache MiB |", "|---|---|---|"]
     for m in methods:
         a, k = summ[m].get("mean_adapter_bytes"), summ[m].get("mean_kv_cache_bytes")

@@ -1,4 +1,4 @@
-"""PNG plots of evaluation results: accuracy vs context length, memory vs context length."""
+"""PNG plots: accuracy vs context length, memory vs context length, training loss curves."""
 
 from __future__ import annotations
 
@@ -65,3 +65,19 @@ def plot_memory_vs_length(
 ):
     """One line per quantity: {name: (context_tokens, MiB)}, e.g. KV cache vs adapter bytes."""
     return _line_plot(series, path, "context length (tokens)", "memory (MiB)", title)
+
+
+def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path, title: str = "Training loss"):
+    """The trainer's metrics.jsonl -> loss per step (raw and a 10-step moving average)."""
+    import json
+
+    rows = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
+    by_step = {r["step"]: r["loss"] for r in rows if "loss" in r}  # a resumed run's rows win
+    steps = sorted(by_step)
+    loss = [by_step[s] for s in steps]
+    avg = [
+        sum(loss[max(0, i - 9) : i + 1]) / len(loss[max(0, i - 9) : i + 1])
+        for i in range(len(loss))
+    ]
+    series = {"loss": (steps, loss), "10-step mean": (steps, avg)}
+    return _line_plot(series, path, "step", "loss", title, logx=False)

@@ -283,6 +283,7 @@ class D2LEvaluator:
         else:
             raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         rec["score"] = score(ex, rec["output"])
+        rec["exact_match"] = metrics.exact_match(rec["output"], ex.answers)
         return rec
 
     def doc_tokens(self, context: str) -> int:
@@ -324,6 +325,8 @@ def summarize(records: Sequence[dict[str, Any]], by_bin: bool = True) -> dict[st
     for m in dict.fromkeys(r["method"] for r in records):
         rs = [r for r in records if r["method"] == m]
         entry: dict[str, Any] = {"score": float(np.mean([r["score"] for r in rs])), "n": len(rs)}
+        if all("exact_match" in r for r in rs):
+            entry["exact_match"] = float(np.mean([r["exact_match"] for r in rs]))
         if by_bin:
             if all(r.get("bin") for r in rs):
                 bins: dict[str, list] = {}
@@ -332,6 +335,7 @@ def summarize(records: Sequence[dict[str, Any]], by_bin: bool = True) -> dict[st
                 entry["bins"] = {
                     b: {
                         "score": float(np.mean([r["score"] for r in v])),
+                        "exact_match": float(np.mean([r.get("exact_match", 0.0) for r in v])),
                         "count": len(v),
                         "mean_length": float(np.mean([r["length"] for r in v])),
                     }

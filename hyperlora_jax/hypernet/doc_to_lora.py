@@ -214,6 +214,11 @@ def _resolve_model(given, name: str | None, roots: Sequence[Path], what: str):
     cands = [Path(name)] + [r / name for r in roots]
     found = next((c for c in cands if (c / "config.json").is_file()), None)
     if found is None:
+        from hyperlora_jax.models.fetch import HUB_ALIASES, KNOWN_MODELS, fetch_model
+
+        if name in KNOWN_MODELS or name in HUB_ALIASES:  # obtainable offline: fetch it
+            found = fetch_model(name)
+    if found is None:
         raise ConfigError(
             f"{what} {name!r} named by the checkpoint is not a local folder; download it "
             "(hyperlora-jax fetch-model) and pass it explicitly"

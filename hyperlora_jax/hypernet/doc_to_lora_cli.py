@@ -14,8 +14,9 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--hypernet",
-        required=True,
-        help="our D2L checkpoint folder or an official pytorch_model.bin",
+        default=None,
+        help="our D2L checkpoint folder or an official pytorch_model.bin (default: the shipped "
+        "SmolLM2-135M-Instruct hypernetwork)",
     )
     p.add_argument(
         "--base-model",
@@ -60,6 +61,9 @@ def _internalize(args) -> int:
             raise InputError(f"{p} is not UTF-8 text ({e})") from e
         if not texts[-1].strip():
             raise InputError(f"document {p} is empty; give it some text")
+    from hyperlora_jax.demo import EMBEDDED_D2L
+
+    args.hypernet = args.hypernet or str(EMBEDDED_D2L)
     d2l = DocToLoRA.from_checkpoint(args.hypernet, base_model=args.base_model)
     adapter = d2l.internalize(
         texts[0] if len(texts) == 1 else texts, args.chunk_size, iterative=args.iterative

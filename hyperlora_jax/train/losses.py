@@ -101,6 +101,8 @@ def adapter_l1_sum(
     included, like the official code); padding contexts are dropped with `ctx_valid` [N]. The
     official batch is padded to its own largest rank; when ours is padded further (static
     shapes), pass that batch rank as `rank` so the mean has the official denominator.
+    `ctx_valid` may also count how often each factor occurs in the composed adapters (a shared
+    bias LoRA once per context).
     Divide by the number of contexts of the (accumulated) batch.
     """
     total = jnp.zeros((), f32)

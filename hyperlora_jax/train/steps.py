@@ -162,28 +162,6 @@ def optax_count(opt_state) -> jax.Array:
 # teacher_pos [B, T] (teacher position of the same response token).
 
 
-def compose_chunks(a, b, bias_a, bias_b, chunk_ctx, chunk_slot, n_chunks, max_chunks: int):
-    """Per-chunk factors [Nc, L, r, d] -> per-context [N, L, (max_chunks+1) r, d].
-
-    Context c gets [chunk_1; ...; chunk_K; bias; zeros] along the rank axis (official
-    combine_lora order; no 1/K scaling), with one-hot contractions (static shapes). chunk_ctx -1
-    marks unused chunk slots; n_chunks 0 marks unused contexts (no bias for them).
-    """
-    n = n_chunks.shape[0]
-    slots = max_chunks + 1
-    to_ctx = jax.nn.one_hot(chunk_ctx, n, dtype=jnp.float32)  # [Nc, N] (-1 -> zeros)
-    to_slot = jax.nn.one_hot(chunk_slot, slots, dtype=jnp.float32)  # [Nc, S]
-    bias_slot = jax.nn.one_hot(n_chunks, slots, dtype=jnp.float32) * (n_chunks > 0)[:, None]
-
-    def one(x, bias):
-        L, r, d = x.shape[1:]  # noqa: N806
-        y = jnp.einsum("jc,js,jlrd->clsrd", to_ctx, to_slot, x.astype(jnp.float32))
-        y = y + jnp.einsum("cs,lrd->clsrd", bias_slot, bias.astype(jnp.float32))
-        return y.reshape(n, L, slots * r, d)
-
-    return {m: one(a[m], bias_a[m]) for m in a}, {m: one(b[m], bias_b[m]) for m in b}
-
-
 def gather_chunks(feats: jax.Array, seg: jax.Array, num_chunks: int, chunk_len: int):
     """Packed context features -> one chunk per row.
 
@@ -222,7 +200,6 @@ def make_d2l_loss(
     l1_coef: float = 0.1,
     neftune_alpha: float = 0.0,
     max_chunk_len: int | None = None,
-    max_chunks_per_ctx: int | None = None,
     dtype=jnp.float32,
     hypernet_dtype=None,
     remat_policy: str | None = None,
@@ -233,8 +210,6 @@ def make_d2l_loss(
     "ce": gold-response CE (NIAH). Both: mean per QA, then per context, summed / n_contexts,
     plus l1_coef * L1 of the combined adapter (bias LoRA included), / n_contexts.
     max_chunk_len: longest chunk (static; default the packed context length).
-    max_chunks_per_ctx: rank slots per context (K; the adapter rank is (K+1) r); default the
-    row's chunk slots. Chunks beyond K are dropped, so K must cover the data's chunk counts.
     """
     from hyperlora_jax.errors import ConfigError
     from hyperlora_jax.hypernet.d2l import bias_lora, generate_chunk_loras
@@ -249,11 +224,15 @@ def make_d2l_loss(
     k_enc = encoder_layers(hcfg, base_cfg)
 
     def adapter_fn(params, base_params, batch):
-        """Generated per-context adapters [B * Cx, L, (C+1) r, d] and global adapter_index."""
+        """Per-row chunk adapters [B, C + 1, L, r, d] (slot C: the bias LoRA) and token weights
+        [B, T, C + 1] selecting the chunks of each token's context plus the bias.
+
+        Weighting the chunk LoRAs of a context by a 0/1 mask equals their official rank
+        concatenation (combine_lora), without materialising composed [.., (K+1) r, d] factors;
+        everything stays per row, so memory grows with the batch, not with its square."""
         seg_c = batch["ctx_segment_ids"]
         bsz, tc = seg_c.shape
         n_slots = batch["chunk_context"].shape[1]
-        n_ctx_slots = batch["n_ctx_chunks"].shape[1]
         hs = forward(
             base_params,
             base_cfg,
@@ -274,32 +253,29 @@ def make_d2l_loss(
         if not hcfg.use_bias:
             ba = jax.tree_util.tree_map(jnp.zeros_like, ba)
             bb = jax.tree_util.tree_map(jnp.zeros_like, bb)
-        # global chunk -> context numbering, and each chunk's rank slot inside its context
-        rows = jnp.arange(bsz)[:, None]
-        cc = batch["chunk_context"]
-        chunk_ctx = jnp.where(cc >= 0, cc + rows * n_ctx_slots, -1).reshape(-1)
-        nch = batch["n_ctx_chunks"]
-        first = jnp.cumsum(nch, axis=1) - nch  # first chunk number of each context
-        slot = jnp.arange(n_slots)[None] - jnp.take_along_axis(first, jnp.maximum(cc, 0), 1)
-        used = (cc >= 0).reshape(-1)
-        a = {m: jnp.where(used[:, None, None, None], x, 0) for m, x in a.items()}
-        b = {m: jnp.where(used[:, None, None, None], x, 0) for m, x in b.items()}
-        ca, cb = compose_chunks(
-            a,
-            b,
-            ba,
-            bb,
-            chunk_ctx,
-            jnp.maximum(slot, 0).reshape(-1),
-            nch.reshape(-1),
-            max_chunks_per_ctx or n_slots,
+
+        def with_bias(x, bias):  # [B * C, L, r, d] -> [B, C + 1, L, r, d]
+            x = x.reshape(bsz, n_slots, *x.shape[1:])
+            bias = jnp.broadcast_to(bias.astype(x.dtype), (bsz, 1, *bias.shape))
+            return jnp.concatenate([x, bias], axis=1)
+
+        adapter = Adapter(
+            {m: with_bias(x, ba[m]) for m, x in a.items()},
+            {m: with_bias(x, bb[m]) for m, x in b.items()},
+            float(hcfg.lora_alpha),
         )
-        adapter = Adapter(ca, cb, float(hcfg.lora_alpha))
-        return adapter, batch["adapter_index"] + rows * n_ctx_slots
+        # token t uses chunk c when c belongs to t's context; the bias when t has a context
+        ctx = batch["adapter_index"]  # [B, T] context slot of each query token
+        cc = batch["chunk_context"]  # [B, C] context slot of each chunk (-1 unused)
+        has_ctx = jnp.take_along_axis(batch["n_ctx_chunks"], jnp.maximum(ctx, 0), 1) > 0
+        has_ctx = has_ctx & (ctx >= 0) & (batch["segment_ids"] > 0)
+        chunk_w = (cc[:, None, :] == ctx[:, :, None]) & (cc[:, None, :] >= 0)
+        weights = jnp.concatenate([chunk_w & has_ctx[..., None], has_ctx[..., None]], axis=-1)
+        return adapter, weights.astype(jnp.float32)
 
     def loss_fn(params, base_params, batch, rng, num_ctx):
-        adapter, ad_index = adapter_fn(params, base_params, batch)
-        bsz = ad_index.shape[0]
+        adapter, weights = adapter_fn(params, base_params, batch)
+        bsz, n_ctx_slots = batch["n_ctx_chunks"].shape
         rows = jnp.arange(bsz)[:, None]
         n_chunks = batch["n_ctx_chunks"].reshape(-1)
         tokens = batch["input_ids"]
@@ -314,7 +290,7 @@ def make_d2l_loss(
             segment_ids=batch["segment_ids"],
             positions=batch["positions"],
             adapter=adapter,
-            adapter_index=ad_index,
+            adapter_index=weights,
             dtype=dtype,
             remat_policy=remat_policy,
             embeddings_noise=noise,
@@ -328,10 +304,14 @@ def make_d2l_loss(
             tok = losses.topk_distill_ce(logits, vals, idx)
         n_qa = batch["qa_context"].shape[1]
         qa_ids = losses.shift_targets(batch["qa_index"] + rows * n_qa)
-        ctx_ids = losses.shift_targets(ad_index)
+        ctx_ids = losses.shift_targets(batch["adapter_index"] + rows * n_ctx_slots)
         main = losses.per_context_loss_sum(tok, mask, qa_ids, ctx_ids, bsz * n_qa, n_chunks.size)
         rank = (jnp.max(n_chunks) + 1) * hcfg.lora_r
-        l1 = losses.adapter_l1_sum(adapter, n_chunks > 0, rank)
+        # L1 of the composed adapters: every used chunk once, the bias once per used context
+        n_ctx = jnp.sum(batch["n_ctx_chunks"] > 0, axis=1, keepdims=True)
+        counts = jnp.concatenate([batch["chunk_context"] >= 0, n_ctx], axis=1)
+        flat = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), adapter)
+        l1 = losses.adapter_l1_sum(flat, counts.reshape(-1), rank)
         main, l1 = main / num_ctx, l1 / num_ctx
         return main + l1_coef * l1, {"main_loss": main, "l1": l1}
 
