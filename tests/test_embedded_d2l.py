@@ -31,13 +31,13 @@ def _mean(recs, method, key):
 
 @pytest.mark.slow
 def test_niah_256_matches_the_model_card(setup):
-    """Exact match as in the card (n=16: +-0.2), and the trained behaviour the card describes:
+    """Exact match as in the card (n=10: +-0.2), and the trained behaviour the card describes:
     the adapter makes the model answer with a bare 4-digit number, which it never does alone."""
     from hyperlora_jax.eval import niah, qa
 
     config, params, tok, d2l, card = setup
     ev = qa.D2LEvaluator(params, config, tok, d2l, chunk_size=1024, max_new_tokens=8)
-    examples = niah.make_niah(tok, [(128, 256)], 16, seed=42)  # held-out (test) needles
+    examples = niah.make_niah(tok, [(128, 256)], 10, seed=42)  # held-out (test) needles
     recs = qa.run(ev, examples, ["d2l", "no_context"])
     em = _mean(recs, "d2l", "exact_match")
     four_digits = {
@@ -51,7 +51,9 @@ def test_niah_256_matches_the_model_card(setup):
         for m in ("d2l", "no_context")
     }
     want = card["niah_128_256_exact_match"]
-    print(f"NIAH 128-256 exact match {em:.3f} (card {want:.3f}); 4-digit answers {four_digits}")
+    print(
+        f"NIAH 128-256 exact match {em:.3f} (card {want:.3f}, n=10); 4-digit answers {four_digits}"
+    )
     assert abs(em - want) <= 0.2
     assert four_digits["d2l"] >= 0.9 and four_digits["no_context"] <= 0.1
 
@@ -62,7 +64,7 @@ def test_fact_qa_matches_the_model_card(setup, tmp_path):
     from hyperlora_jax.eval import qa
 
     config, params, tok, d2l, card = setup
-    rows = facts.qa_records(facts.generate_fact_documents(12, "test", seed=1), seed=1, per_doc=1)
+    rows = facts.qa_records(facts.generate_fact_documents(8, "test", seed=1), seed=1, per_doc=1)
     f = tmp_path / "facts.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ev = qa.D2LEvaluator(params, config, tok, d2l, chunk_size=1024, max_new_tokens=16)
@@ -73,7 +75,7 @@ def test_fact_qa_matches_the_model_card(setup, tmp_path):
         f"fact QA F1: d2l {d2l_f1:.3f} (card {card['facts_d2l_f1']:.3f}), none {none_f1:.3f}; "
         f"{words:.1f} words per adapter answer"
     )
-    assert abs(d2l_f1 - card["facts_d2l_f1"]) <= 0.25  # 12 questions
+    assert abs(d2l_f1 - card["facts_d2l_f1"]) <= 0.25  # 8 questions
     assert words <= 3  # short answers in the trained format (the base model writes sentences)
 
 

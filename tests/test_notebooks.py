@@ -89,7 +89,7 @@ def test_convert_official(tmp_path):
 
 def test_internalize_your_document(tmp_path):
     out, work = run_notebook("internalize_your_document.ipynb", tmp_path)
-    assert "randomly initialised" in out
+    assert "hypernetwork:" in out and "rank 8 LoRA" in out
     for label in ("no context", "D2L adapter", "doc in context"):
         assert label in out
     assert (work / "my_doc_adapter" / "adapter.safetensors").is_file()

@@ -45,10 +45,13 @@ def template_kind(tokenizer: Any = None, family: str | None = None) -> str:
     """The chat template kind: from the tokenizer's special tokens, else from the model family."""
     if tokenizer is not None:
         # token lookups, not get_vocab(): that builds the whole vocabulary dict on every call
-        unk = tokenizer.unk_token_id
+        convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+        unk = getattr(tokenizer, "unk_token_id", None)
 
         def has(tok: str) -> bool:
-            i = tokenizer.convert_tokens_to_ids(tok)
+            if convert is None:  # a minimal tokenizer: look in its vocabulary
+                return tok in tokenizer.get_vocab()
+            i = convert(tok)
             return i is not None and i != unk
 
         if has("<start_of_turn>"):
