@@ -6,7 +6,11 @@
     hyperlora-jax train --config configs/t2l.py:mistral7b_recon  # reconstruction (M head)
     hyperlora-jax train --config configs/t2l.py:smollm2_sft \
         --data SUITE --base_model DIR                     # CPU: SmolLM2-135M + MiniLM (PyPI)
-    hyperlora-jax train --config configs/t2l.py:smollm2_recon    # CPU: recon (M head)
+    hyperlora-jax train --config configs/t2l.py:smollm2_oracles \
+        --data SUITE --base_model DIR                     # CPU: one LoRA per suite task
+    hyperlora-jax train --config configs/t2l.py:smollm2_multitask ...  # CPU: one shared LoRA
+    hyperlora-jax train --config configs/t2l.py:smollm2_recon \
+        --config.train.oracle_library=LIB --data SUITE --base_model DIR  # recon (M head)
     hyperlora-jax train --config configs/t2l.py:tiny             # seconds on CPU, for tests
 
 Fields: `base_model` (a hyperlora_jax.models.config preset name, or "" with `base_model_config`
@@ -25,6 +29,8 @@ PRESETS = (
     "gemma2_2b_sft",
     "mistral7b_recon",
     "smollm2_sft",
+    "smollm2_oracles",
+    "smollm2_multitask",
     "smollm2_recon",
     "tiny",
 )
@@ -158,32 +164,50 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return _base(arg, "gemma-2-2b-it", 512, 2048, _sft_train(val_batch_size=32))
     if arg == "mistral7b_recon":
         return _base(arg, "mistral-7b-instruct-v0.2", 128, 512, _recon_train(), head="M")
-    if arg == "smollm2_sft":
-        return _base(
-            arg,
-            "smollm2-135m-instruct",
-            64,
-            256,
-            _sft_train(
-                lr=1e-4,
-                warmup_frac=0.05,
-                epochs=200,
-                n_train_ds=32,
-                n_descs_per_ds=16,
-                inp_max_len=256,
-                val_freq=200,
-                val_batch_size=8,
-                compute_dtype="float32",
-            ),
-            encoder=_MINILM,
+    if arg in ("smollm2_sft", "smollm2_oracles", "smollm2_multitask"):
+        # CPU scale (issue 10): the suite of `hyperlora-jax data task-suite`, short rows
+        # (<= 64 tokens, <= 32 response tokens), lr raised for a few hundred steps.
+        train = dict(
+            lr=5e-4,
+            warmup_frac=0.05,
+            steps=600,
+            n_tasks_per_batch=8,
+            n_descs_per_ds=128,
+            inp_max_len=64,
+            max_label_len=32,
+            val_freq=200,
+            val_batch_size=8,
+            compute_dtype="float32",
+            save_every=50,
+            log_every=10,
         )
+        if arg != "smollm2_sft":  # plain LoRA: no description, no hypernetwork penalties
+            train.update(
+                objective="lora",
+                lr=1e-3,
+                l2_reg_generated_w=0.0,
+                neftune_noise_alpha=0.0,
+                weight_decay=0.0,
+            )
+        if arg == "smollm2_oracles":  # one LoRA per suite task, held-out ones too (upper bound)
+            train.update(num_adapters=46, tasks="all", steps=400)
+        if arg == "smollm2_multitask":  # one LoRA for all training tasks
+            train.update(num_adapters=1, tasks="train", steps=200)
+        return _base(arg, "smollm2-135m-instruct", 64, 256, _sft_train(**train), encoder=_MINILM)
     if arg == "smollm2_recon":
         return _base(
             arg,
             "smollm2-135m-instruct",
             64,
             256,
-            _recon_train(epochs=100, n_train_ds=32, n_descs_per_ds=16),
+            _recon_train(
+                steps=500,
+                n_tasks_per_batch=8,
+                n_descs_per_ds=128,
+                save_every=100,
+                log_every=10,
+                oracle_library="",
+            ),
             head="M",
             encoder=_MINILM,
         )

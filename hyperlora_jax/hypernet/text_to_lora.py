@@ -22,14 +22,12 @@ import jax
 import numpy as np
 
 from hyperlora_jax.errors import CheckpointError, ConfigError, InputError
+from hyperlora_jax.hypernet import task_encoder
 from hyperlora_jax.hypernet.t2l import T2LConfig, generate_adapter
 from hyperlora_jax.hypernet.task_encoder import (
     GTE_RECIPE,
-    BaseLMEncoder,
-    BertSentenceEncoder,
     PrecomputedEncoder,
     TaskEncoder,
-    add_full_stop,
     check_descriptions,
 )
 from hyperlora_jax.lora.adapter import Adapter
@@ -173,18 +171,6 @@ def _check_params(config: T2LConfig, params: dict, path: Path) -> None:
         raise CheckpointError(f"{path}: param shapes differ from the config (got, want): {bad}")
 
 
-def _sentence_encoder(path: str | Path, spec: dict) -> BertSentenceEncoder:
-    """A BERT encoder with the checkpoint's pooling / normalisation / formatting (else the
-    folder's sentence-transformers defaults)."""
-    fmt = spec.get("format", "add_full_stop" if spec else None)
-    return BertSentenceEncoder(
-        path,
-        pooling=spec.get("pooling"),
-        normalization=spec.get("normalization"),
-        format_fn=add_full_stop if fmt == "add_full_stop" else None,
-    )
-
-
 @partial(jax.jit, static_argnums=(0, 4))
 def _generate(config, params, embs, constants, scale_mode):
     return generate_adapter(config, params, embs, constants, scale_mode)
@@ -232,18 +218,13 @@ class TextToLoRA:
         if isinstance(encoder, str | Path):
             p = Path(encoder)
             if p.is_dir():  # a local sentence encoder, used the way the checkpoint was trained
-                encoder = _sentence_encoder(
+                encoder = task_encoder.sentence_encoder(
                     p, spec if spec.get("kind") == "sentence_encoder" else {}
                 )
             else:
                 encoder = PrecomputedEncoder(p)
         elif encoder is None:
-            if spec.get("kind") == "precomputed" and spec.get("path"):
-                encoder = PrecomputedEncoder(spec["path"])
-            elif spec.get("kind") == "base_lm" and base_model is not None:
-                encoder = BaseLMEncoder(base_model, spec.get("normalization", "l2_sqrt_dim"))
-            elif spec.get("kind") == "sentence_encoder" and spec.get("path"):
-                encoder = _sentence_encoder(spec["path"], spec)
+            encoder = task_encoder.from_spec(spec, base_model, required=False)
         return cls(config, params, constants=constants, meta=meta, encoder=encoder)
 
     @property

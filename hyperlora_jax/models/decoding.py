@@ -89,8 +89,16 @@ def _generate(
     """Token ids [B, max_new_tokens]. stops: [S] stop ids (-1 = unused slot)."""
     b, t = tokens.shape
     cache = init_cache(config, b, t + max_new_tokens, dtype)
+    last = jnp.full((b, 1), t - 1, jnp.int32)  # prompts are left-padded: the LM head only there
     out = forward(
-        params, config, tokens, segment_ids=segment_ids, adapter=adapter, cache=cache, dtype=dtype
+        params,
+        config,
+        tokens,
+        segment_ids=segment_ids,
+        adapter=adapter,
+        cache=cache,
+        dtype=dtype,
+        logits_at=last,
     )
     key, sub = jax.random.split(key)
     tok = _sample(out.logits[:, -1], sub, temperature, top_p)

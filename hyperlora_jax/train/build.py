@@ -36,7 +36,7 @@ def _get(t, *names, default=None):
 @dataclasses.dataclass
 class HParams:
     kind: str  # "d2l" or "t2l"
-    objective: str  # d2l: distill | ce ; t2l: sft | recon
+    objective: str  # d2l: distill | ce ; t2l: sft | recon | lora (plain LoRA library)
     steps: int
     lr: float
     schedule: str
@@ -62,6 +62,8 @@ class HParams:
     max_qas: int = 64
     top_k: int = 16
     max_chunk_len: int | None = None  # longest chunk (default: the packed context length)
+    max_label_len: int | None = None  # T2L: LM head only at this many label positions per row
+    num_adapters: int = 1  # objective lora: adapters in the library (1 = one multi-task LoRA)
 
 
 def kind_of(config) -> str:
@@ -131,6 +133,8 @@ def hparams(config) -> HParams:
         max_qas=int(_get(t, "max_qas_per_pack", default=64)),
         top_k=int(_get(t, "top_k_teacher", default=16)),
         max_chunk_len=_chunk_len(t),
+        max_label_len=int(_get(t, "max_label_len", default=0)) or None,
+        num_adapters=int(_get(t, "num_adapters", default=1)),
     )
 
 
@@ -192,19 +196,24 @@ def experiment(config) -> Parts:
         spec.loader.exec_module(mod)
         base_cfg = mod.model_config(config)
         hcfg = mod.hypernet_config(config, base_cfg)
+        sft = dict(
+            label_smoothing=hp.label_smoothing,
+            l2_coef=hp.l2_coef,
+            neftune_alpha=hp.neftune_alpha,
+            dtype=hp.dtype,
+            remat_policy=hp.remat_policy,
+            max_label_len=hp.max_label_len,
+        )
+        init = lambda k: t2l_init(hcfg, k)  # noqa: E731
         if hp.objective == "recon":
             loss = S.make_t2l_recon_loss(hcfg)
+        elif hp.objective == "lora":
+            loss = S.make_lora_library_loss(hcfg, base_cfg, **sft)
+            init = lambda k: lora_library_init(hcfg, base_cfg, hp.num_adapters, k)  # noqa: E731
+        elif hp.objective == "sft":
+            loss = S.make_t2l_sft_loss(hcfg, base_cfg, **sft)
         else:
-            loss = S.make_t2l_sft_loss(
-                hcfg,
-                base_cfg,
-                label_smoothing=hp.label_smoothing,
-                l2_coef=hp.l2_coef,
-                neftune_alpha=hp.neftune_alpha,
-                dtype=hp.dtype,
-                remat_policy=hp.remat_policy,
-            )
-        init = lambda k: t2l_init(hcfg, k)  # noqa: E731
+            raise ConfigError(f"train.objective={hp.objective!r}: expected sft, recon or lora")
         count = S.t2l_count
         hyper_json = hcfg.to_json()
     info = {
@@ -215,6 +224,14 @@ def experiment(config) -> Parts:
         "hypernet_config": hyper_json,
     }
     return Parts(hp, base_cfg, hcfg, loss, count, init, _jsonable(info))
+
+
+def lora_library_init(hcfg, base_cfg, n: int, rng) -> dict:
+    """n fresh PEFT-initialised LoRAs (A uniform, B zero) as {"a": {m: [n, L, r, d]}, "b": ...}."""
+    from hyperlora_jax.lora import adapter as lora
+
+    ad = lora.init(rng, base_cfg, hcfg.modules, hcfg.rank, batch_shape=(n,))
+    return {"a": dict(ad.a), "b": dict(ad.b)}
 
 
 def make_tx(parts: Parts, params_like):
@@ -272,6 +289,7 @@ def batch_spec(parts: Parts, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
         return out
     return {
         "task_embs": sd(h.task_emb_size, d=f32),
+        "task_index": sd(),
         "tokens": sd(hp.inp_len),
         "segment_ids": sd(hp.inp_len),
         "loss_mask": sd(hp.inp_len, d=jnp.bool_),

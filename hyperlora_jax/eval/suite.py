@@ -1,0 +1,245 @@
+"""T2L on a generated task suite (`hyperlora-jax data task-suite`): exact-match accuracy of every
+way to adapt SmolLM2 to a task, on held-out tasks and on training tasks with unseen descriptions.
+
+Modes (each task's test split, greedy decoding, prompt exactly as in training):
+  base        the bare input, no adapter
+  base_desc   the task description in the prompt (as the SNI task definition), no adapter
+  oracle      the task's own fine-tuned LoRA (library from `smollm2_oracles`): the upper bound
+  multitask   one LoRA fine-tuned on all training tasks
+  <name>      a T2L checkpoint, adapters generated from the task's unseen descriptions
+  <name>_random   the same T2L given random strings as descriptions (the official probe)
+Description-dependent modes average over the first `n_descriptions` eval descriptions.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from hyperlora_jax.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def suite_splits(suite: str | Path) -> tuple[list[str], list[str]]:
+    p = Path(suite) / "splits.yaml"
+    if not p.is_file():
+        raise InputError(
+            f"{suite} has no splits.yaml; write it with `hyperlora-jax data task-suite`"
+        )
+    s = yaml.safe_load(p.read_text())
+    return list(s["train"]), list(s.get("held_out", []))
+
+
+def prompt_and_answer(meta: dict, example: dict, tokenizer, description: str | None = None):
+    """(prompt ids up to the answer, answer text) for one test example, rendered like training:
+    the SNI prompt (the description, if any, as task definition) + the response's opening."""
+    from hyperlora_jax.data import sni
+
+    ex = dict(example)
+    if description is not None:
+        ex["task_def"] = sni._with_def(description, ex["problem"], [ex["answer"]])["task_def"]
+    prompt, response = sni.render_prompt_response(meta, ex, tokenizer)
+    cut = response.rindex(str(ex["answer"]))
+    text = prompt + response[:cut]
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]), str(ex["answer"])
+
+
+class LibraryAdapters:
+    """A LoRA library folder (export of an oracle / multi-task run): adapter of a task by name."""
+
+    def __init__(self, folder: str | Path):
+        from hyperlora_jax.lora.storage import load_adapter, read_adapter_meta
+
+        self.tasks = list(read_adapter_meta(folder).get("tasks") or [])
+        self.lib = load_adapter(folder)
+        self.n = next(iter(self.lib.a.values())).shape[0]
+
+    def get(self, task: str):
+        from hyperlora_jax.lora.adapter import Adapter
+
+        if self.n == 1:  # one shared (multi-task) LoRA
+            i = 0
+        elif task in self.tasks:
+            i = self.tasks.index(task)
+        else:
+            return None
+        return Adapter(
+            {m: x[i] for m, x in self.lib.a.items()},
+            {m: x[i] for m, x in self.lib.b.items()},
+            self.lib.scale,
+        )
+
+
+def evaluate_suite(
+    params,
+    config,
+    tokenizer,
+    suite: str | Path,
+    *,
+    tasks: dict[str, str],
+    oracles: LibraryAdapters | None = None,
+    multitask: LibraryAdapters | None = None,
+    t2ls: dict[str, Any] | None = None,
+    n_examples: int = 10,
+    n_descriptions: int = 2,
+    random_probe: bool = True,
+    max_new_tokens: int = 28,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """tasks: {name: "held_out" | "seen"}. Returns per-task accuracies, group averages, samples.
+
+    All (mode, description, example) rows of a task decode together in fixed-size batches with
+    one adapter per row (no adapter = zeros): decoding is memory-bound on CPU, so one wide batch
+    costs about what one narrow pass does."""
+    import jax.numpy as jnp
+
+    from hyperlora_jax.data import sni, task_suite
+    from hyperlora_jax.eval.tasks import _unbatch
+    from hyperlora_jax.lora import adapter as lora
+    from hyperlora_jax.models import decoding
+
+    t2ls = t2ls or {}
+    root = Path(suite)
+    random_descs = task_suite.random_descriptions(n_descriptions, seed=123)
+    zero = None
+    per_task: dict[str, dict] = {}
+    samples: dict[str, dict] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), desc="eval suite")
+    for task, group in tasks.items():
+        t = sni.load_task(root / task, split="test")
+        meta, rows = t.metadata, t.examples[:n_examples]
+        descs = list(meta.get("eval_descriptions") or meta["descriptions"])[:n_descriptions]
+        jobs = [("base", None, None)]  # (mode, description in the prompt, adapter)
+        jobs += [("base_desc", d, None) for d in descs]
+        for name, lib in (("oracle", oracles), ("multitask", multitask)):
+            ad = lib.get(task) if lib is not None else None
+            if ad is not None:
+                jobs.append((name, None, ad))
+        for name, t2l in t2ls.items():
+            jobs += [(name, None, _unbatch(t2l.generate([d]))) for d in descs]
+            if random_probe and group == "held_out":
+                jobs += [
+                    (f"{name}_random", None, _unbatch(t2l.generate([d]))) for d in random_descs
+                ]
+        if zero is None:
+            some = next((j[2] for j in jobs if j[2] is not None), None)
+            if some is not None:
+                zero = lora.scale(some, 0.0)
+        built, adapters, modes = [], [], []
+        for mode, desc, ad in jobs:
+            for r in rows:
+                built.append(prompt_and_answer(meta, r, tokenizer, desc))
+                adapters.append(ad if ad is not None else zero)
+                modes.append(mode)
+        texts = []
+        for s in range(0, len(built), batch_size):
+            ids = [b[0] for b in built[s : s + batch_size]]
+            ads = adapters[s : s + batch_size]
+            fill = batch_size - len(ids)  # a fixed batch: one compiled program for all tasks
+            ids += [ids[0]] * fill
+            ads += [ads[0]] * fill
+            ad = lora.stack([x for x in ads]) if zero is not None else None
+            out = decoding.generate(
+                params,
+                config,
+                ids,
+                adapter=ad,
+                max_new_tokens=max_new_tokens,
+                tokenizer=tokenizer,
+                dtype=jnp.float32,
+                pad_to_multiple=32,
+            )
+            texts += out.texts[: batch_size - fill]
+        res: dict[str, Any] = {"group": group, "n": len(rows), "descriptions": descs}
+        hits: dict[str, list] = {}
+        for mode, (_, ans), out in zip(modes, built, texts):
+            hits.setdefault(mode, []).append(out.strip() == ans.strip())
+            shown = samples.setdefault(task, {}).setdefault(mode, [])
+            if len(shown) < 3:
+                shown.append({"output": out, "answer": ans})
+        res |= {m: float(np.mean(h)) for m, h in hits.items()}
+        per_task[task] = res
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(task=task)
+    if bar is not None:
+        bar.close()
+    first = next(iter(per_task.values()))
+    modes = [k for k in first if k not in ("group", "n", "descriptions")]
+    groups = {}
+    for g in ("held_out", "seen"):
+        rs = [r for r in per_task.values() if r["group"] == g]
+        if rs:
+            groups[g] = {
+                m: float(np.mean([r[m] for r in rs if m in r]))
+                for m in modes
+                if any(m in r for r in rs)
+            }
+    return {
+        "tasks": per_task,
+        "groups": groups,
+        "modes": modes,
+        "samples": samples,
+        "n_examples": n_examples,
+        "n_descriptions": n_descriptions,
+    }
+
+
+def markdown(res: dict) -> str:
+    """The model-card table: one row per mode, one column per task group."""
+    groups = list(res["groups"])
+    head = {"held_out": "held-out tasks", "seen": "training tasks, unseen descriptions"}
+    lines = [
+        "| mode | "
+        + " | ".join(
+            f"{head[g]} (n={sum(r['group'] == g for r in res['tasks'].values())})" for g in groups
+        )
+        + " |",
+        "|---|" + "---|" * len(groups),
+    ]
+    for m in res["modes"]:
+        cells = [
+            f"{100 * res['groups'][g][m]:.1f}" if m in res["groups"][g] else "-" for g in groups
+        ]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| task | group | " + " | ".join(res["modes"]) + " |",
+        "|---|---|" + "---|" * len(res["modes"]),
+    ]
+    for t, r in res["tasks"].items():
+        cells = [f"{100 * r[m]:.0f}" if m in r else "-" for m in res["modes"]]
+        lines.append(f"| {t} | {r['group']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_plot(res: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups, modes = list(res["groups"]), res["modes"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(modes)), 3.8))
+    w = 0.8 / len(groups)
+    for j, g in enumerate(groups):
+        ys = [100 * res["groups"][g].get(m, np.nan) for m in modes]
+        ax.bar(np.arange(len(modes)) + (j - (len(groups) - 1) / 2) * w, ys, w, label=g)
+    ax.set_xticks(range(len(modes)), modes, rotation=30, ha="right")
+    ax.set_ylabel("exact match (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    ax.set_title("T2L on the task suite (SmolLM2-135M-Instruct)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
