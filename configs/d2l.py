@@ -252,9 +252,7 @@ def smollm2_embedded() -> mlc.ConfigDict:
     mixed with synthetic fact documents (gold answers; see hyperlora_jax/checkpoints/README)."""
     c = smollm2_niah()
     c.name = "smollm2_embedded"
-    c.train.update(
-        dict(steps=130, learning_rate=8e-4, max_packed_inp_len=384, max_qas_per_pack=32)
-    )
+    c.train.update(dict(steps=130, learning_rate=8e-4, max_packed_inp_len=384, max_qas_per_pack=32))
     return c
 
 

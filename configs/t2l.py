@@ -190,9 +190,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 weight_decay=0.0,
             )
         if arg == "smollm2_oracles":  # one LoRA per suite task, held-out ones too (upper bound)
-            train.update(num_adapters=46, tasks="all", steps=400)
+            train.update(num_adapters=46, tasks="all", steps=300)
         if arg == "smollm2_multitask":  # one LoRA for all training tasks
-            train.update(num_adapters=1, tasks="train", steps=200)
+            train.update(num_adapters=1, tasks="train", steps=150)
         return _base(arg, "smollm2-135m-instruct", 64, 256, _sft_train(**train), encoder=_MINILM)
     if arg == "smollm2_recon":
         return _base(
@@ -210,6 +210,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             ),
             head="M",
             encoder=_MINILM,
+            # Deviation: L1 on the oracles' A and B (official option `factorized`) instead of the
+            # README's dense 1e4 * B @ A target. From the near-zero initial output the dense loss
+            # sits at a saddle (measured: grad norm ~0.01, loss flat for 90 steps), which the
+            # official 10,000 epochs outlast but a 500-step CPU budget does not.
+            factorized=True,
         )
     if arg == "tiny":
         c = _base(

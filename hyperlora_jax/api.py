@@ -1,6 +1,6 @@
 """The few objects a notebook user touches, importable from one place.
 
-    from hyperlora_jax.api import DocToLoRA, TextToLoRA, Adapter, save_adapter, export_peft
+from hyperlora_jax.api import DocToLoRA, TextToLoRA, Adapter, save_adapter, export_peft
 """
 
 from hyperlora_jax.hypernet.doc_to_lora import DocToLoRA

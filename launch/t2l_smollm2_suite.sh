@@ -17,9 +17,9 @@ stage() {  # NAME PRESET [flags...]
     --data "$R/suite" --base_model "$M" "$@"
   $HJ export-run --workdir "$R/work_$name" --out "$R/$name"
 }
+stage sft smollm2_sft
 stage oracles smollm2_oracles
 stage recon smollm2_recon --config.train.oracle_library="$R/oracles"
-stage sft smollm2_sft
 stage multitask smollm2_multitask
 $HJ eval t2l-suite --base "$M" --suite "$R/suite" --oracles "$R/oracles" \
   --multitask "$R/multitask" --t2l sft="$R/sft" --t2l recon="$R/recon" --out "$R/eval"

