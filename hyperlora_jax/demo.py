@@ -130,6 +130,8 @@ def run_t2l_demo(
     t_gen = time.perf_counter() - t0
     print("\nText-to-LoRA: task description (not in the prompt of the adapter outputs):")
     print(f"  {description!r}\n  -> rank-{t2l.config.rank} LoRA on {list(adapter.modules)}")
+    if spec.get("task") and description == spec["description"]:
+        print(f"  (task: {spec['task']})")
     rows = [_with_def("", x, [y or "?"]) for x, y in zip(spec["inputs"], spec["answers"])]
     plain = [prompt_and_answer(SUITE_META, r, tok)[0] for r in rows]
     told = [prompt_and_answer(SUITE_META, r, tok, description)[0] for r in rows]
