@@ -31,7 +31,7 @@ def test_suite_numbers_match_the_model_card(smollm2, tmp_path):
 
     config, params, tok = smollm2
     suite = task_suite.write_suite(tmp_path / "suite")  # the defaults of `data task-suite`
-    subset = CARD["test_subset"]  # {task: group}: a few held-out and training tasks
+    subset = CARD["test_subset"]  # {task: group}: a held-out and a training task
     res = evaluate_suite(
         params,
         config,
