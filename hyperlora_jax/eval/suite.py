@@ -148,7 +148,7 @@ def evaluate_suite(
             fill = batch_size - len(ids)  # a fixed batch: one compiled program for all tasks
             ids += [ids[0]] * fill
             ads += [ads[0]] * fill
-            ad = lora.stack([x for x in ads]) if zero is not None else None
+            ad = lora.stack(ads) if zero is not None else None
             out = decoding.generate(
                 params,
                 config,
