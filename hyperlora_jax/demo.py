@@ -110,10 +110,10 @@ def run_t2l_demo(
 ) -> list[dict]:
     """Outputs on the task's inputs: base model, base with the description in the prompt, and
     base + the adapter T2L generates from the description (which is then not in the prompt)."""
-    from hyperlora_jax.data.sni import _with_def
+    from hyperlora_jax.data.sni import sni_example
     from hyperlora_jax.eval.suite import prompt_and_answer
-    from hyperlora_jax.eval.tasks import _unbatch
     from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+    from hyperlora_jax.lora.adapter import unstack
     from hyperlora_jax.models import decoding
     from hyperlora_jax.models.fetch import fetch_model
     from hyperlora_jax.models.hf import load_hf_model
@@ -126,13 +126,13 @@ def run_t2l_demo(
     tok = load_tokenizer(path)
     t2l = TextToLoRA.from_checkpoint(checkpoint)
     t0 = time.perf_counter()
-    adapter = _unbatch(t2l.generate([description]))
+    adapter = unstack(t2l.generate([description]))[0]
     t_gen = time.perf_counter() - t0
     print("\nText-to-LoRA: task description (not in the prompt of the adapter outputs):")
     print(f"  {description!r}\n  -> rank-{t2l.config.rank} LoRA on {list(adapter.modules)}")
     if spec.get("task") and description == spec["description"]:
         print(f"  (task: {spec['task']})")
-    rows = [_with_def("", x, [y or "?"]) for x, y in zip(spec["inputs"], spec["answers"])]
+    rows = [sni_example("", x, [y or "?"]) for x, y in zip(spec["inputs"], spec["answers"])]
     plain = [prompt_and_answer(SUITE_META, r, tok)[0] for r in rows]
     told = [prompt_and_answer(SUITE_META, r, tok, description)[0] for r in rows]
     outs = {

@@ -1,6 +1,7 @@
 """Self-generated QA data: official prompts and parser, teacher prompt and student view, stored
 top-k log-probs equal to a fresh teacher forward pass, unfinished responses dropped."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from hyperlora_jax.data import selfgen, storage
+from hyperlora_jax.errors import InputError
 from hyperlora_jax.models.transformer import forward
 
 TINY = Path(__file__).parent / "fixtures" / "official" / "d2l" / "tiny-gemma2"
@@ -77,6 +79,33 @@ def test_question_generation_two_rounds():
     assert qa[0] == (["Q1a?", "Q1b?", "Q2a?", "Q2b?"], ["A1a.", "A1b.", "A2a.", "A2b."])
     assert "You are a creative and helpful assistant." in seen[0][0]
     assert "Question 1: Q1a?\nAnswer 1: A1a.\nQuestion 2: Q1b?" in seen[1][0]
+
+
+def test_compact_question_generation():
+    """Compact mode: the assistant turn starts with "Question 1:", only questions are kept, a
+    cut-off output keeps its complete questions, repeats across rounds are dropped."""
+    tok = AutoTokenizer.from_pretrained(TINY)
+    seen = []
+    outs = [" Who?\nAnswer 1: X.\nQuestion 2: Where?\nAnswer 2: Y", " Where?\nQuestion 2: When?"]
+
+    def fake_generate(prompts, max_new):
+        seen.append([tok.decode(p) for p in prompts])
+        txt = outs[len(seen) - 1]
+        return [selfgen.Generation(tok(txt, add_special_tokens=False)["input_ids"], False)] * len(
+            prompts
+        )
+
+    sg = selfgen.SelfGenConfig(qg_prompt="compact", n_qa_pairs=2)
+    qa = selfgen.generate_questions(DOCS[:1], tok, fake_generate, sg)
+    assert qa == [(["Who?", "Where?", "When?"], ["", "", ""])]
+    assert seen[0][0].endswith("<start_of_turn>model\nQuestion 1:")
+    assert DOCS[0] in seen[0][0] and "You are a creative" not in seen[0][0]
+    assert "different from these ones:\nWho?\nWhere?\n" in seen[1][0]
+    assert selfgen.parse_questions("Question 1: A? Answer 1: b\nQuestion 2:  \nQuestion 3: A?") == [
+        "A?"
+    ]
+    with pytest.raises(InputError, match="qg_prompt"):
+        selfgen.generate_questions(DOCS, tok, fake_generate, selfgen.SelfGenConfig(qg_prompt="x"))
 
 
 def _check_records(recs, tok, params, cfg, docs, questions, chat_prefix_fn):
@@ -159,6 +188,7 @@ def test_teacher_records_with_tiny_model(tmp_path):
 
 @pytest.mark.slow
 def test_selfgen_smollm2_end_to_end(tmp_path):
+    """SmolLM2-135M-Instruct writes the questions (compact prompt) and answers them as teacher."""
     from hyperlora_jax.models.fetch import fetch_model
     from hyperlora_jax.models.hf import load_hf_model
     from hyperlora_jax.models.tokenizer import load_tokenizer
@@ -166,18 +196,22 @@ def test_selfgen_smollm2_end_to_end(tmp_path):
     path = fetch_model("smollm2-135m-instruct")
     tok = load_tokenizer(path)
     cfg, params = load_hf_model(path)
-    qs = [q[:1] for q in QUESTIONS]
     gen = selfgen.make_jax_generate(params, cfg, tok, batch_size=4)
     topk = selfgen.make_jax_topk(params, cfg, k=16, batch_size=4)
+    sg = selfgen.SelfGenConfig(
+        qg_prompt="compact", n_qa_pairs=2, repeat_round=False, q_max_new_tokens=40
+    )
+    questions = [q for q, _ in selfgen.generate_questions(DOCS, tok, gen, sg)]
+    assert all(qs and all(q.endswith("?") for q in qs) for qs in questions), questions
     recs, stats = selfgen.self_generate(
         DOCS,
         tokenizer=tok,
         generate=gen,
         topk=topk,
-        questions=qs,
-        cfg=selfgen.SelfGenConfig(max_new_tokens=48),
+        questions=questions,
+        cfg=dataclasses.replace(sg, max_new_tokens=64),
     )
-    assert stats["dropped_unfinished"] == 0 and len(recs) == 3
+    assert len(recs) >= 2, stats  # a rambling teacher answer (> 64 tokens) is dropped
     storage.write_records(tmp_path / "sg.array_record", recs)
     src = storage.RecordSource(tmp_path / "sg.array_record")
     back = [src[i] for i in range(len(src))]
@@ -187,6 +221,6 @@ def test_selfgen_smollm2_end_to_end(tmp_path):
             [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
         )
 
-    _check_records(back, tok, params, cfg, DOCS, qs, prefix)
-    answers = " ".join(r["responses"][0] for r in back)
-    assert "330" in answers  # the teacher read the document
+    _check_records(back, tok, params, cfg, DOCS, questions, prefix)
+    answers = " ".join(" ".join(r["responses"]) for r in back)
+    assert any(x in answers for x in ("330", "1889", "1903", "1911", "Mediterranean")), answers

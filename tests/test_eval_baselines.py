@@ -3,22 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tiny_models import tiny_llama
 
 from hyperlora_jax.eval import baselines as B
 from hyperlora_jax.models import transformer
-from hyperlora_jax.models.config import ModelConfig
 
-TINY = ModelConfig(
-    family="llama",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    max_position_embeddings=256,
-)
+TINY = tiny_llama(64, max_position_embeddings=256)
 
 
 def test_prompt_builders_and_truncation():

@@ -13,10 +13,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from tiny_models import tiny_llama  # noqa: E402
+
 from hyperlora_jax.hypernet.t2l import T2LConfig  # noqa: E402
 from hyperlora_jax.hypernet.t2l import init_params as t2l_init  # noqa: E402
 from hyperlora_jax.models import transformer  # noqa: E402
-from hyperlora_jax.models.config import ModelConfig  # noqa: E402
 from hyperlora_jax.train import build  # noqa: E402
 from hyperlora_jax.train import steps as S  # noqa: E402
 
@@ -25,16 +26,7 @@ E = 16
 
 
 def _setup(vocab=40):
-    cfg = ModelConfig(
-        family="llama",
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-    )
+    cfg = tiny_llama(vocab)
     tcfg = T2LConfig(
         modules=("q_proj", "v_proj"),
         in_features=(32, 32),

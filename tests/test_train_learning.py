@@ -12,6 +12,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tiny_models import tiny_llama
 
 from hyperlora_jax.data import packing, pipeline
 from hyperlora_jax.hypernet.d2l import D2LConfig
@@ -19,7 +20,6 @@ from hyperlora_jax.hypernet.d2l import init_params as d2l_init
 from hyperlora_jax.hypernet.t2l import T2LConfig, generate_adapter
 from hyperlora_jax.hypernet.t2l import init_params as t2l_init
 from hyperlora_jax.models import transformer
-from hyperlora_jax.models.config import ModelConfig
 from hyperlora_jax.train import optim
 from hyperlora_jax.train import steps as S
 from hyperlora_jax.train.trainer import Trainer, TrainOptions
@@ -28,17 +28,7 @@ BOS, SEP, ANS = 1, 2, 3
 
 
 def _base(vocab):
-    cfg = ModelConfig(
-        family="llama",
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        tie_word_embeddings=True,
-    )
+    cfg = tiny_llama(vocab, tie_word_embeddings=True)
     return cfg, transformer.init_params(cfg, jax.random.key(0))
 
 

@@ -65,7 +65,15 @@ def register(subparsers) -> None:
     )
     s.add_argument("--n-qa-pairs", type=int, default=5)
     s.add_argument("--no-repeat-round", action="store_true", help="only the level-0 questions")
-    s.add_argument("--q-max-new-tokens", type=int, default=2048)
+    s.add_argument(
+        "--qg-prompt",
+        default="official",
+        choices=("official", "compact"),
+        help="compact: a short prompt small instruct models (SmolLM2-135M) can follow",
+    )
+    s.add_argument(
+        "--q-max-new-tokens", type=int, default=None, help="default 2048 (official), 256 (compact)"
+    )
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--top-k", type=int, default=16)
     s.add_argument("--logprob-dtype", default="float32", choices=("float32", "float16"))
@@ -159,7 +167,8 @@ def _selfgen(args: argparse.Namespace) -> int:
     cfg = selfgen.SelfGenConfig(
         n_qa_pairs=args.n_qa_pairs,
         repeat_round=not args.no_repeat_round,
-        q_max_new_tokens=args.q_max_new_tokens,
+        q_max_new_tokens=args.q_max_new_tokens or (256 if args.qg_prompt == "compact" else 2048),
+        qg_prompt=args.qg_prompt,
         max_new_tokens=args.max_new_tokens,
         top_k=args.top_k,
         logprob_dtype=args.logprob_dtype,

@@ -2,7 +2,10 @@
 
 1. Questions: an instruct model reads each document with the official question-generation prompt
    (5 QA pairs, regex-parsed), then a second "repeat" round that shows the first pairs as examples
-   and asks for 5 new ones.
+   and asks for 5 new ones. `qg_prompt="compact"` (our addition) is for small instruct models
+   such as SmolLM2-135M, which answer the long official prompt with no parsable pair: a short
+   prompt, the assistant turn pre-filled with "Question 1:", and only the questions kept (the
+   teacher writes the answers either way).
 2. Teacher: the base model answers every question with the document in context (one user turn:
    system line + "# Provided Information" + document + instructions + "# User Input" + question),
    greedy; unfinished responses (no end-of-turn within max_new_tokens) are dropped. The top-k
@@ -132,6 +135,19 @@ PRE_CTX = "# Provided Information\n"
 QA_PROMPT_TEMPLATE = PRE_CTX + "{context}\n\n---\n\n" + SELF_QA_INTX + "{question}"
 
 
+# Compact prompts (not official): one short instruction a 135M instruct model follows.
+COMPACT_PREFILL = "Question 1:"
+COMPACT_Q_PROMPT = (
+    "Write {n_qa_pairs} questions about the text below, each followed by its answer taken from "
+    "the text.\n\nText: {context}\n\nUse this format:\nQuestion 1: ...\nAnswer 1: ..."
+)
+COMPACT_Q_PROMPT_REPEAT = (
+    "Write {n_qa_pairs} new questions about the text below, different from these ones:\n"
+    "{questions}\nEach question is followed by its answer taken from the text.\n\n"
+    "Text: {context}\n\nUse this format:\nQuestion 1: ...\nAnswer 1: ..."
+)
+
+
 def question_prompt(context: str, n_qa_pairs: int = 5) -> str:
     return Q_GEN_PROMPT.format(context=context, n_qa_pairs=n_qa_pairs)
 
@@ -169,6 +185,17 @@ def parse_qa_pairs(text: str, finished: bool = True) -> tuple[list[str], list[st
         out_q.append(q)
         out_a.append(a)
     return out_q, out_a
+
+
+def parse_questions(text: str) -> list[str]:
+    """Compact mode: every non-empty `Question i: ...` (up to its answer or line end), in order,
+    duplicates dropped. A cut-off output keeps its complete questions."""
+    out: list[str] = []
+    for q in re.findall(r"Question \d+:([^\n]*)", text):
+        q = q.split("Answer")[0].strip()
+        if q and q not in out:
+            out.append(q)
+    return out
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -368,6 +395,7 @@ class SelfGenConfig:
     max_new_tokens: int = 256  # official teacher responses
     top_k: int = 16
     logprob_dtype: str = "float32"  # the official files store float16
+    qg_prompt: str = "official"  # or "compact": small instruct models (see the module docstring)
 
 
 def generate_questions(
@@ -377,18 +405,14 @@ def generate_questions(
     cfg: SelfGenConfig,
 ) -> list[tuple[list[str], list[str]]]:
     """Level-0 (+ level-1 repeat) QA pairs per document from the instruct model."""
+    if cfg.qg_prompt == "compact":
+        return _compact_questions(docs, q_tokenizer, q_generate, cfg)
+    if cfg.qg_prompt != "official":
+        raise InputError(f"qg_prompt={cfg.qg_prompt!r}; expected 'official' or 'compact'")
 
     def round_(prompts: list[str]) -> list[tuple[list[str], list[str]]]:
-        ids = [
-            [
-                int(x)
-                for x in _chat_ids(
-                    q_tokenizer,
-                    [{"role": "system", "content": Q_GEN_SYSTEM}, {"role": "user", "content": p}],
-                )
-            ]
-            for p in prompts
-        ]
+        system = {"role": "system", "content": Q_GEN_SYSTEM}
+        ids = [_chat_ids(q_tokenizer, [system, {"role": "user", "content": p}]) for p in prompts]
         gens = q_generate(ids, cfg.q_max_new_tokens)
         return [
             parse_qa_pairs(q_tokenizer.decode(g.tokens, skip_special_tokens=True), g.finished)
@@ -402,11 +426,35 @@ def generate_questions(
     return [(q0 + q1, a0 + a1) for (q0, a0), (q1, a1) in zip(lvl0, lvl1)]
 
 
+def _compact_questions(docs, q_tokenizer, q_generate, cfg) -> list[tuple[list[str], list[str]]]:
+    """qg_prompt="compact": questions only (answers empty), the repeat round shown the first
+    questions and its repeats dropped."""
+    prefill = list(q_tokenizer(COMPACT_PREFILL, add_special_tokens=False)["input_ids"])
+
+    def round_(prompts: list[str]) -> list[list[str]]:
+        ids = [_chat_ids(q_tokenizer, [{"role": "user", "content": p}]) + prefill for p in prompts]
+        gens = q_generate(ids, cfg.q_max_new_tokens)
+        texts = [q_tokenizer.decode(g.tokens, skip_special_tokens=True) for g in gens]
+        return [parse_questions(COMPACT_PREFILL + t) for t in texts]
+
+    n = cfg.n_qa_pairs
+    qs = round_([COMPACT_Q_PROMPT.format(context=d, n_qa_pairs=n) for d in docs])
+    if cfg.repeat_round:
+        more = round_(
+            [
+                COMPACT_Q_PROMPT_REPEAT.format(context=d, questions="\n".join(q), n_qa_pairs=n)
+                for d, q in zip(docs, qs)
+            ]
+        )
+        qs = [list(dict.fromkeys(q0 + q1)) for q0, q1 in zip(qs, more)]
+    return [(q, [""] * len(q)) for q in qs]
+
+
 def _chat_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
     out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     if hasattr(out, "keys"):
         out = out["input_ids"]
-    return list(out)
+    return [int(x) for x in out]
 
 
 def teacher_records(

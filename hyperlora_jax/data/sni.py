@@ -92,7 +92,7 @@ def lol_preprocess(example: dict) -> dict:
     if "Definition: " not in txt or "Now complete the following example -" not in txt:
         raise InputError("'input' is not in Lots-of-LoRAs format (no 'Definition: ' / example)")
     task_def = txt.split("Definition: ")[1].split("\n\nPositive Example")[0]
-    return _with_def(
+    return sni_example(
         task_def,
         txt.split("Now complete the following example -")[1]
         .split("Input: ")[1]
@@ -101,7 +101,9 @@ def lol_preprocess(example: dict) -> dict:
     )
 
 
-def _with_def(task_def: str, problem: str, outputs: Sequence[str]) -> dict:
+def sni_example(task_def: str, problem: str, outputs: Sequence[str]) -> dict:
+    """One example in the official SNI form: the definition with the official suffixes, the
+    problem, and the outputs comma-joined as the answer."""
     outputs = [outputs] if isinstance(outputs, str) else list(outputs)
     task_def += " Please complete the task without any explanation."
     if len(outputs) > 1:
@@ -240,7 +242,7 @@ def _raw_sni_rows(path: Path, errors: ErrorLog) -> list[dict]:
         if "input" not in inst or "output" not in inst:
             errors.report(path, i, "instance missing 'input'/'output'")
             continue
-        out.append({**_with_def(definition, inst["input"], inst["output"]), "id": inst.get("id")})
+        out.append({**sni_example(definition, inst["input"], inst["output"]), "id": inst.get("id")})
     return out
 
 

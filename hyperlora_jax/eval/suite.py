@@ -42,7 +42,7 @@ def prompt_and_answer(meta: dict, example: dict, tokenizer, description: str | N
 
     ex = dict(example)
     if description is not None:
-        ex["task_def"] = sni._with_def(description, ex["problem"], [ex["answer"]])["task_def"]
+        ex["task_def"] = sni.sni_example(description, ex["problem"], [ex["answer"]])["task_def"]
     prompt, response = sni.render_prompt_response(meta, ex, tokenizer)
     cut = response.rindex(str(ex["answer"]))
     text = prompt + response[:cut]
@@ -100,7 +100,6 @@ def evaluate_suite(
     import jax.numpy as jnp
 
     from hyperlora_jax.data import sni, task_suite
-    from hyperlora_jax.eval.tasks import _unbatch
     from hyperlora_jax.lora import adapter as lora
     from hyperlora_jax.models import decoding
 
@@ -126,11 +125,10 @@ def evaluate_suite(
             if ad is not None:
                 jobs.append((name, None, ad))
         for name, t2l in t2ls.items():
-            jobs += [(name, None, _unbatch(t2l.generate([d]))) for d in descs]
+            jobs += [(name, None, ad) for ad in lora.unstack(t2l.generate(descs))]
             if random_probe and group == "held_out":
-                jobs += [
-                    (f"{name}_random", None, _unbatch(t2l.generate([d]))) for d in random_descs
-                ]
+                randoms = lora.unstack(t2l.generate(random_descs))
+                jobs += [(f"{name}_random", None, ad) for ad in randoms]
         if zero is None:
             some = next((j[2] for j in jobs if j[2] is not None), None)
             if some is not None:

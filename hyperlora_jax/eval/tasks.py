@@ -17,6 +17,7 @@ from typing import Any
 
 from hyperlora_jax.errors import InputError
 from hyperlora_jax.eval import metrics
+from hyperlora_jax.lora.adapter import unstack
 
 ARC_TEMPLATE = (
     "Answer the question below by choosing the correct choice.\n\n"
@@ -289,18 +290,6 @@ def prompt_ids(
     return list(tokenizer(text, add_special_tokens=parity)["input_ids"])
 
 
-def _unbatch(adapter):
-    from hyperlora_jax.lora.adapter import Adapter
-
-    if not adapter.batch_shape:
-        return adapter
-    return Adapter(
-        {m: x[0] for m, x in adapter.a.items()},
-        {m: x[0] for m, x in adapter.b.items()},
-        adapter.scale,
-    )
-
-
 def evaluate_t2l(
     base_params,
     base_config,
@@ -364,9 +353,8 @@ def evaluate_t2l(
             for i, desc in enumerate(spec.descriptions):
                 ctx = tracker.stage("hypernetwork", i, task=task) if tracker else None
                 with ctx if ctx else _null() as s:
-                    ad = _unbatch(
-                        t2l.generate([desc], scale_mode="vllm054" if parity else "trained")
-                    )
+                    mode = "vllm054" if parity else "trained"
+                    ad = unstack(t2l.generate([desc], scale_mode=mode))[0]
                     if s is not None:
                         s.done(ad)
                 accs.append(run(task, rows, None, ad, f"t2l_{i}"))

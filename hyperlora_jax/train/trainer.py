@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 from hyperlora_jax.errors import CheckpointError, HyperLoraError
 from hyperlora_jax.train import sharding as shd
+from hyperlora_jax.train.flops import count_flops
 from hyperlora_jax.train.steps import TrainState, all_finite, make_train_step
 
 log = logging.getLogger(__name__)
@@ -154,15 +155,9 @@ class Trainer:
             donate_argnums=(0,),
         )
         with jax.set_mesh(self.mesh):
-            lowered = self._jitted.lower(self.state, self.base_params, gbatch)
-            compiled = lowered.compile()
-        try:
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, list | tuple) else cost
-            self._flops = float(cost.get("flops", 0.0)) * max(1, len(jax.devices()))
-        except Exception:  # cost analysis is best effort
-            self._flops = None
-        self._compiled = compiled
+            self._compiled = self._jitted.lower(self.state, self.base_params, gbatch).compile()
+            # global matmul FLOPs per step (XLA's cost analysis counts scanned layers once)
+            self._flops = count_flops(self._step_fn, self.state, self.base_params, gbatch)
 
     # ------------------------------------------------------------------ checkpoints
     def _make_manager(self):
