@@ -1,7 +1,6 @@
 """Self-generated QA data: official prompts and parser, teacher prompt and student view, stored
 top-k log-probs equal to a fresh teacher forward pass, unfinished responses dropped."""
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -187,34 +186,33 @@ def test_teacher_records_with_tiny_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_selfgen_smollm2_end_to_end(tmp_path):
-    """SmolLM2-135M-Instruct writes the questions (compact prompt) and answers them as teacher."""
+def test_selfgen_smollm2_end_to_end(tmp_path, capsys):
+    """`data selfgen` on SmolLM2-135M-Instruct: it writes the questions (compact prompt) and
+    answers them as the teacher; stored top-k equal a fresh forward, no document in the student."""
+    import json
+
+    from hyperlora_jax.cli import main
     from hyperlora_jax.models.fetch import fetch_model
     from hyperlora_jax.models.hf import load_hf_model
     from hyperlora_jax.models.tokenizer import load_tokenizer
 
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    out = tmp_path / "sg.array_record"
+    args = ["data", "selfgen", "--docs", str(docs), "--model", "smollm2-135m-instruct"]
+    args += ["--qg-prompt", "compact", "--n-qa-pairs", "2", "--no-repeat-round"]
+    args += ["--q-max-new-tokens", "40", "--max-new-tokens", "64", "--out", str(out)]
+    assert main(args) == 0
+    stats = capsys.readouterr().out  # the run's counts and throughput
+    src = storage.RecordSource(out)
+    back = [src[i] for i in range(len(src))]
+    assert len(back) >= 2, stats  # a rambling teacher answer (> 64 tokens) is dropped
+    questions = [next((r["prompts"] for r in back if r["context"] == d), []) for d in DOCS]
+    assert all(q.endswith("?") for qs in questions for q in qs), questions
+
     path = fetch_model("smollm2-135m-instruct")
     tok = load_tokenizer(path)
     cfg, params = load_hf_model(path)
-    gen = selfgen.make_jax_generate(params, cfg, tok, batch_size=4)
-    topk = selfgen.make_jax_topk(params, cfg, k=16, batch_size=4)
-    sg = selfgen.SelfGenConfig(
-        qg_prompt="compact", n_qa_pairs=2, repeat_round=False, q_max_new_tokens=40
-    )
-    questions = [q for q, _ in selfgen.generate_questions(DOCS, tok, gen, sg)]
-    assert all(qs and all(q.endswith("?") for q in qs) for qs in questions), questions
-    recs, stats = selfgen.self_generate(
-        DOCS,
-        tokenizer=tok,
-        generate=gen,
-        topk=topk,
-        questions=questions,
-        cfg=dataclasses.replace(sg, max_new_tokens=64),
-    )
-    assert len(recs) >= 2, stats  # a rambling teacher answer (> 64 tokens) is dropped
-    storage.write_records(tmp_path / "sg.array_record", recs)
-    src = storage.RecordSource(tmp_path / "sg.array_record")
-    back = [src[i] for i in range(len(src))]
 
     def prefix(q):  # SmolLM2's template adds its default system turn
         return tok.apply_chat_template(
