@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -144,7 +145,23 @@ def main(argv=None) -> int:
               jnp.dtype(a.dtype), a.repeats, a.chunk)  # fmt: skip
     bench_t2l(rep, a.base, a.t2l_descriptions, max(a.repeats, 3))
     rep.write(a.out)
+    plot(rep.tables, a.out)
     return 0
+
+
+def plot(tables: dict, out) -> None:
+    """adapter_latency_s.png / adapter_latency_mem.png: time and peak memory vs document length."""
+    from hyperlora_jax.eval.plots import line_plot
+
+    rows = tables.get("d2l_internalize", [])
+    for key, ylabel, suffix in (("median_s", "seconds", "s"), ("peak_mem_mib", "peak MiB", "mem")):
+        series: dict = {}
+        for r in rows:
+            xs, ys = series.setdefault(f"{r['hypernet']} {r['mode']}", ([], []))
+            xs.append(r["doc_tokens"])
+            ys.append(r[key])
+        path = Path(out) / f"adapter_latency_{suffix}.png"
+        line_plot(series, path, "document tokens", ylabel, f"D2L internalize: {ylabel} vs length")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +95,30 @@ def main(argv=None) -> int:
             })  # fmt: skip
     rep.extra["official_smollm2_2core"] = OFFICIAL
     rep.write(a.out)
+    plot(rep.tables, a.out)
     return 0
+
+
+def plot(tables: dict, out) -> None:
+    """query_cost_s.png (seconds per query) and query_cost_mem.png (KV cache vs adapter)."""
+    from hyperlora_jax.eval.plots import line_plot
+
+    rows = tables.get("per_query", [])
+    x = [r["doc_tokens"] for r in rows]
+    col = lambda k: [r[k] for r in rows]  # noqa: E731
+    series = {
+        "document in prompt": (x, col("query_in_prompt_s")),
+        "internalized (adapter)": (x, col("query_adapter_s")),
+    }
+    line_plot(
+        series, Path(out) / "query_cost_s.png", "document tokens", "seconds per query",
+        "Per-query latency: document in the prompt vs internalized",
+    )  # fmt: skip
+    line_plot(
+        {"KV cache of the document": (x, col("kv_cache_mib")), "adapter": (x, col("adapter_mib"))},
+        Path(out) / "query_cost_mem.png", "document tokens", "MiB",
+        "Memory per document: KV cache vs adapter",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

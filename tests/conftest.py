@@ -1,5 +1,6 @@
 """Shared test setup: f32 matmuls at full precision, absl flags parsed (grain needs it), paths."""
 
+import os
 from pathlib import Path
 
 import jax
@@ -9,8 +10,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests compile the same tiny programs; a compilation cache inside the checkout lets the
-# pytest-xdist workers share them (a clean clone starts with an empty cache).
-jax.config.update("jax_compilation_cache_dir", str(Path(__file__).parent.parent / ".jax_cache"))
+# pytest-xdist workers share them (a clean clone starts with an empty cache, as CI does;
+# JAX_COMPILATION_CACHE_DIR=<empty dir> measures that locally).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    jax.config.update("jax_compilation_cache_dir", str(Path(__file__).parent.parent / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 

@@ -63,16 +63,16 @@ def test_packed_d2l_student_equals_inference_composition():
     )
     row = {k: jnp.asarray(v)[None] for k, v in packing.pack_row(items, pc).items()}
     loss = S.make_d2l_loss(hcfg, cfg, objective="ce", max_chunk_len=8)
-    adapter, weights = loss.adapter_fn(hyper, base, row)
-    got = transformer.forward(
-        base,
-        cfg,
+    # jitted: op-by-op dispatch would compile every primitive separately
+    forward = jax.jit(lambda ids, **kw: transformer.forward(base, cfg, ids, **kw).logits[0])
+    adapter, weights = jax.jit(loss.adapter_fn)(hyper, base, row)
+    got = forward(
         row["input_ids"],
         segment_ids=row["segment_ids"],
         positions=row["positions"],
         adapter=adapter,
         adapter_index=weights,
-    ).logits[0]
+    )
 
     t = 0
     for it in items:
@@ -80,11 +80,11 @@ def test_packed_d2l_student_equals_inference_composition():
         a, b = chunk_loras(hyper, base, toks, mask, cfg=hcfg, ctx_config=cfg)
         ad = compose(a, b, [len(it["ctx_chunks"])], hcfg.lora_alpha, bias=bias_lora(hyper, hcfg))
         for ids in it["input_ids"]:
-            want = transformer.forward(base, cfg, jnp.asarray([ids]), adapter=ad).logits[0]
+            want = forward(jnp.asarray([ids]), adapter=ad)
             np.testing.assert_allclose(got[t : t + len(ids)], want, rtol=1e-4, atol=1e-5)
             t += len(ids)
     # the adapters matter: without them the logits differ
-    plain = transformer.forward(base, cfg, jnp.asarray([items[1]["input_ids"][0]])).logits[0]
+    plain = forward(jnp.asarray([items[1]["input_ids"][0]]))
     assert not np.allclose(got[t - 5 : t], plain, atol=1e-4)
 
 

@@ -253,7 +253,7 @@ def run_t2l(args: argparse.Namespace) -> int:
     (out / "results.md").write_text(t2l_markdown(res, modes))
     tracker.save_csv(out / "tracked_stats.csv")
     names = list(data)
-    plots._line_plot(
+    plots.line_plot(
         {m: (list(range(len(names))), [res["tasks"][t].get(m, 0.0) for t in names]) for m in modes},
         out / "accuracy_by_task.png",
         "task index (" + ", ".join(names) + ")",

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _line_plot(
+def line_plot(
     series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     path: str | Path,
     xlabel: str,
@@ -53,7 +53,7 @@ def plot_accuracy_vs_length(
     """One line per method: {name: (context_tokens, score in [0, 1])}; `window` marks the base
     model's context window."""
     hline = (window, f"base window ({window})") if window else None
-    return _line_plot(
+    return line_plot(
         series, path, "context length (tokens)", metric, title, ylim=(-0.02, 1.02), hline=hline
     )
 
@@ -64,7 +64,7 @@ def plot_memory_vs_length(
     title: str = "Memory vs context length",
 ):
     """One line per quantity: {name: (context_tokens, MiB)}, e.g. KV cache vs adapter bytes."""
-    return _line_plot(series, path, "context length (tokens)", "memory (MiB)", title)
+    return line_plot(series, path, "context length (tokens)", "memory (MiB)", title)
 
 
 def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path, title: str = "Training loss"):
@@ -80,4 +80,4 @@ def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path, title: str = "T
         for i in range(len(loss))
     ]
     series = {"loss": (steps, loss), "10-step mean": (steps, avg)}
-    return _line_plot(series, path, "step", "loss", title, logx=False)
+    return line_plot(series, path, "step", "loss", title, logx=False)
