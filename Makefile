@@ -12,9 +12,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 .PHONY: install test demo lint
 install: $(VENV)/.installed
 
-# 3 workers on 2 cores: compiling is mostly single-threaded, so a third worker fills the idle core time
 test: install
-	$(PY) -m pytest -q -n 3 --dist worksteal --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=25 $(PYTEST_ARGS)
 
 demo: install
 	$(PY) -m hyperlora_jax.cli demo
