@@ -82,10 +82,13 @@ def test_question_generation_two_rounds():
 
 def test_compact_question_generation():
     """Compact mode: the assistant turn starts with "Question 1:", only questions are kept, a
-    cut-off output keeps its complete questions, repeats across rounds are dropped."""
+    cut-off output loses its partial last line, repeats across rounds are dropped."""
     tok = AutoTokenizer.from_pretrained(TINY)
     seen = []
-    outs = [" Who?\nAnswer 1: X.\nQuestion 2: Where?\nAnswer 2: Y", " Where?\nQuestion 2: When?"]
+    outs = [  # both cut off by max_new_tokens
+        " Who?\nAnswer 1: X.\nQuestion 2: Where?\nAnswer 2: Y",
+        " Where?\nQuestion 2: When?\nQuestion 3: Wh",
+    ]
 
     def fake_generate(prompts, max_new):
         seen.append([tok.decode(p) for p in prompts])

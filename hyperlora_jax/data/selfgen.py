@@ -187,9 +187,11 @@ def parse_qa_pairs(text: str, finished: bool = True) -> tuple[list[str], list[st
     return out_q, out_a
 
 
-def parse_questions(text: str) -> list[str]:
+def parse_questions(text: str, finished: bool = True) -> list[str]:
     """Compact mode: every non-empty `Question i: ...` (up to its answer or line end), in order,
-    duplicates dropped. A cut-off output keeps its complete questions."""
+    duplicates dropped. A cut-off output (finished=False) loses its last, possibly partial line."""
+    if not finished:
+        text = text.rsplit("\n", 1)[0] if "\n" in text else ""
     out: list[str] = []
     for q in re.findall(r"Question \d+:([^\n]*)", text):
         q = q.split("Answer")[0].strip()
@@ -435,7 +437,7 @@ def _compact_questions(docs, q_tokenizer, q_generate, cfg) -> list[tuple[list[st
         ids = [_chat_ids(q_tokenizer, [{"role": "user", "content": p}]) + prefill for p in prompts]
         gens = q_generate(ids, cfg.q_max_new_tokens)
         texts = [q_tokenizer.decode(g.tokens, skip_special_tokens=True) for g in gens]
-        return [parse_questions(COMPACT_PREFILL + t) for t in texts]
+        return [parse_questions(COMPACT_PREFILL + t, g.finished) for t, g in zip(texts, gens)]
 
     n = cfg.n_qa_pairs
     qs = round_([COMPACT_Q_PROMPT.format(context=d, n_qa_pairs=n) for d in docs])
