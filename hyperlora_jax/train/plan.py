@@ -27,7 +27,7 @@ def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
     from hyperlora_jax.models import transformer
     from hyperlora_jax.train import build
     from hyperlora_jax.train import sharding as shd
-    from hyperlora_jax.train.flops import count_flops
+    from hyperlora_jax.train.flops import jaxpr_flops
     from hyperlora_jax.train.steps import TrainState, make_train_step
     from hyperlora_jax.train.trainer import state_shardings
 
@@ -65,13 +65,13 @@ def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
     )
     t0 = time.perf_counter()
     with jax.set_mesh(m):
-        lowered = jitted.lower(state_abs, base_abs, batch)
+        traced = jitted.trace(state_abs, base_abs, batch)
+        lowered = traced.lower()
         t1 = time.perf_counter()
         compiled = lowered.compile()
     t2 = time.perf_counter()
     mem = compiled.memory_analysis()
-    with jax.set_mesh(m):
-        flops = count_flops(step, state_abs, base_abs, batch)  # global matmul FLOPs
+    flops = jaxpr_flops(traced.jaxpr.jaxpr)  # global matmul FLOPs
     n_dev = m.size
     count = lambda t: int(sum(math.prod(x.shape) for x in jax.tree.leaves(t)))  # noqa: E731
     out = {

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from hyperlora_jax.errors import CheckpointError, HyperLoraError
 from hyperlora_jax.train import sharding as shd
-from hyperlora_jax.train.flops import count_flops
+from hyperlora_jax.train.flops import jaxpr_flops
 from hyperlora_jax.train.steps import TrainState, all_finite, make_train_step
 
 log = logging.getLogger(__name__)
@@ -155,9 +155,10 @@ class Trainer:
             donate_argnums=(0,),
         )
         with jax.set_mesh(self.mesh):
-            self._compiled = self._jitted.lower(self.state, self.base_params, gbatch).compile()
-            # global matmul FLOPs per step (XLA's cost analysis counts scanned layers once)
-            self._flops = count_flops(self._step_fn, self.state, self.base_params, gbatch)
+            traced = self._jitted.trace(self.state, self.base_params, gbatch)
+            self._compiled = traced.lower().compile()
+        # global matmul FLOPs per step (XLA's cost analysis counts scanned layers once)
+        self._flops = jaxpr_flops(traced.jaxpr.jaxpr)
 
     # ------------------------------------------------------------------ checkpoints
     def _make_manager(self):
