@@ -263,7 +263,14 @@ def tiny() -> mlc.ConfigDict:
         None,
         None,
         h,
-        _cpu_train(steps=20, global_packs_per_step=2),
+        # Rows sized for short test records (16 contexts of a few tokens): small programs.
+        _cpu_train(
+            steps=20,
+            global_packs_per_step=2,
+            max_packed_inp_len=128,
+            max_packed_ctx_len=64,
+            max_qas_len=64,
+        ),
         compute_dtype="float32",
     )
     c.base_model_config = mlc.ConfigDict(

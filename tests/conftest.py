@@ -26,3 +26,9 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+def pytest_collection_modifyitems(config, items):
+    # The long tests first, so the two xdist workers do not end on one of them.
+    long = ("slow", "multiprocess")
+    items.sort(key=lambda item: not any(item.get_closest_marker(m) for m in long))

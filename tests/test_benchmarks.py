@@ -32,6 +32,7 @@ def test_harness_table_and_timing():
     assert peak["flops_per_s"] > 1e8
 
 
+@pytest.mark.slow
 def test_adapter_latency_quick(tmp_path, capsys):
     assert adapter_latency.main(["--quick", "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith("[matmul peak on")  # printed first
@@ -45,6 +46,7 @@ def test_adapter_latency_quick(tmp_path, capsys):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_query_cost_quick(tmp_path):
     assert query_cost.main(["--quick", "--out", str(tmp_path)]) == 0
     data, _ = _report(tmp_path, "query_cost")
@@ -55,6 +57,7 @@ def test_query_cost_quick(tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_train_throughput_quick(tmp_path):
     assert train_throughput.main(["--quick", "--out", str(tmp_path)]) == 0
     data, _ = _report(tmp_path, "train_throughput")

@@ -167,6 +167,7 @@ def _unpacked_loss(params, items):
     return total
 
 
+@pytest.mark.slow
 def test_packed_loss_equals_unpacked(params):
     items = _items(seed=3, n=5)
     rows = packing.pack_items(items, PACK)

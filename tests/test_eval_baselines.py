@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from tiny_models import tiny_llama
 
 from hyperlora_jax.eval import baselines as B
@@ -28,6 +29,7 @@ def test_init_lora_is_peft_default():
     assert float(jnp.abs(a).max()) <= 1 / 8 and float(jnp.abs(b).max()) == 0.0
 
 
+@pytest.mark.slow
 def test_cd_oracle_reduces_distillation_loss_and_moves_student_to_teacher():
     params = transformer.init_params(TINY, jax.random.key(1))
     # larger weights -> peaked teacher distributions, so the document actually matters

@@ -19,6 +19,7 @@ def _png_ok(path):
     assert img.shape[0] > 200 and float(np.std(img[..., :3])) > 0.05
 
 
+@pytest.mark.slow
 def test_eval_d2l_cli_end_to_end(tmp_path, fixtures_dir):
     out = tmp_path / "d2l"
     rc = main([

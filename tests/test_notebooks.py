@@ -73,6 +73,7 @@ def run_notebook(name: str, tmp_path: Path) -> tuple[str, Path]:
     return "".join(text), tmp_path / "work"
 
 
+@pytest.mark.slow
 def test_convert_official(tmp_path):
     out, work = run_notebook("convert_official.ipynb", tmp_path)
     assert "D2L adapter: rank 16" in out  # 1 chunk + the learned bias LoRA, r = 8 each
@@ -87,6 +88,7 @@ def test_convert_official(tmp_path):
     assert (work / "t2l_peft" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_internalize_your_document(tmp_path):
     out, work = run_notebook("internalize_your_document.ipynb", tmp_path)
     assert "hypernetwork:" in out and "rank 8 LoRA" in out
@@ -95,6 +97,7 @@ def test_internalize_your_document(tmp_path):
     assert (work / "my_doc_adapter" / "adapter.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_meta_train_tpu(tmp_path):
     out, work = run_notebook("meta_train_tpu.ipynb", tmp_path)
     assert "resumed from step" in out

@@ -126,7 +126,7 @@ def test_oracles_recon_multitask_and_suite_eval_from_the_cli(tmp_path, capsys):
 
     from hyperlora_jax.cli import main
     from hyperlora_jax.data import task_suite
-    from hyperlora_jax.lora.storage import load_adapter, read_adapter_meta
+    from hyperlora_jax.lora.storage import load_adapter, load_safetensors, read_adapter_meta
 
     base = _tiny_base_with_smollm2_tokenizer(
         tmp_path / "base",
@@ -182,12 +182,21 @@ def test_oracles_recon_multitask_and_suite_eval_from_the_cli(tmp_path, capsys):
         "--config.train.steps=2",
         error="needs train.oracle_library",
     )
-    recon = train(
+    recon = train(  # the smollm2_recon options: factorized L1 on z-scores of the library
         "recon",
         "--config.train.objective=recon",
         "--config.train.steps=2",
         f"--config.train.oracle_library={oracles}",
+        "--config.hypernet.factorized=True",
+        "--config.hypernet.pred_z_score=True",
+        "--config.hypernet.head_use_bias=False",
     )
+    lib = load_adapter(oracles)
+    rows = [read_adapter_meta(oracles)["tasks"].index(t) for t in splits["train"]]
+    consts = load_safetensors(recon / "constants.safetensors")
+    want = np.asarray(lib.b["v_proj"])[rows]
+    np.testing.assert_allclose(consts["mean.b.v_proj"], want.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(consts["std.b.v_proj"], want.std(0, ddof=1), rtol=1e-5, atol=1e-9)
     out = tmp_path / "eval"
     args = ["eval", "t2l-suite", f"--base={base}", f"--suite={suite}", f"--oracles={oracles}"]
     args += [f"--multitask={multitask}", f"--t2l=recon={recon}", "--seen-tasks=1", "--limit=2"]

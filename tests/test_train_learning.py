@@ -12,6 +12,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from tiny_models import tiny_llama
 
 from hyperlora_jax.data import packing, pipeline
@@ -32,6 +33,7 @@ def _base(vocab):
     return cfg, transformer.init_params(cfg, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_d2l_learns_to_internalize_a_fact(tmp_path):
     nk = nv = 16
     k0, v0 = 8, 8 + nk
@@ -114,6 +116,7 @@ def test_d2l_learns_to_internalize_a_fact(tmp_path):
     assert acc >= 0.6 and acc - base_acc >= 0.5
 
 
+@pytest.mark.slow
 def test_t2l_learns_to_separate_tasks_by_description(tmp_path):
     n = 12
     x0 = 4

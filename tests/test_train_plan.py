@@ -3,9 +3,12 @@ CPU devices from abstract inputs and reports per-device memory and FLOPs."""
 
 import json
 
+import pytest
+
 from hyperlora_jax.cli import main
 
 
+@pytest.mark.slow
 def test_plan_smollm2_qa_on_fake_mesh(capsys):
     rc = main(
         [

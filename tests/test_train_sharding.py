@@ -15,6 +15,7 @@ from hyperlora_jax.train import sharding as shd
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_and_follows_rules():
     env = {
         **os.environ,

@@ -5,6 +5,7 @@ gradient accumulation equals one big batch, and the frozen base params receive n
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from hyperlora_jax.hypernet.doc_to_lora import compose
 from hyperlora_jax.train import optim
@@ -13,6 +14,7 @@ from hyperlora_jax.train import steps as S
 RNG = np.random.default_rng(0)
 
 
+@pytest.mark.slow
 def test_packed_d2l_student_equals_inference_composition():
     """The training step's masked chunk LoRAs on a packed row give the same student logits as
     inference: each chunk encoded alone, LoRAs composed in the official combine_lora order
@@ -137,6 +139,7 @@ def test_grad_accumulation_equals_one_batch_and_base_is_frozen():
     assert int(st.step) == 1 and int(st.bad_total) == 0
 
 
+@pytest.mark.slow
 def test_online_teacher_matches_stored_topk():
     from hyperlora_jax.models import transformer
     from hyperlora_jax.models.config import ModelConfig

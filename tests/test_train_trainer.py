@@ -47,6 +47,7 @@ def _train(workdir, steps, **kw):
     return tr, rows
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reproduces_losses(tmp_path):
     full = tmp_path / "full"
     _train(full, 10, save_every=100)

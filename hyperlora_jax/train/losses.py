@@ -143,24 +143,15 @@ def neftune_noise(rng: jax.Array, shape: tuple[int, ...], alpha: float, dtype=f3
 
 
 def recon_l1_factorized(
-    a_pred: jax.Array,
-    b_pred: jax.Array,
-    a_tgt: jax.Array,
-    b_tgt: jax.Array,
-    mean: tuple[jax.Array, jax.Array] | None = None,
-    std: tuple[jax.Array, jax.Array] | None = None,
+    a_pred: jax.Array, b_pred: jax.Array, a_tgt: jax.Array, b_tgt: jax.Array
 ) -> jax.Array:
-    """T2L factorized reconstruction: L1(A)/2 + L1(B)/2, optionally on z-scores of the targets.
+    """T2L factorized reconstruction: L1(A)/2 + L1(B)/2 (mean over elements).
 
-    With `mean`/`std` (per-element stats over the oracle LoRAs) the prediction is read as a
-    z-score and the target is normalised with (t - mean) / (std + 1e-10), as the official code.
+    With the official `pred_z_score` option the targets arrive as per-element z-scores over the
+    oracle library (the data stream normalises them, `train.run.recon_data`).
     """
-    a_t, b_t = a_tgt.astype(f32), b_tgt.astype(f32)
-    if mean is not None:
-        a_t = (a_t - mean[0]) / (std[0] + 1e-10)
-        b_t = (b_t - mean[1]) / (std[1] + 1e-10)
-    la = jnp.mean(jnp.abs(a_pred.astype(f32) - a_t))
-    lb = jnp.mean(jnp.abs(b_pred.astype(f32) - b_t))
+    la = jnp.mean(jnp.abs(a_pred.astype(f32) - a_tgt.astype(f32)))
+    lb = jnp.mean(jnp.abs(b_pred.astype(f32) - b_tgt.astype(f32)))
     return la / 2 + lb / 2
 
 

@@ -244,9 +244,16 @@ def t2l_data(config, parts, paths: list[str], seed: int, base_model: str | None)
     return iter(ds.batch(k // jax.process_count()).to_iter_dataset()), names
 
 
-def recon_data(config, parts, library: str, seed: int, suite: str | None):
+RECON_STATS = "recon_stats.safetensors"  # in the workdir; export-run ships it as constants
+
+
+def recon_data(config, parts, library: str, seed: int, suite: str | None, workdir: str):
     """T2L reconstruction stream: per step k library tasks, each with a random training
-    description (embedded by the config's encoder) and its oracle LoRA as the target."""
+    description (embedded by the config's encoder) and its oracle LoRA as the target.
+
+    With `pred_z_score` the targets are per-element z-scores over the training tasks' oracles
+    (torch's unbiased std + 1e-10, as the official code); the mean and std go to
+    `workdir/recon_stats.safetensors`, from which generation un-normalises."""
     import grain
 
     from hyperlora_jax.data import sni
@@ -269,6 +276,18 @@ def recon_data(config, parts, library: str, seed: int, suite: str | None):
     rows = [lib_names.index(n) for n in names]
     targets = {f"target_a.{m}": np.asarray(lib.a[m])[rows] for m in h.modules}
     targets |= {f"target_b.{m}": np.asarray(lib.b[m])[rows] for m in h.modules}
+    if h.pred_z_score:
+        from hyperlora_jax.lora.storage import save_safetensors
+
+        stats = {}
+        for key, x in targets.items():
+            ab, m = key.removeprefix("target_").split(".", 1)
+            stats[f"mean.{ab}.{m}"] = x.mean(0)
+            stats[f"std.{ab}.{m}"] = x.std(0, ddof=1) if len(x) > 1 else np.zeros_like(x[0])
+            targets[key] = (x - stats[f"mean.{ab}.{m}"]) / (stats[f"std.{ab}.{m}"] + 1e-10)
+        if jax.process_index() == 0:
+            Path(workdir).mkdir(parents=True, exist_ok=True)
+            save_safetensors(stats, Path(workdir) / RECON_STATS)
     n_descs = int(config.train.get("n_descs_per_ds", 128))
     descs = [sni.load_metadata(root / n)["descriptions"][:n_descs] for n in names]
     enc = te.from_spec(dict(config.encoder), None)
@@ -339,7 +358,9 @@ def build_trainer(
                 "T2L reconstruction needs train.oracle_library: the folder `export-run` wrote "
                 "for an oracle LoRA run (configs/t2l.py:smollm2_oracles)"
             )
-        it, names = recon_data(config, parts, str(t.oracle_library), seed, (data or [None])[0])
+        it, names = recon_data(
+            config, parts, str(t.oracle_library), seed, (data or [None])[0], workdir
+        )
     elif config.get("base_model_config") and not data:
         it = synthetic_t2l_data(parts, hp.global_batch, seed)
     else:
@@ -432,6 +453,7 @@ def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bo
         )
     from hyperlora_jax.hypernet.t2l import T2LConfig
     from hyperlora_jax.hypernet.text_to_lora import save_t2l_checkpoint
+    from hyperlora_jax.lora.storage import load_safetensors
 
     cfg = T2LConfig.from_json(info["hypernet_config"])
     if (info.get("config") or {}).get("train", {}).get("objective") == "lora":
@@ -447,4 +469,8 @@ def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bo
         return save_adapter(lib, out, meta, overwrite=overwrite)
     encoder = dict((info.get("config") or {}).get("encoder") or {})
     meta = {"base_model": info.get("base_model"), "encoder": encoder, "training": training}
-    return save_t2l_checkpoint(out, cfg, params, meta=meta, overwrite=overwrite)
+    stats = Path(workdir) / RECON_STATS
+    constants = load_safetensors(stats) if cfg.pred_z_score and stats.is_file() else None
+    if cfg.pred_z_score and constants is None:
+        raise CheckpointError(f"{stats} is missing: a pred_z_score run cannot be un-normalised")
+    return save_t2l_checkpoint(out, cfg, params, constants, meta=meta, overwrite=overwrite)

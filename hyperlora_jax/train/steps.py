@@ -114,17 +114,23 @@ def make_train_step(
         if inject_nan_at is not None:
             poison = jnp.where(state.step == inject_nan_at, jnp.nan, 0.0)
             grads = jax.tree_util.tree_map(lambda g: g + poison.astype(g.dtype), grads)
-        ok = jnp.isfinite(loss) & all_finite(grads)
         gnorm = optax.global_norm(grads)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-            lambda n, o: jnp.where(ok, n, o), new, old
+        # One scalar decides: a NaN or inf anywhere makes the gradient's global norm non-finite
+        # (so does an f32 overflow of its square, a step clipping could not rescue either). A
+        # cond rather than a per-leaf select keeps the compiled step small (fewer kernels).
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+
+        def update(_):
+            updates, new_opt = tx.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), new_opt
+
+        new_params, new_opt = jax.lax.cond(
+            ok, update, lambda _: (state.params, state.opt_state), None
         )
         new_state = state.replace(
             step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt, state.opt_state),
+            params=new_params,
+            opt_state=new_opt,
             rng=jax.random.key_data(rng),
             bad_in_a_row=jnp.where(ok, 0, state.bad_in_a_row + 1),
             bad_total=state.bad_total + jnp.where(ok, 0, 1),
@@ -471,17 +477,22 @@ def _adapter_sft_loss(
     return loss_fn
 
 
-def make_t2l_recon_loss(tcfg, *, stats: dict | None = None) -> LossFn:
-    """T2L reconstruction: L1 to oracle LoRAs (factorized A/B, optional z-score; or dense dW).
+def make_t2l_recon_loss(tcfg) -> LossFn:
+    """T2L reconstruction: L1 to oracle LoRAs, factorized (A and B; z-scored targets with
+    `pred_z_score`, normalised by the data stream) or dense (dW). Per-sample losses summed and
+    divided by the sample count (= the official mean over equal-size samples), averaged over
+    target modules."""
+    import functools
 
-    stats: {"mean.a.<m>", "std.a.<m>", ...} [L, r, d] for the z-score option. Per-sample means
-    summed and divided by the sample count (= the official mean over equal-size samples),
-    averaged over target modules.
-    """
     from hyperlora_jax.hypernet.t2l import HyperModulator
+    from hyperlora_jax.train import losses
 
-    def per_sample(x):
-        return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+    if tcfg.factorized:
+        per_sample = jax.vmap(losses.recon_l1_factorized)
+    else:
+        per_sample = jax.vmap(
+            functools.partial(losses.recon_l1_dense, scaling=tcfg.delta_w_scaling)
+        )
 
     def loss_fn(params, base_params, batch, rng, num_samples):
         del base_params
@@ -494,18 +505,7 @@ def make_t2l_recon_loss(tcfg, *, stats: dict | None = None) -> LossFn:
         valid = batch["sample_valid"].astype(jnp.float32)
         total = jnp.zeros((), jnp.float32)
         for m in tcfg.modules:
-            at = batch[f"target_a.{m}"].astype(jnp.float32)
-            bt = batch[f"target_b.{m}"].astype(jnp.float32)
-            pa, pb = a[m].astype(jnp.float32), b[m].astype(jnp.float32)
-            if tcfg.factorized:
-                if tcfg.pred_z_score:
-                    at = (at - stats[f"mean.a.{m}"]) / (stats[f"std.a.{m}"] + 1e-10)
-                    bt = (bt - stats[f"mean.b.{m}"]) / (stats[f"std.b.{m}"] + 1e-10)
-                err = per_sample(jnp.abs(pa - at)) / 2 + per_sample(jnp.abs(pb - bt)) / 2
-            else:
-                dw = jnp.einsum("nlro,nlri->nloi", pb, pa)
-                dwt = jnp.einsum("nlro,nlri->nloi", bt, at)
-                err = per_sample(jnp.abs(dw - tcfg.delta_w_scaling * dwt))
+            err = per_sample(a[m], b[m], batch[f"target_a.{m}"], batch[f"target_b.{m}"])
             total = total + jnp.sum(err * valid)
         loss = total / len(tcfg.modules) / num_samples
         return loss, {"main_loss": loss}
