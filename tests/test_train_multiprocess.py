@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import XLA_TEST_FLAGS
 
 ROOT = Path(__file__).parents[1]
 
@@ -18,8 +19,7 @@ def test_two_processes_agree_on_loss(tmp_path):
     import portpicker
 
     port = portpicker.pick_unused_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": XLA_TEST_FLAGS}  # 1 device each
     procs = [
         subprocess.Popen(
             [

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import XLA_TEST_FLAGS
 
 from hyperlora_jax.errors import ConfigError
 from hyperlora_jax.train import sharding as shd
@@ -19,7 +20,7 @@ ROOT = Path(__file__).parents[1]
 def test_sharded_step_equals_single_device_and_follows_rules():
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count=8",
         "JAX_PLATFORMS": "cpu",
     }
     r = subprocess.run(
