@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import make_tiny_hf  # noqa: E402
+from tiny_models import make_tiny_hf, tiny_llama  # noqa: E402
 
 from hyperlora_jax.cli import main  # noqa: E402
 
@@ -72,7 +72,6 @@ def test_t2l_trains_on_a_task_folder_and_exports(tmp_path):
 
 @pytest.mark.slow
 def test_d2l_trains_on_text_records_and_exports(tmp_path):
-
     from hyperlora_jax.hypernet.doc_to_lora import DocToLoRA
 
     base = _tiny_base_with_smollm2_tokenizer(
@@ -128,19 +127,9 @@ def test_init_from_returns_the_exported_params(tmp_path):
     from hyperlora_jax.errors import CheckpointError
     from hyperlora_jax.hypernet.d2l import D2LConfig, init_params
     from hyperlora_jax.hypernet.d2l_checkpoint import load_checkpoint, save_checkpoint
-    from hyperlora_jax.models.config import ModelConfig
     from hyperlora_jax.train.run import _params_from_checkpoint
 
-    base = ModelConfig(
-        family="llama",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-    )
+    base = tiny_llama(64)
     cfg = D2LConfig.for_base(base, latent_size=16, n_latent_queries=4, num_blocks=1, lora_r=2)
     fresh = lambda k: init_params(cfg, k)  # noqa: E731
     save_checkpoint(tmp_path / "ckpt", fresh(jax.random.key(1)), cfg, base_model=None)
