@@ -19,7 +19,10 @@ stage() {  # NAME PRESET [flags...]
 }
 stage sft smollm2_sft
 stage oracles smollm2_oracles
-stage recon smollm2_recon --config.train.oracle_library="$R/oracles"
+# Reconstruction in two 3,000-step rounds, the second from the first's params with a fresh warmup
+# and decay (the L1 was still falling at the end of round 1), as the model card's numbers.
+stage recon1 smollm2_recon --config.train.oracle_library="$R/oracles"
+stage recon smollm2_recon --config.train.oracle_library="$R/oracles" --config.train.init_from="$R/recon1"
 stage multitask smollm2_multitask
 $HJ eval t2l-suite --base "$M" --suite "$R/suite" --oracles "$R/oracles" \
   --multitask "$R/multitask" --t2l sft="$R/sft" --t2l recon="$R/recon" --out "$R/eval"
