@@ -9,14 +9,24 @@ XLA's cost analysis counts the scanned layers once).
 
   python -m benchmarks.train_throughput --quick   # smoke
   python -m benchmarks.train_throughput           # SmolLM2: D2L official + cpu_default, T2L;
-      about 10 min on 2 CPU cores
+      and the D2L NIAH step; about 14 min on 2 CPU cores
   python -m benchmarks.train_throughput --base gemma2_2b --dtype bfloat16 --d2l-hypernet official
       # full size (GPU)
+  python -m benchmarks.train_throughput --skip d2l,t2l --out DIR   # only the NIAH step (~5 min)
+
+D2L NIAH (table d2l_niah): the training step of configs/d2l.py:smollm2_embedded (real
+SmolLM2-135M-Instruct weights when the model folder is present, random ones otherwise) on packed
+rows of NIAH-like samples: a context of 32-256 tokens chunked as in training (1-8 chunks of >= 25
+tokens), one 45-token query whose last 5 tokens are the labels. Reports matmul FLOPs per sample
+(context), split by where they run, and contexts per minute.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import random
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +36,8 @@ from benchmarks import harness, setups
 from hyperlora_jax.data import packing
 from hyperlora_jax.hypernet.d2l import init_params as d2l_init
 from hyperlora_jax.models import transformer
-from hyperlora_jax.train import optim
-from hyperlora_jax.train.flops import count_flops
+from hyperlora_jax.train import build, optim
+from hyperlora_jax.train.flops import count_flops, count_flops_by_scope
 from hyperlora_jax.train.steps import (
     TrainState,
     d2l_count,
@@ -88,6 +98,125 @@ def run_step(rep, name, loss_fn, count_fn, params, base_params, batch, tx, token
     rep.add("train_step", row)
 
 
+# ----------------------------------------------------------------------------- D2L NIAH step
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2_DIR = Path.home() / ".cache" / "hyperlora_jax" / "models" / "smollm2-135m-instruct"
+# Where a step's matmul FLOPs run, by the name stack of each matmul (first match wins; the LM
+# head sits inside the student's scope, so it is matched first). Anything else is "rest".
+FLOP_PARTS = (
+    ("lm_head", "hv->btv"),
+    ("context_encoder", "context_encoder"),
+    ("perceiver_projection", "modality_projection"),
+    ("perceiver_resampler", "aggregator"),
+    ("student_bwd", "transpose(jvp(student"),
+    ("student_fwd", "student"),
+)
+
+
+def flop_parts(by_scope: dict[str, float]) -> dict[str, float]:
+    """count_flops_by_scope output -> FLOPs per FLOP_PARTS entry (+ "rest")."""
+    out = dict.fromkeys([name for name, _ in FLOP_PARTS] + ["rest"], 0.0)
+    for scope, f in by_scope.items():
+        name = next((n for n, key in FLOP_PARTS if key in scope), "rest")
+        out[name] += f
+    return out
+
+
+def d2l_preset(name: str):
+    spec = importlib.util.spec_from_file_location("_d2l_presets", ROOT / "configs" / "d2l.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(name)
+
+
+def niah_batch(hp, rows: int, vocab: int, *, ctx_tokens=(32, 256), query_len=45, label_len=5,
+               max_chunk_len=256, min_chunk_len=25, affix=(8, 6), seed=0):  # fmt: skip
+    """`rows` full packed rows of NIAH-like samples in the row shapes of hp (build.HParams).
+
+    Sample: a templated context of ctx_tokens random ids (affix = chat prefix/suffix lengths),
+    chunked like NIAH training (official 1-8 chunk distribution, chunks of min..max_chunk_len
+    tokens), and one query_len-token query whose last label_len tokens are the labels.
+    Returns (batch [rows, ...] as jax arrays, number of contexts in it).
+    """
+    r, nr = random.Random(seed), np.random.default_rng(seed)
+    ids = lambda n: nr.integers(3, vocab, n).tolist()  # noqa: E731
+    pc = packing.PackConfig(hp.inp_len, hp.ctx_len, hp.max_contexts, hp.max_chunks, hp.max_qas,
+                            top_k=0)  # fmt: skip
+    items: list[dict] = []
+    while True:
+        for _ in range(16 * rows):
+            prefix, suffix = ids(affix[0]), ids(affix[1])
+            body = ids(r.randrange(*ctx_tokens) - sum(affix))
+            chunks = packing.chunk_context(
+                prefix + body + suffix, max_chunk_len=max_chunk_len, prefix=prefix,
+                suffix=suffix, num_chunk_probs=packing.OFFICIAL_NUM_CHUNK_PROBS,
+                min_chunk_len=min_chunk_len, rng=r,
+            )  # fmt: skip
+            q = ids(query_len)
+            labels = [-100] * (query_len - label_len) + q[-label_len:]
+            items.append({"ctx_chunks": chunks, "input_ids": [q], "labels": [labels]})
+        plan = packing.plan_packs([packing.item_sizes(it) for it in items], pc)
+        if len(plan) > rows:  # the first `rows` packs are closed (full)
+            break
+    packed = [packing.pack_row([items[i] for i in p], pc) for p in plan[:rows]]
+    batch = {k: jnp.asarray(np.stack([x[k] for x in packed])) for k in packed[0]}
+    return batch, sum(len(p) for p in plan[:rows])
+
+
+def run_niah(rep, name, parts, base_params, batch, contexts, peak, repeats):
+    """One D2L training step (parts from build.experiment) on `batch`: FLOPs and speed/sample."""
+    params = parts.init_params(jax.random.key(1))
+    tx, _ = build.make_tx(parts, params)
+    state = TrainState.create(params, tx)
+    step_fn = make_train_step(parts.loss_fn, tx, parts.count_fn)
+    split = flop_parts(count_flops_by_scope(step_fn, state, base_params, batch))
+    flops = sum(split.values())
+    step = jax.jit(step_fn)
+    holder = {"s": state}
+
+    def one():
+        holder["s"], m = step(holder["s"], base_params, batch)
+        return m["loss"]
+
+    loss0 = float(one())  # compiles; the loss of the initial params, comparable across code
+    tm = harness.timeit(one, warmup=0, repeats=repeats)
+    row = {
+        "step": name, "rows": int(batch["input_ids"].shape[0]), "contexts": contexts,
+        "max_label_len": parts.hp.max_label_len or 0, "median_s": tm["median_s"],
+        "contexts_per_min": contexts / tm["median_s"] * 60,
+        "gflop_per_sample": flops / contexts / 1e9,
+        **{f"gflop_{k}": v / contexts / 1e9 for k, v in split.items()},
+        "frac_of_peak": flops / tm["median_s"] / peak, "first_loss": loss0,
+    }  # fmt: skip
+    rep.add("d2l_niah", row)
+
+
+def d2l_niah(rep, a, peak):
+    if a.quick:
+        config = d2l_preset("tiny")
+        config.train.loss = "ce"  # NIAH trains on the gold answer
+        shapes = dict(ctx_tokens=(6, 24), query_len=12, label_len=3, max_chunk_len=12,
+                      min_chunk_len=4, affix=(2, 1))  # fmt: skip
+    else:
+        config = d2l_preset("smollm2_embedded")
+        shapes = dict(max_chunk_len=int(config.train.max_ctx_chunk_len),
+                      min_chunk_len=int(config.train.min_ctx_chunk_len))  # fmt: skip
+    config.train.max_label_len = a.niah_max_label_len
+    parts = build.experiment(config)
+    if not a.quick and SMOLLM2_DIR.is_dir():
+        from hyperlora_jax.models.hf import load_hf_model
+
+        _, base_params = load_hf_model(SMOLLM2_DIR, dtype=jnp.float32)
+        weights = "SmolLM2-135M-Instruct weights"
+    else:
+        base_params = transformer.init_params(parts.base_cfg, jax.random.key(0))
+        weights = "random base weights"
+    rows = a.niah_rows or parts.hp.global_batch
+    batch, contexts = niah_batch(parts.hp, rows, parts.base_cfg.vocab_size, **shapes)
+    name = f"d2l_niah[{config.name}, {weights}]"
+    run_niah(rep, name, parts, base_params, batch, contexts, peak, a.repeats)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -100,7 +229,14 @@ def main(argv=None) -> int:
     p.add_argument("--t2l-len", type=int, default=128)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip", default="", help="comma list of d2l,t2l to skip")
+    p.add_argument("--skip", default="", help="comma list of d2l,t2l,niah to skip")
+    p.add_argument("--niah-rows", type=int, default=0, help="rows per NIAH step (0: the preset's)")
+    p.add_argument(
+        "--niah-max-label-len",
+        type=int,
+        default=40,
+        help="train.max_label_len of the NIAH step (0: LM head on every position)",
+    )
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     if a.quick:
@@ -111,8 +247,10 @@ def main(argv=None) -> int:
     peak = peaks["bfloat16" if dtype == jnp.bfloat16 else "float32"]["flops_per_s"]
     rep = harness.Report(
         "train_throughput", peaks, "quick" if a.quick else "full",
-        notes=f"base={a.base} (random weights), compute dtype {a.dtype}; frac_of_peak = matmul "
-        "FLOPs (jaxpr count) / median step time / measured matmul peak of that dtype.",
+        notes=f"train_step: base={a.base} (random weights), compute dtype {a.dtype}; d2l_niah: "
+        "the configs/d2l.py preset and weights named in the step, gflop_* per sample (context); "
+        "frac_of_peak = matmul FLOPs (jaxpr count) / median step time / measured matmul peak of "
+        "that dtype.",
     )  # fmt: skip
     cfg_b = setups.base_config(a.base)
     base_params = transformer.init_params(cfg_b, jax.random.key(0), dtype)
@@ -157,6 +295,8 @@ def main(argv=None) -> int:
         official = OFFICIAL["t2l_step_s"] if a.base == "smollm2" else None
         run_step(rep, "t2l_sft[L]", loss, t2l_count, tp, base_params, tb, tx, b * t, peak,
                  a.repeats, official)  # fmt: skip
+    if "niah" not in skip:
+        d2l_niah(rep, a, peak)
     rep.write(a.out)
     return 0
 

@@ -7,6 +7,7 @@ Official setups (reference/d2l.md §1, §3.4) and CPU-scale ones:
   smollm2_qa       SmolLM2-135M-Instruct, l2l, latent 32, 2 blocks (6.04M params, 24.2 MB f32)
   smollm2_niah     SmolLM2-135M-Instruct, early exit, 240 latents, latent 32 (6.06M, 24.2 MB)
   smollm2_embedded smollm2_niah trained on NIAH + fact documents (the shipped default)
+  smollm2_gpu      smollm2_niah at the official NIAH scale on one lent GPU (launch/device/README.md)
   tiny             random 2-layer base, latent 16, 1 block (tests, seconds on a CPU)
 
 Launch (trainer helper consumes `train`):
@@ -39,6 +40,7 @@ def _hypernet(**kw) -> mlc.ConfigDict:
         ctx_encoder_type="per_layer_activations",
         early_exit_layer=None,
         ctx_encoder_last_layer=None,
+        scaler_b_init=0.0,  # official; see D2LConfig.scaler_b_init
     )
     h.update(kw)
     return mlc.ConfigDict(h)
@@ -82,6 +84,8 @@ def _train(**kw) -> mlc.ConfigDict:
         num_chunk_probs=None,
         compute_dtype="bfloat16",
         seed=42,
+        time_budget_s=0.0,  # wall-clock seconds for a run, 0 = none (trainer.TrainOptions)
+        lr_time_decay=False,  # cosine-decay the lr over time_budget_s instead of over steps
     )
     t.update(kw)
     return mlc.ConfigDict(t)
@@ -256,6 +260,37 @@ def smollm2_embedded() -> mlc.ConfigDict:
     return c
 
 
+def smollm2_gpu() -> mlc.ConfigDict:
+    """smollm2_niah's hypernetwork trained at the official NIAH recipe's scale on one GPU, in the
+    two stages of the lease (launch/device/lease.py): NIAH, then NIAH + fact documents from the
+    stage-1 weights. Both stages and call 1's probe run this one program (same shapes, loss and
+    schedule constants), so it compiles once; runs stop by `time_budget_s`, and stage 2 decays
+    its learning rate over the clock (`lr_time_decay`). bf16 compute, f32 accumulation."""
+    c = smollm2_niah()
+    c.name = "smollm2_gpu"
+    c.compute_dtype = "bfloat16"
+    c.hypernet.scaler_b_init = 0.1  # not the official 0: see the learning-gate table
+    c.train.update(
+        dict(
+            steps=10**6,  # the time budget ends each stage
+            schedule="constant",
+            learning_rate=1e-3,
+            min_learning_rate=1e-5,
+            warmup_steps=50,
+            global_packs_per_step=32,  # the probe halves it if the GPU runs out of memory
+            max_packed_inp_len=384,  # 8 NIAH queries of ~45 tokens
+            max_packed_ctx_len=1280,  # with 32 chunk slots rows hold ~7 contexts, not ~5
+            max_chunks_per_pack=32,
+            max_contexts_per_pack=8,
+            max_label_len=96,  # logits only at label positions: 8 answers of <= 12 tokens
+            compute_dtype="bfloat16",
+            save_every=1000,
+            max_to_keep=2,
+        )
+    )
+    return c
+
+
 def tiny() -> mlc.ConfigDict:
     h = _hypernet(latent_size=16, num_blocks=1, n_latent_queries=4)
     c = _base(
@@ -299,6 +334,7 @@ PRESETS = {
         smollm2_qa,
         smollm2_niah,
         smollm2_embedded,
+        smollm2_gpu,
         tiny,
     )
 }

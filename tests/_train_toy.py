@@ -14,7 +14,19 @@ import sys
 W_TRUE_SEED = 0
 
 
-def build(workdir, steps, *, kill_at=None, term_at=None, nan_at=None, save_every=1, max_bad=10):
+def build(
+    workdir,
+    steps,
+    *,
+    kill_at=None,
+    term_at=None,
+    nan_at=None,
+    save_every=1,
+    max_bad=10,
+    time_budget_s=None,
+    floor=None,
+    lr_time_decay=False,
+):
     import grain
     import jax
     import jax.numpy as jnp
@@ -32,6 +44,7 @@ def build(workdir, steps, *, kill_at=None, term_at=None, nan_at=None, save_every
     data = iter(
         grain.MapDataset.source(np.arange(10_000))
         .shuffle(seed=1)
+        .repeat()  # endless: the time-budget tests run for seconds
         .map(example)
         .batch(8)
         .to_iter_dataset()
@@ -76,6 +89,9 @@ def build(workdir, steps, *, kill_at=None, term_at=None, nan_at=None, save_every
             progress=False,
             inject_nan_at=nan_at,
             max_bad_steps=max_bad,
+            time_budget_s=time_budget_s,
+            context_blind_floor=floor,
+            lr_time_decay=lr_time_decay,
         ),
         rebuild_info={"kind": "toy"},
         hooks=[hook],

@@ -10,7 +10,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import adapter_latency, harness, query_cost, train_throughput  # noqa: E402
+from benchmarks import (  # noqa: E402
+    adapter_latency,
+    data_throughput,
+    harness,
+    query_cost,
+    train_throughput,
+)
 
 
 def _report(out, name):
@@ -66,6 +72,25 @@ def test_train_throughput_quick(tmp_path):
     for r in steps.values():
         assert r["tokens_per_s"] > 0 and r["loss"] == pytest.approx(r["loss"])  # finite
         assert r["gflop_per_step"] > 0 and 0 < r["frac_of_peak"] < 5
+    (niah,) = data["tables"]["d2l_niah"]
+    assert niah["contexts"] > 0 and niah["contexts_per_min"] > 0
+    parts = [v for k, v in niah.items() if k.startswith("gflop_") and k != "gflop_per_sample"]
+    assert sum(parts) == pytest.approx(niah["gflop_per_sample"]) and niah["gflop_lm_head"] > 0
+
+
+def test_data_throughput_quick(tmp_path):
+    assert data_throughput.main(["--quick", "--out", str(tmp_path)]) == 0
+    data, md = _report(tmp_path, "data_throughput")
+    tokens = [r for r in data["tables"]["niah_build"] if r["path"] == "tokens"]
+    assert [r["workers"] for r in tokens] == [1, 2] and all(r["records"] == 1000 for r in tokens)
+    text = [r for r in data["tables"]["niah_build"] if r["path"].startswith("text")]
+    assert all(r["records_per_s"] > 0 for r in tokens + text)
+    assert 0 < tokens[0]["bytes_per_record"] < text[0]["bytes_per_record"]
+    est = data["tables"]["extrapolation"][0]
+    assert est["records"] == 640_000 and est["cores"] == 16 and est["token_path_s"] > 0
+    reads = {r["data"]: r for r in data["tables"]["train_read"]}
+    assert reads["tokens"]["held_bytes_per_record"] < reads["text"]["held_bytes_per_record"]
+    assert len(data["tables"]["facts"]) == 3 and "## extrapolation" in md
 
 
 def test_gpu_check_script_is_valid_and_refuses_cpu(tmp_path):

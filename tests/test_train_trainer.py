@@ -1,5 +1,6 @@
-"""Trainer: exact resume after SIGKILL (same losses, same data order), save on SIGTERM,
-half-written checkpoints ignored, NaN guard (skip + count, never save non-finite state)."""
+"""Trainer: exact resume after SIGKILL (same losses, same data order), save on SIGTERM then a
+non-zero exit, the wall-clock budget, half-written checkpoints ignored, NaN guard (skip + count,
+never save non-finite state), the step that leaves the context-blind floor."""
 
 import json
 import os
@@ -70,12 +71,57 @@ def test_resume_after_sigkill_reproduces_losses(tmp_path):
         assert abs(a[s] - b[s]) <= 1e-6 * max(1.0, abs(a[s])), (s, a[s], b[s])
 
 
-def test_sigterm_saves_checkpoint_before_exit(tmp_path):
+def test_sigterm_saves_checkpoint_then_exits_nonzero(tmp_path):
     r = _run_sub(tmp_path, 50, "--term-at", 3, "--save-every", 1000)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode != 0
+    assert "stopped by SIGTERM after step 3" in r.stderr, r.stderr[-2000:]
     steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert steps == [3]
     assert json.loads((tmp_path / "rebuild.json").read_text()) == {"kind": "toy"}
+
+
+def test_time_budget_stops_in_time_with_a_complete_checkpoint(tmp_path):
+    import time
+
+    from hyperlora_jax.train.trainer import _complete_steps
+
+    budget = 15.0
+    t0 = time.perf_counter()
+    tr, rows = _train(tmp_path, 10**6, save_every=10**6, time_budget_s=budget)
+    elapsed = time.perf_counter() - t0
+    assert tr.stopped_by == "time_budget"
+    assert 2 < len(rows) < 10**6
+    assert elapsed < budget, elapsed  # the stop leaves room for the final save
+    assert _complete_steps(tmp_path / "checkpoints") == [rows[-1]["step"]]
+    # resuming with the steps done continues from the saved step
+    tr2, rows2 = _train(tmp_path, rows[-1]["step"] + 2, save_every=10**6)
+    assert [r["step"] for r in rows2] == [rows[-1]["step"] + 1, rows[-1]["step"] + 2]
+    assert tr2.stopped_by == "steps"
+
+
+def test_lr_time_decay_follows_the_clock(tmp_path):
+    """Cosine over the wall-clock budget: full lr after the first step, near 0 at the stop."""
+    tr, rows = _train(tmp_path, 10**6, save_every=10**6, time_budget_s=15.0, lr_time_decay=True)
+    assert tr.stopped_by == "time_budget"
+    lr = np.array([r["lr"] for r in rows])
+    peak = 0.05  # the toy's lr; its step-count cosine over 1e6 steps stays at the peak
+    assert lr.max() > 0.9 * peak  # full lr right after warmup
+    assert np.all(np.diff(lr[3:]) <= 1e-9)  # then it decays with the clock
+    assert lr[-1] < 0.25 * peak
+
+
+def test_first_step_below_the_context_blind_floor_is_recorded(tmp_path):
+    from hyperlora_jax.train.trainer import FLOOR_MARGIN, FLOOR_WINDOW
+
+    tr, rows = _train(tmp_path, 60, save_every=10**6, floor=3.0)
+    losses = np.array([r["loss"] for r in rows])
+    means = np.convolve(losses, np.ones(FLOOR_WINDOW) / FLOOR_WINDOW, "valid")
+    first = int(np.argmax(means < FLOOR_MARGIN * 3.0)) + 1  # step of the window's first row
+    assert means[0] >= FLOOR_MARGIN * 3.0 and means[-1] < FLOOR_MARGIN * 3.0  # it does cross
+    assert tr.left_floor_at == first
+    assert rows[first + FLOOR_WINDOW - 2]["left_context_blind_floor_at"] == first
+    logged = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(logged[0]) == {"step": 0, "context_blind_floor": 3.0}
 
 
 def test_nan_gradient_is_skipped_counted_and_never_saved(tmp_path):

@@ -89,28 +89,70 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_batch(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of many texts (no special tokens added) in one call: the Rust tokenizer's
+    `encode_batch_fast` (parallel, no offsets) when the tokenizer has one, else a batched
+    `tokenizer(texts)`. Same ids as one `tokenizer(text)` call per text."""
+    texts = list(texts)
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    # transformers switches the backend's special-token splitting per call; keep to the default
+    if fast is not None and not getattr(tokenizer, "split_special_tokens", False):
+        if not getattr(backend, "encode_special_tokens", False):
+            return [e.ids for e in fast(texts, add_special_tokens=False)]
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def _bos(tokenizer: Any) -> str:
     return tokenizer.bos_token or ""
 
 
+def _user_turn_text(text: str, tokenizer: Any, kind: str) -> str:
+    head, tail = turn_affixes(kind, _bos(tokenizer) if kind != "chatml" else "")
+    return head + text.strip() + tail
+
+
 def format_user_turn(text: str, tokenizer: Any, kind: str | None = None) -> list[int]:
     """Token ids of `text` as one user turn (empty system message, generation prompt)."""
-    kind = kind or template_kind(tokenizer)
-    head, tail = turn_affixes(kind, _bos(tokenizer) if kind != "chatml" else "")
-    return _encode(tokenizer, head + text.strip() + tail)
+    return _encode(tokenizer, _user_turn_text(text, tokenizer, kind or template_kind(tokenizer)))
 
 
-def tokenize_ctx_text(text: str, tokenizer: Any, kind: str | None = None) -> list[int]:
-    """A document's context ids (official tokenize_ctx_text); an empty document is an InputError."""
+def _check_document(text: Any) -> None:
     if not isinstance(text, str) or not text.strip():
         raise InputError("the document is empty (or only whitespace); give it some text")
-    ids = format_user_turn(text, tokenizer, kind)
-    head, tail = ctx_affixes(tokenizer, kind)
-    if len(ids) <= len(head) + len(tail):
+
+
+def _check_ctx_ids(ids: list[int], text: str, n_affixes: int) -> list[int]:
+    if len(ids) <= n_affixes:
         raise InputError(
             f"the document {text[:40]!r} tokenizes to no tokens besides the chat affixes"
         )
     return ids
+
+
+def tokenize_ctx_text(text: str, tokenizer: Any, kind: str | None = None) -> list[int]:
+    """A document's context ids (official tokenize_ctx_text); an empty document is an InputError."""
+    _check_document(text)
+    kind = kind or template_kind(tokenizer)
+    head, tail = ctx_affixes(tokenizer, kind)
+    return _check_ctx_ids(format_user_turn(text, tokenizer, kind), text, len(head) + len(tail))
+
+
+def tokenize_ctx_texts(
+    texts: Sequence[str], tokenizer: Any, kind: str | None = None
+) -> list[list[int]]:
+    """`tokenize_ctx_text` of many documents with one batched tokenizer call (same ids)."""
+    for t in texts:
+        _check_document(t)
+    kind = kind or template_kind(tokenizer)
+    head, tail = ctx_affixes(tokenizer, kind)
+    turns = [_user_turn_text(t, tokenizer, kind) for t in texts]
+    return [
+        _check_ctx_ids(ids, t, len(head) + len(tail))
+        for ids, t in zip(encode_batch(tokenizer, turns), texts)
+    ]
 
 
 def ctx_affixes(tokenizer: Any, kind: str | None = None) -> tuple[list[int], list[int]]:

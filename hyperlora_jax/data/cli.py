@@ -1,4 +1,5 @@
-"""`hyperlora-jax data niah | selfgen | facts | task-suite | inspect`: datasets on disk."""
+"""`hyperlora-jax data niah | niah-pieces | selfgen | facts | task-suite | inspect`: datasets on
+disk (text records, or token shards with `--format tokens`)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,20 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("data", help="build training / evaluation datasets")
     sub = p.add_subparsers(dest="data_command", required=True)
 
-    n = sub.add_parser("niah", help="needle-in-a-haystack data binned by the base tokenizer")
-    n.add_argument("--tokenizer", required=True, help="base model folder (or known model name)")
+    n = sub.add_parser(
+        "niah",
+        help="needle-in-a-haystack data binned by the base tokenizer",
+        description="Needle-in-a-haystack data, one folder per token bin. --format tokens writes "
+        "the training split as token shards (train/shard-*.npz, what `train --data` reads; built "
+        "from token pieces by --workers processes, no tokenizer call per record) and val/test as "
+        "JSONL text, plus niah_pieces.json; --pieces FILE builds them without the tokenizer.",
+    )
+    n.add_argument("--tokenizer", help="base model folder (or known model name)")
+    n.add_argument(
+        "--pieces",
+        help="token pieces JSON (from `data niah-pieces` or a --format tokens run): build token "
+        "shards without the tokenizer",
+    )
     n.add_argument("--out", required=True, help="output folder")
     n.add_argument(
         "--bins",
@@ -34,8 +47,28 @@ def register(subparsers) -> None:
         help="only bins with hi <= this get training data (official: 1024)",
     )
     n.add_argument("--seed", type=int, default=42)
-    n.add_argument("--format", default="jsonl", choices=("jsonl", "parquet", "array_record"))
+    n.add_argument(
+        "--format",
+        default="jsonl",
+        choices=("jsonl", "parquet", "array_record", "tokens"),
+        help="text records (jsonl, parquet, array_record) or token shards (tokens)",
+    )
+    _shard_args(n)
+    n.add_argument(
+        "--workers", type=int, default=None, help="--format tokens: processes building shards"
+    )
     n.set_defaults(func=_niah)
+
+    np_ = sub.add_parser(
+        "niah-pieces",
+        help="NIAH token pieces JSON (for `data niah --pieces` on a machine without the tokenizer)",
+    )
+    np_.add_argument("--tokenizer", required=True, help="base model folder (or known model name)")
+    np_.add_argument("--out", required=True, help="output JSON file")
+    np_.add_argument(
+        "--bins", default="32-128,128-256", help="token bins whose block-count ranges to measure"
+    )
+    np_.set_defaults(func=_niah_pieces)
 
     s = sub.add_parser("selfgen", help="self-generated QA distillation data (teacher top-k)")
     s.add_argument("--model", required=True, help="base (teacher) model folder or known name")
@@ -82,13 +115,29 @@ def register(subparsers) -> None:
     s.add_argument("--on-error", default="raise", choices=("raise", "skip"))
     s.set_defaults(func=_selfgen)
 
-    f = sub.add_parser("facts", help="synthetic fact documents (training docs + held-out QA)")
+    f = sub.add_parser(
+        "facts",
+        help="synthetic fact documents (training docs + held-out QA)",
+        description="Synthetic fact documents: train_docs.jsonl (or, with --format tokens, token "
+        "shards train_docs/shard-*.npz tokenized in batches for `train --data`) and held-out "
+        "val.jsonl / test.jsonl.",
+    )
     f.add_argument("--out", required=True, help="output folder")
+    f.add_argument(
+        "--format",
+        default="jsonl",
+        choices=("jsonl", "tokens"),
+        help="training docs as text records (jsonl) or token shards (tokens; needs --tokenizer)",
+    )
+    f.add_argument(
+        "--tokenizer", help="base model folder (or known model name) for --format tokens"
+    )
     f.add_argument("--n-train", type=int, default=2000, help="training documents")
     f.add_argument("--n-test", type=int, default=100, help="held-out test documents")
     f.add_argument("--qa-per-doc", type=int, default=2, help="held-out questions per document")
     f.add_argument("--train-qa-per-doc", type=int, default=3, help="questions per training doc")
     f.add_argument("--seed", type=int, default=0)
+    _shard_args(f)
     f.set_defaults(func=_facts)
 
     ts = sub.add_parser(
@@ -106,6 +155,25 @@ def register(subparsers) -> None:
     i.set_defaults(func=_inspect)
 
 
+def _shard_args(p) -> None:
+    p.add_argument(
+        "--shard-size", type=int, default=None, help="--format tokens: records per shard (50000)"
+    )
+    p.add_argument(
+        "--no-compress",
+        action="store_true",
+        help="--format tokens: store the shards uncompressed (default: deflate, ~19x smaller "
+        "for NIAH)",
+    )
+
+
+def _check_token_flags(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    if args.format != "tokens":
+        given = [n for n in names if getattr(args, n.replace("-", "_")) not in (None, False)]
+        if given:
+            raise ConfigError(f"--{', --'.join(given)}: only with --format tokens")
+
+
 def _tokenizer(name: str):
     from hyperlora_jax.models.fetch import fetch_model
     from hyperlora_jax.models.tokenizer import load_tokenizer
@@ -117,21 +185,41 @@ def _tokenizer(name: str):
 
 
 def _niah(args: argparse.Namespace) -> int:
-    from hyperlora_jax.data import niah, storage
+    from hyperlora_jax.data import niah, niah_tokens, storage
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.pieces and args.tokenizer:
+        raise ConfigError("give --tokenizer or --pieces, not both")
+    _check_token_flags(args, ("pieces", "workers", "shard-size", "no-compress"))
+    if not args.pieces and not args.tokenizer:
+        raise ConfigError("data niah needs --tokenizer (or --pieces FILE with --format tokens)")
     t0 = time.time()
-    summary = niah.generate_niah(
-        _tokenizer(args.tokenizer),
-        args.out,
-        bins=niah.parse_bins(args.bins),
+    bins = niah.parse_bins(args.bins)
+    common = dict(
+        bins=bins,
         n_train=args.n_train,
         n_val=args.n_val,
         n_test=args.n_test,
         train_max_hi=args.train_max_hi,
         seed=args.seed,
-        fmt=args.format,
     )
+    if args.format == "tokens":
+        if args.pieces:
+            pieces = niah_tokens.NiahPieces.load(args.pieces)
+        else:
+            pieces = niah_tokens.NiahPieces.from_tokenizer(_tokenizer(args.tokenizer), bins)
+        summary = niah_tokens.generate_niah_tokens(
+            pieces,
+            args.out,
+            workers=args.workers or 1,
+            shard_size=args.shard_size or niah_tokens.DEFAULT_SHARD_SIZE,
+            compress=not args.no_compress,
+            **common,
+        )
+    else:
+        summary = niah.generate_niah(
+            _tokenizer(args.tokenizer), args.out, fmt=args.format, **common
+        )
     print(
         json.dumps(
             {
@@ -142,6 +230,17 @@ def _niah(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def _niah_pieces(args: argparse.Namespace) -> int:
+    from hyperlora_jax.data import niah, niah_tokens
+
+    pieces = niah_tokens.NiahPieces.from_tokenizer(
+        _tokenizer(args.tokenizer), niah.parse_bins(args.bins)
+    )
+    path = pieces.save(args.out)
+    print(json.dumps({"out": str(path), "bytes": path.stat().st_size}, indent=2))
     return 0
 
 
@@ -222,19 +321,31 @@ def _selfgen(args: argparse.Namespace) -> int:
 
 def _facts(args: argparse.Namespace) -> int:
     """train_docs.jsonl (context / prompts / responses: gold-answer training rows, or input to
-    `data selfgen --text-field context --questions-field prompts`),
-    val.jsonl / test.jsonl (plain QA rows for `eval d2l --qa ... --qa-format plain`)."""
-    from hyperlora_jax.data import facts, storage
+    `data selfgen --text-field context --questions-field prompts`) or, with --format tokens,
+    the same rows as token shards train_docs/shard-*.npz; val.jsonl / test.jsonl (plain QA rows
+    for `eval d2l --qa ... --qa-format plain`)."""
+    from hyperlora_jax.data import facts, storage, token_shards
     from hyperlora_jax.eval.qa import QA_INSTRUCTION
 
+    _check_token_flags(args, ("tokenizer", "shard-size", "no-compress"))
+    if args.format == "tokens" and not args.tokenizer:
+        raise ConfigError("data facts --format tokens needs --tokenizer (the base model)")
     out = Path(args.out)
     train = facts.generate_fact_documents(args.n_train, "train", args.seed)
-    counts = {
-        "train_docs": storage.write_records(
-            out / "train_docs.jsonl",
-            facts.training_records(train, args.seed, QA_INSTRUCTION, args.train_qa_per_doc),
+    rows = facts.training_records(train, args.seed, QA_INSTRUCTION, args.train_qa_per_doc)
+    if args.format == "tokens":
+        meta = {"source": "facts", "split": "train", "seed": args.seed}
+        written = token_shards.write_text_qa_shards(
+            rows,
+            _tokenizer(args.tokenizer),
+            out / "train_docs",
+            meta=meta,
+            shard_size=args.shard_size or 50_000,
+            compress=not args.no_compress,
         )
-    }
+        counts = {"train_docs": written["records"], "train_docs_shards": written["shards"]}
+    else:
+        counts = {"train_docs": storage.write_records(out / "train_docs.jsonl", rows)}
     for split in ("val", "test"):
         docs = facts.generate_fact_documents(args.n_test, split, args.seed)
         rows = facts.qa_records(docs, args.seed, args.qa_per_doc)
@@ -261,15 +372,18 @@ def _task_suite(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from hyperlora_jax.data import storage
+    from hyperlora_jax.data import storage, token_shards
 
     p = Path(args.path)
     files = storage.expand_paths(p) if p.is_dir() else [p]
-    files += sorted(p.rglob("*.array_record")) if p.is_dir() else []
+    files += sorted(p.rglob("*.array_record")) + sorted(p.rglob("*.npz")) if p.is_dir() else []
     info = {}
     for f in files:
         try:
-            n = len(storage.RecordSource(f))
+            if f.suffix == ".npz":
+                n = len(token_shards.read_shard(f))
+            else:
+                n = len(storage.RecordSource(f))
         except (InputError, OSError, ValueError) as e:
             n = f"unreadable: {e}"
         info[str(f)] = {"records": n, "bytes": storage.dir_size(f)}

@@ -7,6 +7,10 @@ digits. Block counts are chosen so that the context's length under the *base mod
 in a token bin [lo, hi). Differences from the official script, on purpose: every example's length
 is checked (and its block count nudged) so no example leaves its bin; depth bins are spread evenly
 over each whole split; train/val/test draw needles from disjoint number pools.
+
+The draws (`draw_split`: number, block count, needle index, depth bin) take the context's length
+as a function, so the same seeded draws serve this text path (the tokenizer on the built text)
+and the token path (`niah_tokens`: the length composed from token pieces, proven equal).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from hyperlora_jax.data import storage
 from hyperlora_jax.errors import ConfigError, InputError
@@ -120,11 +125,19 @@ def block_ranges(
     binary search on the (monotone) length instead of the official linear scan, which is
     quadratic at 128K tokens. Bins no block count can hit map to (0, 0).
     """
+    return block_ranges_of(lambda k: length_fn(build_context(k, k - 1, "0000")), bins)
+
+
+def block_ranges_of(
+    reference_length: Callable[[int], int], bins: Sequence[tuple[int, int]]
+) -> dict[tuple[int, int], tuple[int, int]]:
+    """`block_ranges` given the reference context's token length as a function of its block count
+    (the text path measures it with the tokenizer, the token path composes it from pieces)."""
     cache: dict[int, int] = {}
 
     def length(k: int) -> int:
         if k not in cache:
-            cache[k] = length_fn(build_context(k, k - 1, "0000"))
+            cache[k] = reference_length(k)
         return cache[k]
 
     max_hi = max(hi for _, hi in bins)
@@ -153,6 +166,48 @@ class NiahExample:
         return dict(self.__dict__)
 
 
+class NiahSpec(NamedTuple):
+    """A drawn example without its text (what both the text and the token path build from)."""
+
+    magic: str
+    num_blocks: int
+    insert_at: int
+    depth_bin: int
+    token_len: int
+
+
+def draw_example(
+    rng: random.Random,
+    num_blocks: int,
+    depth_bin: int,
+    pool: Sequence[int],
+    length_of: Callable[[int, int, str], int] | None,
+    token_bin: tuple[int, int] | None,
+    k_range: tuple[int, int] | None = None,
+) -> NiahSpec:
+    """One example's draw; `length_of(num_blocks, insert_at, magic)` is the context's token length
+    (text path: the tokenizer on the built text; token path: composed from token pieces). With a
+    length and a bin, nudges the block count until the context fits the bin."""
+    magic = f"{rng.choice(pool):04d}"
+    k = num_blocks
+    for _ in range(64):
+        insert_at = choose_position(rng, k, depth_bin)
+        n_tok = length_of(k, insert_at, magic) if length_of is not None else -1
+        if token_bin is None or token_bin[0] <= n_tok < token_bin[1]:
+            return NiahSpec(magic, k, insert_at, depth_bin, n_tok)
+        k = k + 1 if n_tok < token_bin[0] else k - 1
+        if k < 1 or (k_range and not (k_range[0] - 1 <= k <= k_range[1])):
+            break
+    raise InputError(
+        f"could not fit a NIAH context into token bin {token_bin} (started at {num_blocks} blocks)"
+    )
+
+
+def text_length_of(length_fn: Callable[[str], int]) -> Callable[[int, int, str], int]:
+    """`draw_example`'s length from a text length function (the official measurement)."""
+    return lambda k, insert_at, magic: length_fn(build_context(k, insert_at, magic))
+
+
 def make_example(
     rng: random.Random,
     num_blocks: int,
@@ -163,20 +218,42 @@ def make_example(
     k_range: tuple[int, int] | None = None,
 ) -> NiahExample:
     """One example; with a length function and bin, nudges the block count until it fits."""
-    magic = f"{rng.choice(pool):04d}"
-    k = num_blocks
-    for _ in range(64):
-        insert_at = choose_position(rng, k, depth_bin)
-        ctx = build_context(k, insert_at, magic)
-        n_tok = length_fn(ctx) if length_fn is not None else -1
-        if token_bin is None or token_bin[0] <= n_tok < token_bin[1]:
-            return NiahExample(ctx, QUERY, magic, depth_bin, insert_at, k, n_tok)
-        k = k + 1 if n_tok < token_bin[0] else k - 1
-        if k < 1 or (k_range and not (k_range[0] - 1 <= k <= k_range[1])):
-            break
-    raise InputError(
-        f"could not fit a NIAH context into token bin {token_bin} (started at {num_blocks} blocks)"
+    length_of = text_length_of(length_fn) if length_fn is not None else None
+    return spec_example(
+        draw_example(rng, num_blocks, depth_bin, pool, length_of, token_bin, k_range)
     )
+
+
+def spec_example(spec: NiahSpec) -> NiahExample:
+    ctx = build_context(spec.num_blocks, spec.insert_at, spec.magic)
+    return NiahExample(
+        ctx, QUERY, spec.magic, spec.depth_bin, spec.insert_at, spec.num_blocks, spec.token_len
+    )
+
+
+def draw_split(
+    n: int,
+    k_values: Sequence[int],
+    pool: Sequence[int],
+    rng: random.Random,
+    length_of: Callable[[int, int, str], int] | None = None,
+    token_bin: tuple[int, int] | None = None,
+) -> list[NiahSpec]:
+    """n draws spread evenly over the block counts and, independently, over the depth bins, in
+    a shuffled order (what `generate_split` writes, without the texts)."""
+    if n <= 0:
+        return []
+    if not k_values:
+        raise InputError("no block counts to generate from")
+    base, rem = divmod(n, len(k_values))
+    ks = [k for i, k in enumerate(k_values) for _ in range(base + (1 if i < rem else 0))]
+    k_range = (min(k_values), max(k_values) + 1)
+    out = [
+        draw_example(rng, k, i % NUM_DEPTH_BINS, pool, length_of, token_bin, k_range)
+        for i, k in enumerate(ks)
+    ]
+    rng.shuffle(out)
+    return out
 
 
 def generate_split(
@@ -188,19 +265,52 @@ def generate_split(
     token_bin: tuple[int, int] | None = None,
 ) -> list[dict]:
     """n examples spread evenly over the block counts and, independently, over the depth bins."""
-    if n <= 0:
-        return []
-    if not k_values:
-        raise InputError("no block counts to generate from")
-    base, rem = divmod(n, len(k_values))
-    ks = [k for i, k in enumerate(k_values) for _ in range(base + (1 if i < rem else 0))]
-    k_range = (min(k_values), max(k_values) + 1)
-    out = []
-    for i, k in enumerate(ks):
-        ex = make_example(rng, k, i % NUM_DEPTH_BINS, pool, length_fn, token_bin, k_range)
-        out.append(ex.to_record())
-    rng.shuffle(out)
-    return out
+    length_of = text_length_of(length_fn) if length_fn is not None else None
+    specs = draw_split(n, k_values, pool, rng, length_of, token_bin)
+    return [spec_example(s).to_record() for s in specs]
+
+
+@dataclass(frozen=True)
+class SplitJob:
+    """One (token bin, split) of a NIAH dataset: how many examples, from which block counts."""
+
+    name: str  # folder name, e.g. ctx_magic_number_32_128
+    token_bin: tuple[int, int]
+    split: str
+    count: int
+    k_values: list[int]
+
+    def rng(self, seed: int) -> random.Random:
+        lo, hi = self.token_bin
+        return random.Random(f"{seed}-{lo}-{hi}-{self.split}")
+
+
+def split_jobs(
+    ranges: dict[tuple[int, int], tuple[int, int]],
+    bins: Sequence[tuple[int, int]],
+    *,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    train_max_hi: int,
+    prefix: str,
+) -> list[SplitJob]:
+    """The (bin, split) jobs of `generate_niah`: training only for bins with hi <= train_max_hi
+    (official policy); bins no block count can hit are skipped with a warning."""
+    jobs = []
+    for lo, hi in bins:
+        k_lo, k_hi = ranges[(lo, hi)]
+        if k_hi <= k_lo:
+            log.warning("skipping token bin %s: no block count fits it", (lo, hi))
+            continue
+        k_values = list(range(max(1, k_lo), k_hi))
+        counts = {"train": n_train if hi <= train_max_hi else 0, "val": n_val, "test": n_test}
+        for split in SPLITS:
+            if counts[split]:
+                jobs.append(
+                    SplitJob(f"{prefix}_{lo}_{hi}", (lo, hi), split, counts[split], k_values)
+                )
+    return jobs
 
 
 def generate_niah(
@@ -227,23 +337,22 @@ def generate_niah(
     ranges = block_ranges(length_fn, bins)
     pools = needle_pools(seed)
     summary: dict[str, dict[str, int]] = {}
-    for lo, hi in bins:
-        k_lo, k_hi = ranges[(lo, hi)]
-        if k_hi <= k_lo:
-            log.warning("skipping token bin %s: no block count fits it", (lo, hi))
-            continue
-        k_values = list(range(max(1, k_lo), k_hi))
-        counts = {"train": n_train if hi <= train_max_hi else 0, "val": n_val, "test": n_test}
-        name = f"{prefix}_{lo}_{hi}"
-        summary[name] = {}
-        for split in SPLITS:
-            if not counts[split]:
-                continue
-            rng = random.Random(f"{seed}-{lo}-{hi}-{split}")
-            recs = generate_split(counts[split], k_values, pools[split], rng, length_fn, (lo, hi))
-            for r in recs:
-                r["token_bin"] = [lo, hi]
-            storage.write_records(Path(out_dir) / name / f"{split}.{fmt}", recs)
-            summary[name][split] = len(recs)
-        log.info("NIAH %s: %s (block counts %d..%d)", name, summary[name], k_values[0], k_hi - 1)
+    for job in split_jobs(
+        ranges,
+        bins,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        train_max_hi=train_max_hi,
+        prefix=prefix,
+    ):
+        recs = generate_split(
+            job.count, job.k_values, pools[job.split], job.rng(seed), length_fn, job.token_bin
+        )
+        for r in recs:
+            r["token_bin"] = list(job.token_bin)
+        storage.write_records(Path(out_dir) / job.name / f"{job.split}.{fmt}", recs)
+        summary.setdefault(job.name, {})[job.split] = len(recs)
+        k_lo, k_hi = job.k_values[0], job.k_values[-1]
+        log.info("NIAH %s %s: %d (block counts %d..%d)", job.name, job.split, len(recs), k_lo, k_hi)
     return summary

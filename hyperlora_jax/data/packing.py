@@ -55,6 +55,24 @@ def sample_num_chunks(
     return rng.choices(list(cands), weights=list(cands.values()), k=1)[0]
 
 
+def choose_num_chunks(
+    n_tokens: int,
+    *,
+    max_chunk_len: int,
+    num_chunk_probs: Mapping[int, float] | None = None,
+    min_chunk_len: int | None = None,
+    rng: random.Random | None = None,
+) -> int:
+    """How many chunks `chunk_context` cuts a context of n_tokens into (sampled in training)."""
+    if max_chunk_len <= 0 and num_chunk_probs is None:
+        return 1
+    if num_chunk_probs is not None:
+        if rng is None:
+            raise ConfigError("chunk sampling with num_chunk_probs needs an rng")
+        return sample_num_chunks(n_tokens, rng, num_chunk_probs, max_chunk_len, min_chunk_len)
+    return math.ceil(n_tokens / max_chunk_len)
+
+
 def chunk_context(
     ctx_ids: Sequence[int],
     *,
@@ -66,15 +84,13 @@ def chunk_context(
     rng: random.Random | None = None,
 ) -> list[list[int]]:
     """Chunks of one context: sampled count (training, with num_chunk_probs) or ceil(n/max_len)."""
-    n = len(ctx_ids)
-    if max_chunk_len <= 0 and num_chunk_probs is None:
-        return [list(ctx_ids)]
-    if num_chunk_probs is not None:
-        if rng is None:
-            raise ConfigError("chunk sampling with num_chunk_probs needs an rng")
-        k = sample_num_chunks(n, rng, num_chunk_probs, max_chunk_len, min_chunk_len)
-    else:
-        k = math.ceil(n / max_chunk_len)
+    k = choose_num_chunks(
+        len(ctx_ids),
+        max_chunk_len=max_chunk_len,
+        num_chunk_probs=num_chunk_probs,
+        min_chunk_len=min_chunk_len,
+        rng=rng,
+    )
     return slice_into_chunks(ctx_ids, k, prefix, suffix)
 
 
@@ -87,19 +103,18 @@ def labels_from_span(input_ids: Sequence[int], start: int, end: int) -> list[int
     return [IGNORE_INDEX] * start + list(input_ids[start:end]) + [IGNORE_INDEX] * (n - end)
 
 
-def split_qas(item: dict, max_qas_len: int = -1, max_qas_per_sample: int = -1) -> list[dict]:
-    """Official `split_too_long_qas`: one context's QAs into several items of at most
-    max_qas_per_sample QAs and max_qas_len student tokens; single QAs longer are dropped."""
-    qa_keys = [k for k in ("input_ids", "labels", "logprobs_vals", "logprobs_indices") if k in item]
-    n_qa = len(item["input_ids"])
-    total = sum(len(x) for x in item["input_ids"])
+def split_qa_groups(
+    lengths: Sequence[int], max_qas_len: int = -1, max_qas_per_sample: int = -1
+) -> list[list[int]]:
+    """Official `split_too_long_qas` on QA lengths: the QA indices of each resulting item (at most
+    max_qas_per_sample QAs and max_qas_len student tokens; single QAs longer are dropped)."""
+    n_qa, total = len(lengths), sum(lengths)
     if (max_qas_len < 0 or total <= max_qas_len) and (
         max_qas_per_sample < 0 or n_qa <= max_qas_per_sample
     ):
-        return [item]
+        return [list(range(n_qa))]
     out, cur, cur_len = [], [], 0
-    for i in range(n_qa):
-        n = len(item["input_ids"][i])
+    for i, n in enumerate(lengths):
         if max_qas_len > 0 and n > max_qas_len:
             continue
         fits = (max_qas_len < 0 or cur_len + n <= max_qas_len) and (
@@ -112,8 +127,18 @@ def split_qas(item: dict, max_qas_len: int = -1, max_qas_per_sample: int = -1) -
         cur_len += n
     if cur:
         out.append(cur)
+    return out
+
+
+def split_qas(item: dict, max_qas_len: int = -1, max_qas_per_sample: int = -1) -> list[dict]:
+    """Official `split_too_long_qas`: one context's QAs into several items (`split_qa_groups`)."""
+    qa_keys = [k for k in ("input_ids", "labels", "logprobs_vals", "logprobs_indices") if k in item]
+    n_qa = len(item["input_ids"])
+    groups = split_qa_groups([len(x) for x in item["input_ids"]], max_qas_len, max_qas_per_sample)
+    if len(groups) == 1 and len(groups[0]) == n_qa:
+        return [item]
     rest = {k: v for k, v in item.items() if k not in qa_keys}
-    return [{**rest, **{k: [item[k][i] for i in idx] for k in qa_keys}} for idx in out]
+    return [{**rest, **{k: [item[k][i] for i in idx] for k in qa_keys}} for idx in groups]
 
 
 # ----------------------------------------------------------------------------- packing

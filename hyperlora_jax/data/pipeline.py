@@ -3,7 +3,8 @@
     records -> [process slice] -> [shuffle(seed), reshuffled every epoch] -> map -> batch
 D2L rows are packed once from the process's items in a seeded order (the official code packs once
 at preprocessing time) and the packs are then shuffled per epoch. Item builders turn records
-(self-generated QA records or text QA records such as NIAH) into packable items.
+(self-generated QA records or text QA records such as NIAH) into packable items; token shards
+(`token_shards.ShardItems`) give the same items lazily, and `PackedRows` keeps only its plan.
 """
 
 from __future__ import annotations
@@ -155,6 +156,11 @@ def selfgen_item(
     return item
 
 
+def record_rng(seed: int, index: int) -> random.Random:
+    """The rng of record `index` (its chunk count), the same in every pipeline."""
+    return random.Random(f"{seed}-chunks-{index}")
+
+
 def build_items(
     source: Sequence[Mapping],
     make_item: Callable[[Mapping, random.Random], dict],
@@ -171,7 +177,7 @@ def build_items(
     items = []
     for i in range(len(source)):
         try:
-            item = make_item(source[i], random.Random(f"{seed}-chunks-{i}"))
+            item = make_item(source[i], record_rng(seed, i))
         except (InputError, KeyError, TypeError, ValueError) as e:
             errors.report(name, i, str(e))
             continue
@@ -180,37 +186,91 @@ def build_items(
 
 
 class PackedRows:
-    """Random-access packed rows over items (packs planned once, in a seeded shuffled order)."""
+    """Random-access packed rows over items (packs planned once, in a seeded shuffled order).
 
-    def __init__(self, items: Sequence[dict], cfg: packing.PackConfig, seed: int = 0):
-        order = list(range(len(items)))
+    `items` is a list of item dicts or a lazy item source (`token_shards.ShardItems`: getitem
+    builds an item, `sizes` holds every item's `packing.item_sizes` as an [n, 4] array);
+    `indices` picks this process's items. The plan is numpy; a row's items are built and packed
+    when the row is read."""
+
+    def __init__(
+        self,
+        items: Sequence[dict],
+        cfg: packing.PackConfig,
+        seed: int = 0,
+        indices: Sequence[int] | None = None,
+    ):
+        idx = np.arange(len(items)) if indices is None else np.asarray(indices, np.int64)
+        order = list(range(len(idx)))
         random.Random(f"{seed}-pack-order").shuffle(order)
-        self._items = [items[i] for i in order]
-        self._cfg = cfg
-        sizes = [packing.item_sizes(it) for it in self._items]
-        self._plan = packing.plan_packs(sizes, cfg)
-        self.num_skipped = len(items) - sum(len(p) for p in self._plan)
+        self._items, self._cfg = items, cfg
+        self._idx = idx[order] if len(idx) else idx
+        lazy_sizes = getattr(items, "sizes", None)
+        if lazy_sizes is not None:
+            sizes = np.asarray(lazy_sizes)[self._idx].tolist()
+        else:
+            sizes = [packing.item_sizes(items[int(i)]) for i in self._idx]
+        plan = packing.plan_packs(sizes, cfg)
+        self._members = np.fromiter((j for p in plan for j in p), np.int64)  # positions in _idx
+        self._starts = np.cumsum([0] + [len(p) for p in plan])
+        self.num_skipped = len(idx) - len(self._members)
         if self.num_skipped:
             log.warning("%d items exceed a packed row's limits and were left out", self.num_skipped)
 
     def __len__(self) -> int:
-        return len(self._plan)
+        return len(self._starts) - 1
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return packing.pack_row([self._items[j] for j in self._plan[i]], self._cfg)
+        pos = self._members[self._starts[i] : self._starts[i + 1]]
+        return packing.pack_row([self._items[int(j)] for j in self._idx[pos]], self._cfg)
 
 
 def make_packed_dataset(
     items: Sequence[dict], pack_cfg: packing.PackConfig, cfg: LoaderConfig
 ) -> grain.IterDataset:
-    """Batches of packed D2L rows [batch_size, ...] for this process (items are sliced first)."""
-    local = [items[i] for i in range(cfg.process_index, len(items), cfg.process_count)]
-    rows = PackedRows(local, pack_cfg, seed=cfg.seed)
+    """Batches of packed D2L rows [batch_size, ...] for this process (items are sliced first).
+
+    `items`: a list of item dicts, or a lazy item source (see PackedRows)."""
+    local = range(cfg.process_index, len(items), cfg.process_count)
+    rows = PackedRows(items, pack_cfg, seed=cfg.seed, indices=local)
     single = LoaderConfig(**{**cfg.__dict__, "process_index": 0, "process_count": 1})
     return make_dataset(rows, single)
 
 
 # ----------------------------------------------------------------------------- text QA records
+def text_qa_fields(rec: Mapping) -> tuple[str, list[str], list[str]]:
+    """(context, prompts, responses) of a text QA record, or an InputError saying what is off."""
+    ctx = rec.get("context")
+    if not isinstance(ctx, str) or not ctx.strip():
+        raise InputError("record has no non-empty 'context'")
+    prompts = rec.get("prompts", [rec["prompt"]] if "prompt" in rec else None)
+    responses = rec.get("responses", [rec["response"]] if "response" in rec else None)
+    if not prompts or responses is None or len(prompts) != len(responses):
+        raise InputError("record needs 'prompt'/'response' (or equal-length 'prompts'/'responses')")
+    return ctx, list(prompts), [str(r) for r in responses]
+
+
+def text_qa_tokens(
+    records: Sequence[Mapping], tokenizer, chat_template: str | None = None
+) -> list[tuple[list[int], list[tuple[list[int], list[int]]]]]:
+    """What `text_qa_item` tokenizes, for many records with batched tokenizer calls (same ids):
+    per record (context ids, [(input_ids, labels) per QA]); no chunking."""
+    from hyperlora_jax.data.chat import tokenize_ctx_texts
+    from hyperlora_jax.data.selfgen import qa_ids_and_labels_batch
+
+    fields = [text_qa_fields(r) for r in records]
+    ctx_ids = tokenize_ctx_texts([f[0] for f in fields], tokenizer)
+    prompts = [p for f in fields for p in f[1]]
+    qas = qa_ids_and_labels_batch(
+        tokenizer, prompts, [r for f in fields for r in f[2]], chat_template
+    )
+    out, q = [], 0
+    for ids, (_, record_prompts, _) in zip(ctx_ids, fields):
+        out.append((ids, qas[q : q + len(record_prompts)]))
+        q += len(record_prompts)
+    return out
+
+
 def text_qa_item(
     rec: Mapping,
     rng: random.Random,
@@ -222,13 +282,7 @@ def text_qa_item(
     labels (cross-entropy training, as the official NIAH runs)."""
     from hyperlora_jax.data.selfgen import context_ids, qa_ids_and_labels
 
-    ctx = rec.get("context")
-    if not isinstance(ctx, str) or not ctx.strip():
-        raise InputError("record has no non-empty 'context'")
-    prompts = rec.get("prompts", [rec["prompt"]] if "prompt" in rec else None)
-    responses = rec.get("responses", [rec["response"]] if "response" in rec else None)
-    if not prompts or responses is None or len(prompts) != len(responses):
-        raise InputError("record needs 'prompt'/'response' (or equal-length 'prompts'/'responses')")
+    ctx, prompts, responses = text_qa_fields(rec)
     ids = context_ids(tokenizer, ctx, chat_template)
     inputs, labels = [], []
     for p, r in zip(prompts, responses):

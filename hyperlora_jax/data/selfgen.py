@@ -213,40 +213,90 @@ def qa_ids_and_labels(
     """Student ids of [system '', user prompt, assistant response] and labels on the assistant
     content (+ its end-of-turn), from the template's {% generation %} mask when it has one, else
     from the difference to the rendered generation prompt."""
-    msgs = [
-        {"role": "system", "content": ""},
-        {"role": "user", "content": prompt.strip()},
-        {"role": "assistant", "content": response},
+    return _qa_ids_and_labels_many(tokenizer, [prompt], [response], chat_template, False)[0]
+
+
+def qa_ids_and_labels_batch(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    chat_template: str | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """`qa_ids_and_labels` of many QAs, the texts encoded in batched tokenizer calls (same ids)."""
+    if len(prompts) != len(responses):
+        raise InputError(f"{len(prompts)} prompts but {len(responses)} responses")
+    return _qa_ids_and_labels_many(tokenizer, prompts, responses, chat_template, True)
+
+
+def _qa_ids_and_labels_many(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    chat_template: str | None,
+    batched: bool,
+) -> list[tuple[list[int], list[int]]]:
+    """The rendering and labelling rule of qa_ids_and_labels; `batched`: one tokenizer call for
+    all QAs (batch encode) instead of one per text."""
+    convs = [
+        [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": p.strip()},
+            {"role": "assistant", "content": r},
+        ]
+        for p, r in zip(prompts, responses)
     ]
     template = chat_template or tokenizer.chat_template
     if "{% generation %}" in (template or "") or "{%- generation %}" in (template or ""):
-        enc = tokenizer.apply_chat_template(
-            msgs,
+        kw = dict(
             chat_template=chat_template,
             tokenize=True,
             return_dict=True,
             return_assistant_tokens_mask=True,
             add_generation_prompt=False,
         )
-        ids = [int(x) for x in enc["input_ids"]]
-        mask = enc["assistant_masks"]
-        return ids, [t if m else -100 for t, m in zip(ids, mask)]
-    head = tokenizer.apply_chat_template(
-        msgs[:2], chat_template=chat_template, tokenize=False, add_generation_prompt=True
-    )
-    full = tokenizer.apply_chat_template(
-        msgs, chat_template=chat_template, tokenize=False, add_generation_prompt=False
-    )
-    if not full.startswith(head):
-        raise InputError("chat template renders the prompt differently with a response appended")
-    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    if ids[: len(head_ids)] != head_ids:
-        raise InputError("prompt tokens change when the response is appended; cannot label it")
-    resp = full[len(head) :].rstrip("\n")  # official masks stop at the end-of-turn token
-    n_resp = len(tokenizer(head + resp, add_special_tokens=False)["input_ids"]) - len(head_ids)
-    n0 = len(head_ids)
-    return ids, [-100] * n0 + ids[n0 : n0 + n_resp] + [-100] * (len(ids) - n0 - n_resp)
+        if batched:
+            enc = tokenizer.apply_chat_template(convs, **kw)
+            encs = [(i, m) for i, m in zip(enc["input_ids"], enc["assistant_masks"])]
+        else:
+            encs = []
+            for msgs in convs:
+                enc = tokenizer.apply_chat_template(msgs, **kw)
+                encs.append((enc["input_ids"], enc["assistant_masks"]))
+        out = []
+        for raw_ids, mask in encs:
+            ids = [int(x) for x in raw_ids]
+            out.append((ids, [t if m else -100 for t, m in zip(ids, mask)]))
+        return out
+    heads, fulls = [], []
+    for msgs in convs:
+        head = tokenizer.apply_chat_template(
+            msgs[:2], chat_template=chat_template, tokenize=False, add_generation_prompt=True
+        )
+        full = tokenizer.apply_chat_template(
+            msgs, chat_template=chat_template, tokenize=False, add_generation_prompt=False
+        )
+        if not full.startswith(head):
+            raise InputError(
+                "chat template renders the prompt differently with a response appended"
+            )
+        heads.append(head)
+        fulls.append(full)
+    # official masks stop at the end-of-turn token
+    head_resps = [h + f[len(h) :].rstrip("\n") for h, f in zip(heads, fulls)]
+    n = len(convs)
+    texts = heads + fulls + head_resps
+    if batched:
+        encoded = chat.encode_batch(tokenizer, texts)
+    else:
+        encoded = [chat._encode(tokenizer, t) for t in texts]
+    out = []
+    for head_ids, ids, head_resp_ids in zip(encoded[:n], encoded[n : 2 * n], encoded[2 * n :]):
+        ids = list(ids)
+        if ids[: len(head_ids)] != list(head_ids):
+            raise InputError("prompt tokens change when the response is appended; cannot label it")
+        n0, n_resp = len(head_ids), len(head_resp_ids) - len(head_ids)
+        out.append((ids, [-100] * n0 + ids[n0 : n0 + n_resp] + [-100] * (len(ids) - n0 - n_resp)))
+    return out
 
 
 def _char_to_token(offsets: Sequence[tuple[int, int]], char: int) -> int:

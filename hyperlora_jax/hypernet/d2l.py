@@ -45,6 +45,10 @@ class D2LConfig:
     ctx_encoder_type: str = "per_layer_activations"
     early_exit_layer: int | None = None  # early_exit: number of encoder layers (default L // 4)
     ctx_encoder_last_layer: int | None = None  # l2l with another encoder: keep layers[:this-1]
+    # Initial value of every scaler_B entry. Official: 0, so the adapter starts as the base model
+    # and the context path gets no CE gradient until the bias LoRA has moved B off zero (the
+    # "context-blind floor" plateau); a small nonzero value lets the Perceiver learn from step 1.
+    scaler_b_init: float = 0.0
 
     def __post_init__(self):
         if self.ctx_encoder_type not in CTX_ENCODER_TYPES:
@@ -246,7 +250,7 @@ class HyperLoRA(nn.Module):
             tuple((m, (L, r), nn.initializers.ones) for m in c.target_modules)
         )
         self.scaler_B = PerModule(
-            tuple((m, (L, r), nn.initializers.zeros) for m in c.target_modules)
+            tuple((m, (L, r), nn.initializers.constant(c.scaler_b_init)) for m in c.target_modules)
         )
 
     def __call__(self, features: jax.Array, mask: jax.Array):
@@ -256,25 +260,37 @@ class HyperLoRA(nn.Module):
         """Touches every parameter (used by init)."""
         return self(features, mask), self.bias_lora()
 
-    def aggregate(self, features: jax.Array, mask: jax.Array) -> jax.Array:
-        """Batched Perceiver -> latents [N, L, M, r, d]; l2l: one segment per (layer, chunk)."""
+    def project(self, features: jax.Array) -> jax.Array:
+        """The Perceiver's token-wise input projection: [..., T, H] -> [..., T, latent_size]."""
+        return self.aggregator.project(features)
+
+    def aggregate(self, features: jax.Array, mask: jax.Array, projected: bool = False) -> jax.Array:
+        """Batched Perceiver -> latents [N, L, M, r, d]; l2l: one segment per (layer, chunk).
+
+        features: l2l [N, L, T, H] or early-exit [N, T, H]; projected=True: they are already
+        `project`ed (last axis latent_size)."""
         c = self.cfg
-        n = features.shape[0]
+        x = features if projected else self.project(features)
+        n = x.shape[0]
         if c.layer_to_layer:
-            L, t, h = features.shape[1:]  # noqa: N806
-            x = jnp.swapaxes(features, 0, 1).reshape(L * n, t, h)  # layer-major, as official
+            L, t, d = x.shape[1:]  # noqa: N806
+            x = jnp.swapaxes(x, 0, 1).reshape(L * n, t, d)  # layer-major, as official
             m = jnp.tile(mask, (L, 1))
-            out = self.aggregator(x, m)  # [(L N), M r, d]
+            out = self.aggregator.resample(x, m)  # [(L N), M r, d]
             out = out.reshape(L, n, -1, out.shape[-1]).swapaxes(0, 1)
         else:
-            out = self.aggregator(features, mask)  # [N, L M r, d]
+            out = self.aggregator.resample(x, mask)  # [N, L M r, d]
         return out.reshape(n, c.num_layers, len(c.module_dims), c.lora_r, c.latent_size)
 
-    def aggregate_one_layer(self, features_l: jax.Array, mask: jax.Array) -> jax.Array:
-        """Perceiver on one layer's activations [N, T, H] -> [N, M, r, d] (iterative mode)."""
+    def aggregate_one_layer(
+        self, features_l: jax.Array, mask: jax.Array, projected: bool = False
+    ) -> jax.Array:
+        """Perceiver on one layer's activations [N, T, H] (or projected [N, T, latent_size])
+        -> [N, M, r, d] (iterative mode)."""
         c = self.cfg
-        out = self.aggregator(features_l, mask)
-        return out.reshape(features_l.shape[0], len(c.module_dims), c.lora_r, c.latent_size)
+        x = features_l if projected else self.project(features_l)
+        out = self.aggregator.resample(x, mask)
+        return out.reshape(x.shape[0], len(c.module_dims), c.lora_r, c.latent_size)
 
     def resmlp(self, latents: jax.Array) -> jax.Array:
         """The residual MLP blocks (f32) on latents [N, L, M, r, d]."""
@@ -325,6 +341,16 @@ def count_params(cfg: D2LConfig) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
+def project_features(params: dict, cfg: D2LConfig, features: jax.Array, *, dtype=jnp.float32):
+    """The Perceiver's token-wise input projection alone: [..., T, H] -> [..., T, latent_size].
+
+    Training runs it on the packed context features [B, (L,) Tc, H], before chunk rows are cut
+    out (far fewer tokens than padded chunk rows), then generate_chunk_loras(projected=True).
+    """
+    model = HyperLoRA(cfg, dtype)
+    return model.apply({"params": params}, features, method=HyperLoRA.project)
+
+
 def generate_chunk_loras(
     params: dict,
     cfg: D2LConfig,
@@ -333,9 +359,12 @@ def generate_chunk_loras(
     *,
     iterative: bool = False,
     dtype=jnp.float32,
+    projected: bool = False,
 ):
     """Per-chunk LoRAs from context features: (A[m] [N, L, r, d_in], B[m] [N, L, r, d_out]).
 
+    features: l2l [N, L, T, H] or early-exit [N, T, H], mask [N, T]; projected=True: features
+    are already project_features outputs (last axis latent_size).
     iterative=True runs the Perceiver layer by layer with lax.map (l2l only), so only one layer's
     Perceiver activations are alive at a time; the result equals the batched one.
     """
@@ -343,12 +372,12 @@ def generate_chunk_loras(
     v = {"params": params}
     if iterative and cfg.layer_to_layer:
         per_layer = jax.lax.map(
-            lambda f: model.apply(v, f, mask, method=HyperLoRA.aggregate_one_layer),
+            lambda f: model.apply(v, f, mask, projected, method=HyperLoRA.aggregate_one_layer),
             jnp.swapaxes(features, 0, 1),
         )  # [L, N, M, r, d]
         latents = jnp.swapaxes(per_layer, 0, 1)
     else:
-        latents = model.apply(v, features, mask, method=HyperLoRA.aggregate)
+        latents = model.apply(v, features, mask, projected, method=HyperLoRA.aggregate)
     return model.apply(v, latents, method=HyperLoRA.loras_from_latents)
 
 

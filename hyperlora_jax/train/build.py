@@ -62,7 +62,7 @@ class HParams:
     max_qas: int = 64
     top_k: int = 16
     max_chunk_len: int | None = None  # longest chunk (default: the packed context length)
-    max_label_len: int | None = None  # T2L: LM head only at this many label positions per row
+    max_label_len: int | None = None  # LM head only at this many label positions per row
     num_adapters: int = 1  # objective lora: adapters in the library (1 = one multi-task LoRA)
 
 
@@ -177,6 +177,7 @@ def experiment(config) -> Parts:
             max_chunk_len=hp.max_chunk_len,
             dtype=hp.dtype,
             remat_policy=hp.remat_policy,
+            max_label_len=hp.max_label_len,
         )
         init = lambda k: d2l_init(hcfg, k)  # noqa: E731
         count = S.d2l_count

@@ -18,8 +18,9 @@ TRAIN_HELP = """usage: hyperlora-jax train --config FILE.py:PRESET [--config.a.b
                            [--mesh data=N,fsdp=N,tensor=N] [--coordinator HOST:PORT
                            --num_processes N --process_id I]
 Trains the hypernetwork of the config; resumes from the newest checkpoint in --workdir.
---data: self-generated QA records (D2L; official columns, JSONL/Parquet/ArrayRecord); without it
-the `tiny` presets train on a built-in synthetic task.
+--data: D2L records: token shards (`data niah|facts --format tokens`: a shard or a folder of
+them), text QA records (NIAH, facts) or self-generated QA records (official columns;
+JSONL/Parquet/ArrayRecord); without it the `tiny` presets train on a built-in synthetic task.
 """
 
 PLAN_HELP = """usage: hyperlora-jax plan --config FILE.py:PRESET [--config.a.b=VALUE ...]

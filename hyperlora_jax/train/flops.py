@@ -6,10 +6,13 @@ gradient-accumulation micro-batches) it under-reports a step by about the layer 
 length, `cond` by its most expensive branch. Matmuls are nearly all of a transformer's FLOPs;
 element-wise work is left out. Counts are what runs, so recomputation under remat is included.
 A `while_loop` body (unknown trip count) is counted once.
+`count_flops_by_scope` splits the same count by name stack (Flax module paths, jax.named_scope;
+backward matmuls carry `transpose(...)`), to see where a step's FLOPs go.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 
 import jax
@@ -20,18 +23,33 @@ def count_flops(fn, *args, **kwargs) -> float:
     return jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
 
 
+def count_flops_by_scope(fn, *args, **kwargs) -> dict[str, float]:
+    """count_flops split by the name stack of each matmul ("outer/inner/..."); sums to it."""
+    return _scoped_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr, "")
+
+
 def jaxpr_flops(jaxpr) -> float:
-    total = 0.0
+    return sum(_scoped_flops(jaxpr, "").values())
+
+
+def _scoped_flops(jaxpr, prefix: str) -> dict[str, float]:
+    out: dict[str, float] = collections.defaultdict(float)
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
+        scope = "/".join(x for x in (prefix, str(eqn.source_info.name_stack)) if x)
         if name == "dot_general":
-            total += _dot_flops(eqn)
-        elif name == "cond":
-            total += max(jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
+            out[scope] += _dot_flops(eqn)
+            continue
+        if name == "cond":  # the most expensive branch
+            parts = [_scoped_flops(b.jaxpr, scope) for b in eqn.params["branches"]]
+            parts = [max(parts, key=lambda d: sum(d.values()))]
         else:
-            mult = eqn.params["length"] if name == "scan" else 1
-            total += mult * sum(jaxpr_flops(j) for j in _sub_jaxprs(eqn.params))
-    return total
+            parts = [_scoped_flops(j, scope) for j in _sub_jaxprs(eqn.params)]
+        mult = eqn.params["length"] if name == "scan" else 1
+        for part in parts:
+            for k, v in part.items():
+                out[k] += mult * v
+    return dict(out)
 
 
 def _dot_flops(eqn) -> float:

@@ -64,9 +64,106 @@ def synthetic_d2l_items(vocab: int, n: int, seed: int) -> list[dict]:
     return out
 
 
-def d2l_data(config, parts, paths: list[str], seed: int, tokenizer=None):
-    from hyperlora_jax.data import packing, pipeline
+def _token_shard_items(files, chunk, config, parts, seed: int, tokenizer=None):
+    """Token shards -> `token_shards.ShardItems`: the items the text path would build for the
+    same records (same chunk draws per record index), held as numpy arrays, built per row."""
+    import dataclasses
+
+    from hyperlora_jax.data import token_shards
+    from hyperlora_jax.data.chat import ctx_affixes
+
+    if parts.hp.objective != "ce":
+        raise ConfigError("token shards carry no teacher log-probs: use train.loss=ce")
+    data = token_shards.TokenData(files)
+    if tokenizer is not None:
+        prefix, suffix = ctx_affixes(tokenizer)
+        if (tuple(prefix), tuple(suffix)) != (data.ctx_prefix, data.ctx_suffix):
+            raise ConfigError(
+                f"{files[0]}: the token shards were built for another chat format than "
+                "--base_model's tokenizer; rebuild them with its tokenizer"
+            )
+    vocab = parts.base_cfg.vocab_size
+    if data.max_id() >= vocab:
+        raise ConfigError(f"token shards hold ids >= the base model's vocab_size {vocab}")
+    t = config.train
+    items = token_shards.ShardItems(
+        data,
+        dataclasses.replace(chunk, prefix=data.ctx_prefix, suffix=data.ctx_suffix),
+        seed=seed,
+        max_qas_len=int(t.get("max_qas_len") or -1),
+        max_qas_per_sample=int(t.get("max_qas_per_sample") or -1),
+    )
+    log.info("token shards: %d records -> %d items (%d files)", len(data), len(items), len(files))
+    return items
+
+
+def _record_items(paths, chunk, config, hp, seed: int, tokenizer=None) -> list[dict]:
+    """Text QA records (NIAH, facts: tokenized here) or self-gen records -> D2L items."""
+    from hyperlora_jax.data import pipeline
     from hyperlora_jax.data.storage import ErrorLog, iter_raw_records
+
+    t = config.train
+    records = [rec for _, _, rec in iter_raw_records(paths, errors=ErrorLog("raise"))]
+    if records and "ctx_ids" not in records[0] and "context" in records[0]:
+        # text records {context, prompt, response} (NIAH): tokenized here, gold-response CE
+        if hp.objective != "ce":
+            raise ConfigError("text records carry no teacher log-probs: use train.loss=ce")
+        if tokenizer is None:
+            raise ConfigError("text records need the base model's tokenizer (--base_model)")
+        chunk = pipeline.ChunkConfig.for_tokenizer(
+            tokenizer,
+            max_chunk_len=chunk.max_chunk_len,
+            min_chunk_len=chunk.min_chunk_len,
+            num_chunk_probs=chunk.num_chunk_probs,
+        )
+
+        def make_item(rec, rng):
+            return pipeline.text_qa_item(rec, rng, tokenizer, chunk)
+    else:
+
+        def make_item(rec, rng):
+            return pipeline.selfgen_item(rec, chunk, rng, hp.top_k)
+
+    return pipeline.build_items(
+        records,
+        make_item,
+        seed=seed,
+        max_qas_len=int(t.get("max_qas_len") or -1),
+        max_qas_per_sample=int(t.get("max_qas_per_sample") or -1),
+    )
+
+
+def d2l_data(config, parts, paths: list[str], seed: int, tokenizer=None):
+    """Packed D2L rows: token shards, text QA records (NIAH, facts) or self-gen records."""
+    return pack_d2l_items(parts, *d2l_items(config, parts, paths, seed, tokenizer), seed)
+
+
+def pack_d2l_items(parts, items, pc, seed: int):
+    """An endless, checkpointable iterator of this process's batches of packed rows, each
+    checked against the LM head's label budget (train.max_label_len)."""
+    import functools
+
+    from hyperlora_jax.data import pipeline
+    from hyperlora_jax.train.steps import check_label_budget
+
+    per_process = parts.hp.global_batch // jax.process_count()
+    loader = pipeline.LoaderConfig(
+        batch_size=per_process,
+        seed=seed,
+        num_epochs=None,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    ds = pipeline.make_packed_dataset(items, pc, loader)
+    if parts.hp.max_label_len:
+        check = functools.partial(check_label_budget, max_label_len=parts.hp.max_label_len)
+        ds = ds.map(lambda batch: check(batch) or batch)
+    return iter(ds)
+
+
+def d2l_items(config, parts, paths: list[str], seed: int, tokenizer=None):
+    """(items, PackConfig) of the D2L training data (see d2l_data)."""
+    from hyperlora_jax.data import packing, pipeline, token_shards
 
     hp = parts.hp
     pc = packing.PackConfig(
@@ -88,35 +185,13 @@ def d2l_data(config, parts, paths: list[str], seed: int, tokenizer=None):
                 else None
             ),
         )
-        records = [rec for _, _, rec in iter_raw_records(paths, errors=ErrorLog("raise"))]
-        if records and "ctx_ids" not in records[0] and "context" in records[0]:
-            # text records {context, prompt, response} (NIAH): tokenized here, gold-response CE
-            if hp.objective != "ce":
-                raise ConfigError("text records carry no teacher log-probs: use train.loss=ce")
-            if tokenizer is None:
-                raise ConfigError("text records need the base model's tokenizer (--base_model)")
-            chunk = pipeline.ChunkConfig.for_tokenizer(
-                tokenizer,
-                max_chunk_len=chunk.max_chunk_len,
-                min_chunk_len=chunk.min_chunk_len,
-                num_chunk_probs=chunk.num_chunk_probs,
-            )
-
-            def make_item(rec, rng):
-                return pipeline.text_qa_item(rec, rng, tokenizer, chunk)
+        shard_files = token_shards.find_shards(paths)
+        if shard_files:  # `data niah|facts --format tokens`: the text path's items, built lazily
+            items = _token_shard_items(shard_files, chunk, config, parts, seed, tokenizer)
+            longest = items.longest_chunk
         else:
-
-            def make_item(rec, rng):
-                return pipeline.selfgen_item(rec, chunk, rng, hp.top_k)
-
-        items = pipeline.build_items(
-            records,
-            make_item,
-            seed=seed,
-            max_qas_len=int(t.get("max_qas_len") or -1),
-            max_qas_per_sample=int(t.get("max_qas_per_sample") or -1),
-        )
-        longest = max((len(c) for it in items for c in it["ctx_chunks"]), default=0)
+            items = _record_items(paths, chunk, config, hp, seed, tokenizer)
+            longest = max((len(c) for it in items for c in it["ctx_chunks"]), default=0)
         if hp.max_chunk_len and longest > hp.max_chunk_len:
             raise ConfigError(
                 f"a context chunk has {longest} tokens but chunk slots hold {hp.max_chunk_len}: "
@@ -130,16 +205,8 @@ def d2l_data(config, parts, paths: list[str], seed: int, tokenizer=None):
         if hp.objective == "distill":
             raise ConfigError("the synthetic task has no teacher: add --config.train.loss=ce")
     else:
-        raise ConfigError("D2L training needs --data (self-generated QA records)")
-    per_process = hp.global_batch // jax.process_count()
-    loader = pipeline.LoaderConfig(
-        batch_size=per_process,
-        seed=seed,
-        num_epochs=None,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    return iter(pipeline.make_packed_dataset(items, pc, loader))
+        raise ConfigError("D2L training needs --data (token shards, text or self-gen QA records)")
+    return items, pc
 
 
 def synthetic_t2l_data(parts, batch: int, seed: int):
@@ -344,14 +411,18 @@ def build_trainer(
 
         base_model = str(fetch_model(base_model))
     base = _base_params(config, parts, base_model)
-    names = None
+    names = floor = None
     if hp.kind == "d2l":
+        from hyperlora_jax.data.floor import items_floor
+
         tok = None
         if base_model:
             from hyperlora_jax.models.tokenizer import load_tokenizer
 
             tok = load_tokenizer(base_model)
-        it = d2l_data(config, parts, list(data or []), seed, tok)
+        items, pc = d2l_items(config, parts, list(data or []), seed, tok)
+        floor = items_floor(items)
+        it = pack_d2l_items(parts, items, pc, seed)
     elif hp.objective == "recon":
         if not t.get("oracle_library"):
             raise ConfigError(
@@ -386,6 +457,10 @@ def build_trainer(
         save_every=int(t.get("save_every", 1000)),
         max_to_keep=int(t.get("max_to_keep", 3)),
         max_bad_steps=int(t.get("max_bad_steps", 10)),
+        time_budget_s=float(t.time_budget_s) if t.get("time_budget_s") else None,
+        lr_time_decay=bool(t.get("lr_time_decay", False)),
+        min_lr_ratio=hp.min_lr / hp.lr if hp.lr else 0.0,
+        context_blind_floor=floor,
     )
     if names is not None:  # which task each library adapter / training task is
         parts.rebuild_info["tasks"] = names
@@ -405,18 +480,25 @@ def build_trainer(
 
 
 def train_from_flags(fv) -> list[dict]:
+    import time
+
+    started = time.perf_counter()  # train.time_budget_s counts from here
     shd.maybe_initialize_distributed(fv.coordinator, fv.num_processes, fv.process_id)
     workdir = fv.workdir or f"runs/{fv.config.get('name', 'run')}"
     tr = build_trainer(
         fv.config, workdir=workdir, data=fv.data, base_model=fv.base_model, mesh=fv.mesh
     )
+    tr.o.clock_start = started
     try:
         rows = tr.run()
     finally:
         tr.close()
     if rows and jax.process_index() == 0:
         last = rows[-1]
-        print(f"step {last['step']}: loss {last['loss']:.4f} ({workdir})")
+        why = {"time_budget": ", stopped by train.time_budget_s", "data": ", data exhausted"}
+        print(
+            f"step {last['step']}: loss {last['loss']:.4f} ({workdir}{why.get(tr.stopped_by, '')})"
+        )
     return rows
 
 

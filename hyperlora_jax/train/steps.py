@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -53,7 +54,7 @@ def make_train_step(
     inject_nan_at: int | None = None,
     micro_batch_axes=None,
 ):
-    """step(state, base_params, batch) -> (state, metrics).
+    """step(state, base_params, batch, lr_scale=1.0) -> (state, metrics).
 
     With grad_accum_steps = k the batch's leading axis is split into k micro-batches whose
     gradients are summed; every loss sum is divided by the count of the whole batch, so the
@@ -62,12 +63,15 @@ def make_train_step(
     is counted. `inject_nan_at` (tests only) poisons the gradient at that step.
     micro_batch_axes: mesh axes of the batch (e.g. ("data", "fsdp")), to keep accumulation
     micro-batches sharded (run under jax.set_mesh).
+    lr_scale (a traced scalar): multiplies the update, i.e. the learning rate, weight decay
+    included; the trainer's wall-clock decay (`TrainOptions.lr_time_decay`) sets it per step, so
+    one compiled program serves any run length.
     """
 
     def grads_of(params, base_params, batch, rng, num_items):
         return jax.value_and_grad(loss_fn, has_aux=True)(params, base_params, batch, rng, num_items)
 
-    def step(state: TrainState, base_params, batch):
+    def step(state: TrainState, base_params, batch, lr_scale=1.0):
         rng = jax.random.wrap_key_data(state.rng)
         rng, step_rng = jax.random.split(rng)
         step_rng = jax.random.fold_in(step_rng, state.step)
@@ -122,6 +126,7 @@ def make_train_step(
 
         def update(_):
             updates, new_opt = tx.update(grads, state.opt_state, state.params)
+            updates = jax.tree_util.tree_map(lambda u: u * lr_scale, updates)
             return optax.apply_updates(state.params, updates), new_opt
 
         new_params, new_opt = jax.lax.cond(
@@ -137,7 +142,7 @@ def make_train_step(
         )
         metrics = {"loss": loss, "grad_norm": gnorm, "finite": ok, "num_items": num_items, **aux}
         if schedule is not None:
-            metrics["lr"] = schedule(optax_count(state.opt_state))
+            metrics["lr"] = schedule(optax_count(state.opt_state)) * lr_scale
         return new_state, metrics
 
     return step
@@ -209,6 +214,7 @@ def make_d2l_loss(
     dtype=jnp.float32,
     hypernet_dtype=None,
     remat_policy: str | None = None,
+    max_label_len: int | None = None,
 ) -> LossFn:
     """D2L loss: student = base + generated adapter, without the document.
 
@@ -216,9 +222,12 @@ def make_d2l_loss(
     "ce": gold-response CE (NIAH). Both: mean per QA, then per context, summed / n_contexts,
     plus l1_coef * L1 of the combined adapter (bias LoRA included), / n_contexts.
     max_chunk_len: longest chunk (static; default the packed context length).
+    max_label_len: compute the LM head (and the teacher's) only at the first that many label
+    positions of each row (None: every position). A row with more label tokens silently loses
+    the rest: the data side must refuse such rows (`check_label_budget`).
     """
     from hyperlora_jax.errors import ConfigError
-    from hyperlora_jax.hypernet.d2l import bias_lora, generate_chunk_loras
+    from hyperlora_jax.hypernet.d2l import bias_lora, generate_chunk_loras, project_features
     from hyperlora_jax.hypernet.doc_to_lora import encoder_layers
     from hyperlora_jax.lora.adapter import Adapter
     from hyperlora_jax.models.transformer import forward
@@ -239,22 +248,26 @@ def make_d2l_loss(
         seg_c = batch["ctx_segment_ids"]
         bsz, tc = seg_c.shape
         n_slots = batch["chunk_context"].shape[1]
-        hs = forward(
-            base_params,
-            base_cfg,
-            batch["ctx_ids"],
-            segment_ids=seg_c,
-            positions=batch["ctx_positions"],
-            num_layers=k_enc,
-            return_hidden_states=True,
-            return_logits=False,
-            dtype=dtype,
-            remat_policy=remat_policy,
-        ).hidden_states  # [B, k+1, Tc, H]
-        feats = hs if hcfg.layer_to_layer else hs[:, -1]
+        with jax.named_scope("context_encoder"):
+            hs = forward(
+                base_params,
+                base_cfg,
+                batch["ctx_ids"],
+                segment_ids=seg_c,
+                positions=batch["ctx_positions"],
+                num_layers=k_enc,
+                return_hidden_states=True,
+                return_logits=False,
+                dtype=dtype,
+                remat_policy=remat_policy,
+            ).hidden_states  # [B, k+1, Tc, H]
+        feats = hs if hcfg.layer_to_layer else hs[:, -1]  # [B, (L,) Tc, H]
         feats = jax.lax.stop_gradient(feats.astype(hdtype))
-        cf, cmask = gather_chunks(feats, seg_c, n_slots, max_chunk_len or tc)
-        a, b = generate_chunk_loras(params, hcfg, cf, cmask, dtype=hdtype)
+        # The Perceiver's input projection (H -> 4H -> latent) is token-wise: run it on the Tc
+        # packed tokens, not on the C x max_chunk_len mostly padded chunk rows.
+        proj = project_features(params, hcfg, feats, dtype=hdtype)  # [B, (L,) Tc, latent]
+        cf, cmask = gather_chunks(proj, seg_c, n_slots, max_chunk_len or tc)
+        a, b = generate_chunk_loras(params, hcfg, cf, cmask, dtype=hdtype, projected=True)
         ba, bb = bias_lora(params, hcfg)
         if not hcfg.use_bias:
             ba = jax.tree_util.tree_map(jnp.zeros_like, ba)
@@ -289,28 +302,37 @@ def make_d2l_loss(
         if neftune_alpha:
             shape = (*tokens.shape, base_cfg.hidden_size)
             noise = losses.neftune_noise(jax.random.fold_in(rng, 1), shape, neftune_alpha, dtype)
-        logits = forward(
-            base_params,
-            base_cfg,
-            tokens,
-            segment_ids=batch["segment_ids"],
-            positions=batch["positions"],
-            adapter=adapter,
-            adapter_index=weights,
-            dtype=dtype,
-            remat_policy=remat_policy,
-            embeddings_noise=noise,
-        ).logits
+        # Everything per logit position, aligned with the logits (position t predicts t + 1).
         labels = batch["labels"]
         mask = losses.shift_targets(labels >= 0, False)
-        if objective == "ce":
-            tok = losses.cross_entropy(logits, losses.shift_targets(jnp.maximum(labels, 0)))
-        else:
-            vals, idx = _teacher_topk(base_params, base_cfg, batch, dtype)
-            tok = losses.topk_distill_ce(logits, vals, idx)
         n_qa = batch["qa_context"].shape[1]
+        targets = losses.shift_targets(jnp.maximum(labels, 0))
         qa_ids = losses.shift_targets(batch["qa_index"] + rows * n_qa)
         ctx_ids = losses.shift_targets(batch["adapter_index"] + rows * n_ctx_slots)
+        at = label_positions(mask, max_label_len)  # [B, P] or None (every position)
+        if at is not None:
+            targets, mask, qa_ids, ctx_ids = (
+                take_positions(x, at) for x in (targets, mask, qa_ids, ctx_ids)
+            )
+        with jax.named_scope("student"):
+            logits = forward(
+                base_params,
+                base_cfg,
+                tokens,
+                segment_ids=batch["segment_ids"],
+                positions=batch["positions"],
+                adapter=adapter,
+                adapter_index=weights,
+                dtype=dtype,
+                remat_policy=remat_policy,
+                embeddings_noise=noise,
+                logits_at=at,
+            ).logits  # [B, T or P, V]
+        if objective == "ce":
+            tok = losses.cross_entropy(logits, targets)
+        else:
+            vals, idx = _teacher_topk(base_params, base_cfg, batch, dtype, at)
+            tok = losses.topk_distill_ce(logits, vals, idx)
         main = losses.per_context_loss_sum(tok, mask, qa_ids, ctx_ids, bsz * n_qa, n_chunks.size)
         rank = (jnp.max(n_chunks) + 1) * hcfg.lora_r
         # L1 of the composed adapters: every used chunk once, the bias once per used context
@@ -325,29 +347,75 @@ def make_d2l_loss(
     return loss_fn
 
 
-def _teacher_topk(base_params, base_cfg, batch, dtype, k: int = 16):
-    """Teacher top-k log-probs aligned with the student's logits (stored, or computed online)."""
+def _teacher_topk(base_params, base_cfg, batch, dtype, at=None, k: int = 16):
+    """Teacher top-k (log-probs, token ids) [B, T, K] aligned with the student's logits (stored,
+    or computed online); at [B, P]: only at those student positions, [B, P, K]."""
     from hyperlora_jax.models.transformer import forward
     from hyperlora_jax.train import losses
 
     if "teacher_ids" not in batch:
-        return (
-            losses.shift_targets(batch["logprobs_vals"]),
-            losses.shift_targets(batch["logprobs_indices"]),
-        )
-    t_logits = forward(
-        base_params,
-        base_cfg,
-        batch["teacher_ids"],
-        segment_ids=batch["teacher_segment_ids"],
-        dtype=dtype,
-    ).logits
-    logp = jax.nn.log_softmax(jax.lax.stop_gradient(t_logits).astype(jnp.float32), -1)
+        vals = losses.shift_targets(batch["logprobs_vals"])
+        idx = losses.shift_targets(batch["logprobs_indices"])
+        return (vals, idx) if at is None else (take_positions(vals, at), take_positions(idx, at))
     # student position t predicts token t+1, which the teacher holds at teacher_pos[t+1] and
     # predicts from the position before it.
     pos = jnp.maximum(losses.shift_targets(batch["teacher_pos"]) - 1, 0)
-    rows = jnp.take_along_axis(logp, pos[..., None], axis=1)  # [B, T, V]
-    return jax.lax.top_k(rows, k)
+    if at is not None:
+        pos = take_positions(pos, at)
+    with jax.named_scope("teacher"):
+        t_logits = forward(
+            base_params,
+            base_cfg,
+            batch["teacher_ids"],
+            segment_ids=batch["teacher_segment_ids"],
+            dtype=dtype,
+            logits_at=pos,
+        ).logits  # [B, T or P, V]
+    logp = jax.nn.log_softmax(jax.lax.stop_gradient(t_logits).astype(jnp.float32), -1)
+    return jax.lax.top_k(logp, k)
+
+
+def label_positions(mask: jax.Array, max_label_len: int | None) -> jax.Array | None:
+    """The first max_label_len positions of each row where mask [B, T] is set, in order, [B, P]
+    (a row with fewer is padded with unset positions); None if max_label_len is 0 / None.
+
+    A static P lets the LM head run on P positions instead of T (with 5 label tokens per NIAH
+    query, a tenth of them); positions past the first P are dropped, see check_label_budget."""
+    if not max_label_len:
+        return None
+    return jnp.argsort(~mask, axis=1, stable=True)[:, :max_label_len]
+
+
+def take_positions(x: jax.Array, at: jax.Array) -> jax.Array:
+    """x [B, T, ...] at positions at [B, P] -> [B, P, ...]."""
+    idx = at.reshape(*at.shape, *(1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def check_label_budget(batch, max_label_len: int | None) -> None:
+    """Host-side check that no row of a batch has more loss positions than the LM head is
+    computed for (train.max_label_len; 0 / None: every position, nothing to check).
+
+    batch: numpy rows with "labels" [B, T] (D2L; -100 = no loss) or "loss_mask" [B, T] (T2L).
+    Raises InputError naming the row; call it where batches are made (the loss cannot raise).
+    """
+    from hyperlora_jax.errors import InputError
+
+    if not max_label_len:
+        return
+    if "labels" in batch:
+        supervised = np.asarray(batch["labels"]) >= 0
+    else:
+        supervised = np.asarray(batch["loss_mask"]).astype(bool)
+    # the first token is never predicted (the logits at t predict t + 1)
+    counts = supervised[:, 1:].sum(axis=1)
+    worst = int(np.argmax(counts))
+    if counts[worst] > max_label_len:
+        raise InputError(
+            f"row {worst} of the batch has {int(counts[worst])} label tokens > "
+            f"train.max_label_len={max_label_len} (the LM head runs only at that many positions "
+            "per row); raise train.max_label_len (0: every position) or pack fewer queries per row"
+        )
 
 
 # --------------------------------------------------------------------------- T2L
@@ -453,10 +521,9 @@ def _adapter_sft_loss(
         )
         labels = losses.shift_targets(tokens)
         mask = losses.shift_targets(batch["loss_mask"], False)
-        at = None
-        if max_label_len:
-            at = jnp.argsort(~mask, axis=1, stable=True)[:, :max_label_len]
-            labels, mask, ids = (jnp.take_along_axis(x, at, 1) for x in (labels, mask, ids))
+        at = label_positions(mask, max_label_len)
+        if at is not None:
+            labels, mask, ids = (take_positions(x, at) for x in (labels, mask, ids))
         logits = forward(
             base_params,
             base_cfg,

@@ -1,6 +1,7 @@
 """Training loop: sharded jitted step, Orbax checkpoints (async) with the grain iterator state and a
-JSON to rebuild everything, automatic resume, save on SIGTERM, NaN guard, TensorBoard + JSONL
-metrics, tqdm progress, periodic eval hook.
+JSON to rebuild everything, automatic resume, save on SIGTERM (then a non-zero exit), a wall-clock
+budget, NaN guard, TensorBoard + JSONL metrics, tqdm progress, periodic eval hook, and the step at
+which the loss first leaves the data's context-blind floor (`hyperlora_jax/data/floor.py`).
 
 The loop is model-agnostic: it takes a loss function (see steps.py), the frozen base params, an
 initializer for the trainable params and a checkpointable host-local batch iterator.
@@ -8,9 +9,11 @@ initializer for the trainable params and a checkpointable host-local batch itera
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +40,14 @@ class NonFiniteError(HyperLoraError):
     """Training stopped: too many consecutive non-finite losses or gradients."""
 
 
+class Interrupted(HyperLoraError):
+    """Training stopped by SIGTERM after saving a checkpoint (rerun the command to resume)."""
+
+
+FLOOR_WINDOW = 10  # steps averaged when comparing the loss with the context-blind floor
+FLOOR_MARGIN = 0.9  # "below the floor" = the window's mean main loss < 0.9 x floor
+
+
 @dataclasses.dataclass
 class TrainOptions:
     """Loop settings (built from an experiment config's `train` section by train/build.py)."""
@@ -53,6 +64,19 @@ class TrainOptions:
     async_checkpointing: bool = True
     progress: bool = True
     inject_nan_at: int | None = None  # tests: poison the gradient of this step
+    # Wall-clock seconds from clock_start (default: the start of run(); `hyperlora-jax train`
+    # passes its own start, so model loading and data indexing count too), compilation
+    # included: stop after the step that would leave less than two step times plus two saves,
+    # and write a complete checkpoint.
+    time_budget_s: float | None = None
+    clock_start: float | None = None  # a time.perf_counter() value
+    # Cosine-decay the learning rate over the wall-clock budget (from the end of the first step
+    # to time_budget_s) down to min_lr_ratio x, instead of over a step count: for runs whose
+    # speed is not known in advance (a lent GPU). The step program does not depend on the run
+    # length, so a program compiled (and cached) earlier serves any budget.
+    lr_time_decay: bool = False
+    min_lr_ratio: float = 0.0
+    context_blind_floor: float | None = None  # of the training data, in main-loss units
 
 
 def _abstract(tree, shardings):
@@ -109,6 +133,8 @@ class Trainer:
         self.ckpt_dir = (self.workdir / "checkpoints").absolute()
         self._stop = False
         self._flops = None
+        self.stopped_by: str | None = None  # "steps", "time_budget", "sigterm" or "data"
+        self.left_floor_at: int | None = None  # first step of the window below the floor
 
         # params: born sharded (jit of the initializer with out_shardings)
         abstract_params = jax.eval_shape(init_params, jax.random.key(options.seed))
@@ -150,12 +176,17 @@ class Trainer:
     def _compile(self, gbatch: dict):
         self._jitted = jax.jit(
             self._step_fn,
-            in_shardings=(self.state_shardings, self.base_shardings, self.batch_shardings(gbatch)),
+            in_shardings=(
+                self.state_shardings,
+                self.base_shardings,
+                self.batch_shardings(gbatch),
+                shd.replicated(self.mesh),
+            ),
             out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
             donate_argnums=(0,),
         )
         with jax.set_mesh(self.mesh):
-            traced = self._jitted.trace(self.state, self.base_params, gbatch)
+            traced = self._jitted.trace(self.state, self.base_params, gbatch, jnp.float32(1))
             self._compiled = traced.lower().compile()
         # global matmul FLOPs per step (XLA's cost analysis counts scanned layers once)
         self._flops = jaxpr_flops(traced.jaxpr.jaxpr)
@@ -238,8 +269,10 @@ class Trainer:
         return bool(np.any(flags))
 
     def run(self) -> list[dict]:
-        """Train until options.steps (resuming if a checkpoint exists); returns the metric rows."""
+        """Train until options.steps (resuming if a checkpoint exists), the time budget or SIGTERM
+        (saves, then raises Interrupted); returns the metric rows. `stopped_by` says which."""
         o = self.o
+        t_start = o.clock_start if o.clock_start is not None else time.perf_counter()
         resumed = self.restore_latest()
         start = int(jax.device_get(self.state.step))
         if resumed is not None:
@@ -263,6 +296,15 @@ class Trainer:
 
             bar = tqdm(total=o.steps, initial=start, desc="train", dynamic_ncols=True)
         rows = []
+        recent_main = collections.deque(maxlen=FLOOR_WINDOW)
+        step_times = collections.deque(maxlen=5)
+        save_s = 2.0  # a save's wall time (measured at each save; a guess until then)
+        t_first = None  # end of the first step (compilation included)
+        margin = 0.0
+        if main and o.context_blind_floor is not None:
+            log.info("context-blind floor of the data: %.4f (main loss)", o.context_blind_floor)
+            jsonl.write(json.dumps({"step": start, "context_blind_floor": o.context_blind_floor}))
+            jsonl.write("\n")
         try:
             step = start
             while step < o.steps:
@@ -271,12 +313,17 @@ class Trainer:
                     local = next(self.data)
                 except StopIteration:
                     log.warning("data exhausted at step %d", step)
+                    self.stopped_by = "data"
                     break
                 gbatch = shd.make_global_batch(local, self.mesh, self.rules)
                 if self._jitted is None:
                     self._compile(gbatch)
+                # time kept for the end: two of the slowest recent steps (the first, compiling one
+                # left out) and two saves; never shrinks, so the lr decay is monotone
+                margin = max(margin, 2 * max(step_times, default=0.0) + 2 * save_s)
+                scale = jnp.float32(self._lr_scale(t_start, t_first, margin))
                 with jax.set_mesh(self.mesh):
-                    self.state, metrics = self._jitted(self.state, self.base_params, gbatch)
+                    self.state, metrics = self._jitted(self.state, self.base_params, gbatch, scale)
                 metrics = jax.device_get(metrics)
                 dt = time.perf_counter() - t0
                 step += 1
@@ -287,6 +334,11 @@ class Trainer:
                     row["flops_per_s"] = self._flops / dt
                 bad_row = int(jax.device_get(self.state.bad_in_a_row))
                 row["skipped_total"] = int(jax.device_get(self.state.bad_total))
+                if step > start + 1:  # the first step's time is mostly compilation
+                    step_times.append(dt)
+                else:
+                    t_first = time.perf_counter()
+                self._track_floor(step, row, recent_main)
                 rows.append(row)
                 if main and (step % o.log_every == 0 or not row["finite"]):
                     jsonl.write(json.dumps(row) + "\n")
@@ -312,12 +364,22 @@ class Trainer:
                             for k, v in ev.items():
                                 writer.add_scalar(k, v, step)
                 if step % o.save_every == 0 or step == o.steps:
-                    self.save()
+                    save_s = max(save_s, self._timed_save())
                 for h in self.hooks:
                     h(self, step, row)
                 if self._stop_requested():
-                    self.save()
+                    self._timed_save()
+                    self.stopped_by = "sigterm"
                     break
+                if o.time_budget_s is not None and step < o.steps:
+                    left = o.time_budget_s - (time.perf_counter() - t_start)
+                    if left < max(margin, 2 * max(step_times, default=0.0) + 2 * save_s):
+                        self._timed_save()
+                        self.stopped_by = "time_budget"
+                        log.warning("time budget: stopped after step %d (%.0f s left)", step, left)
+                        break
+            else:
+                self.stopped_by = "steps"
         finally:
             signal.signal(signal.SIGTERM, old)
             self.manager.wait_until_finished()
@@ -327,7 +389,47 @@ class Trainer:
                 writer.close()
             if jsonl is not None:
                 jsonl.close()
+        if self.stopped_by == "sigterm":
+            raise Interrupted(
+                f"stopped by SIGTERM after step {step} (checkpoint saved); run the same command "
+                "again to resume"
+            )
         return rows
+
+    def _lr_scale(self, t_start: float, t_first: float | None, stop_margin: float) -> float:
+        """The wall-clock cosine factor of the learning rate (1.0 without lr_time_decay): from 1
+        at the end of the first step to min_lr_ratio when the budget stop is due."""
+        o = self.o
+        if not o.lr_time_decay or o.time_budget_s is None or t_first is None:
+            return 1.0
+        span = max(t_start + o.time_budget_s - stop_margin - t_first, 1e-6)
+        progress = min(max((time.perf_counter() - t_first) / span, 0.0), 1.0)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _timed_save(self) -> float:
+        """save(), waiting until it is on disk; returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.save()
+        self.manager.wait_until_finished()
+        return time.perf_counter() - t0
+
+    def _track_floor(self, step: int, row: dict, recent: collections.deque) -> None:
+        """Record the first step whose FLOOR_WINDOW-step mean main loss is under the floor."""
+        floor = self.o.context_blind_floor
+        if floor is None or self.left_floor_at is not None or not row["finite"]:
+            return
+        recent.append(row.get("main_loss", row["loss"]))
+        mean = sum(recent) / len(recent)
+        if len(recent) == FLOOR_WINDOW and mean < FLOOR_MARGIN * floor:
+            self.left_floor_at = step - FLOOR_WINDOW + 1
+            row["left_context_blind_floor_at"] = self.left_floor_at
+            log.warning(
+                "loss left the context-blind floor %.3f: mean %.3f over steps %d-%d",
+                floor,
+                mean,
+                self.left_floor_at,
+                step,
+            )
 
     def close(self):
         self.manager.wait_until_finished()

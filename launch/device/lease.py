@@ -1,0 +1,787 @@
+"""The GPU lease: train the embedded Doc-to-LoRA on one lent H200 in two calls of the device tool.
+The procedure, the time plan and its arithmetic are in launch/device/README.md.
+
+Here (this repository's venv):
+    python launch/device/lease.py prepare    # .gpu/ (GGUF halves, wheels, tokenizer, NIAH pieces),
+                                             # shipped params out of the traveling tree, size check
+    python launch/device/lease.py dry-run    # both calls end to end on this CPU, tiny sizes
+    python launch/device/lease.py restore    # after the lease: the shipped params tracked again
+There (device tool `run`, the commands `prepare` prints):
+    python3 launch/device/lease.py call1     # carry .gpu/call1: setup, data, probe of the step
+    python3 launch/device/lease.py call2     # carry .gpu/call2, within 30 s: join, convert, train
+
+Only the standard library is imported at module level: call 1 installs the missing wheels first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CALL1, CALL2 = REPO / ".gpu" / "call1", REPO / ".gpu" / "call2"  # the carried folders
+MiB = 2**20
+CALL_LIMIT = 62 * MiB  # the device tool sends 64 MiB at most; 2 MiB of headroom
+OUT_FILES, OUT_FILE_BYTES = 8, 16 * MiB  # what comes back from $OUT
+COLD_EXIT, BAD_MODEL_EXIT = 42, 43
+IMPORT_S = 10  # Python start and imports of a `train` process, before its budget's clock starts
+MODEL = "smollm2-135m-instruct"
+# Missing from the device image (launch/device/README.md); their own needs are all there.
+WHEELS = (
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "portpicker==1.6.0",
+    "ml-collections==1.1.0",
+    "gguf==0.19.0",
+    "tensorboardX==2.6.5",
+)
+# Tracked files that need not travel: the shipped hypernetwork weights (39 MiB of the 46).
+SHIPPED_PARAMS = (
+    "hyperlora_jax/checkpoints/d2l-smollm2-135m-instruct/params.safetensors",
+    "hyperlora_jax/checkpoints/t2l-smollm2-135m-instruct/params.safetensors",
+)
+EXCLUDE_MARK = "# hyperlora lease: shipped params kept out of the device calls"
+TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+# ----------------------------------------------------------------------------- the plan
+CONFIG = "configs/d2l.py:smollm2_gpu"
+NIAH_BINS = ((32, 128), (128, 256))  # the official NIAH training bins
+PLAN = {  # real sizes; --tiny (the dry run) uses TINY
+    "niah_train": 640_000,  # official NIAH recipe: bins 32-128 and 128-256
+    "fact_docs": 20_000,
+    "workers": 16,
+    "rows": (32, 16, 8),  # rows per step, tried in this order until the probe fits in memory
+    "probe_steps": 12,  # then 1 more from its checkpoint: Orbax save + restore on the GPU
+    "call2_deadline_s": 420,  # of the 600 s the call may run; transfers are outside it
+    "stage2_share": 0.35,  # of the training time: NIAH + facts, lr decayed over the clock
+    "final_reserve_s": 30,  # export + packing $OUT
+    "overrides": [],
+}
+TINY = {
+    "niah_train": 96,
+    "fact_docs": 24,
+    "workers": 2,
+    "rows": (1,),
+    "probe_steps": 1,
+    "call2_deadline_s": 100,
+    "stage2_share": 0.35,
+    "final_reserve_s": 20,
+    "overrides": [
+        "--config.train.max_packed_inp_len=128",
+        "--config.train.max_packed_ctx_len=512",
+        "--config.train.max_contexts_per_pack=2",
+        "--config.train.warmup_steps=1",
+    ],
+}
+
+
+def log(msg: str) -> None:
+    print(f"[lease {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fail(msg: str, code: int = 1):
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+# ============================================================================= here
+def traveling_files(root: Path = REPO) -> list[Path]:
+    """What the device tool sends: tracked files plus untracked files git does not ignore."""
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    files = [root / p for p in out.split("\0") if p]
+    return [p for p in files if p.is_file() and not p.is_symlink()]
+
+
+def tree_bytes(root: Path = REPO) -> int:
+    """The traveling tree's size once the shipped params are out of it."""
+    shipped = {root / p for p in SHIPPED_PARAMS}
+    return sum(p.stat().st_size for p in traveling_files(root) if p not in shipped)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _exclude_file() -> Path:
+    return REPO / ".git" / "info" / "exclude"
+
+
+def untrack_shipped_params() -> None:
+    """Keep the shipped params out of the traveling tree: untracked and ignored (locally, in
+    .git/info/exclude) until `restore`. `git status` shows them as deleted meanwhile: commit
+    nothing before `restore`."""
+    ex = _exclude_file()
+    text = ex.read_text() if ex.exists() else ""
+    if EXCLUDE_MARK in text:
+        return
+    tracked = subprocess.run(
+        ["git", "ls-files", "--", *SHIPPED_PARAMS], cwd=REPO, capture_output=True, text=True
+    ).stdout.split()
+    if tracked:
+        subprocess.run(["git", "rm", "-q", "--cached", "--", *tracked], cwd=REPO, check=True)
+    ex.parent.mkdir(parents=True, exist_ok=True)
+    ex.write_text(text + f"\n{EXCLUDE_MARK}\n" + "".join(f"/{p}\n" for p in SHIPPED_PARAMS))
+
+
+def restore() -> None:
+    """Undo untrack_shipped_params: the index entries back from HEAD, the exclusion lines gone."""
+    ex = _exclude_file()
+    if ex.exists() and EXCLUDE_MARK in ex.read_text():
+        keep, skip = [], False
+        for line in ex.read_text().splitlines():
+            if line == EXCLUDE_MARK:
+                skip = True
+                continue
+            if skip and line.lstrip("/") in SHIPPED_PARAMS:
+                continue
+            skip = False
+            keep.append(line)
+        ex.write_text("\n".join(keep).rstrip("\n") + "\n")
+    subprocess.run(["git", "reset", "-q", "--", *SHIPPED_PARAMS], cwd=REPO, check=True)
+    log("shipped params tracked again (git status should be clean of them)")
+
+
+def _download_wheels(dest: Path, python_version: str = "3.12") -> None:
+    """The WHEELS for CPython `python_version` on x86-64 manylinux (the device's: 3.12)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    want = {w.split("==")[0].lower().replace("-", "_") for w in WHEELS}
+    have = {p.name.split("-")[0].lower() for p in dest.glob("*.whl")}
+    if want <= have:
+        return
+    plats = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28)] + [
+        "manylinux2014_x86_64",
+        "manylinux1_x86_64",
+    ]
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--python-version", python_version, "--implementation", "cp", "-d", str(dest)]
+    for p in plats:
+        cmd += ["--platform", p]
+    r = subprocess.run(cmd + list(WHEELS), capture_output=True, text=True)
+    if r.returncode:
+        fail(f"pip download of the device wheels failed (is PyPI reachable?):\n{r.stderr[-1500:]}")
+
+
+def prepare(args) -> dict:
+    """Build GPU/call1 and GPU/call2 (GPU = --gpu-dir, default .gpu), check both calls' sizes,
+    and (unless --keep-tracked, as the dry run's test does) take the shipped params out of the
+    traveling tree."""
+    from safetensors import safe_open
+
+    from hyperlora_jax.data import niah_tokens
+    from hyperlora_jax.models.fetch import KNOWN_MODELS, fetch_model
+    from hyperlora_jax.models.tokenizer import load_tokenizer
+
+    folder = fetch_model(MODEL)
+    gguf = folder / "source.gguf"
+    if not gguf.is_file() or sha256(gguf) != KNOWN_MODELS[MODEL].sha256:
+        fail(
+            f"{gguf} is missing or damaged: delete {folder} and run `hyperlora-jax fetch-model "
+            f"{MODEL}`"
+        )
+    gpu = Path(args.gpu_dir or REPO / ".gpu")
+    call1_dir, call2_dir = gpu / "call1", gpu / "call2"
+    shutil.rmtree(gpu, ignore_errors=True)
+    (call1_dir / "model").mkdir(parents=True)
+    call2_dir.mkdir(parents=True)
+    _download_wheels(call1_dir / "wheels")
+    for name in TOKENIZER_FILES:
+        if (folder / name).exists():
+            shutil.copy2(folder / name, call1_dir / "model" / name)
+    with safe_open(str(folder / "model.safetensors"), "np") as f:  # the probe's random weights
+        spec = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    (call1_dir / "weights_spec.json").write_text(json.dumps(spec))
+    tok = load_tokenizer(folder)
+    niah_tokens.NiahPieces.from_tokenizer(tok, NIAH_BINS).save(call1_dir / "niah_pieces.json")
+
+    if not args.keep_tracked:
+        untrack_shipped_params()
+    tree = tree_bytes()
+    gguf_bytes = gguf.stat().st_size
+    part1 = CALL_LIMIT - tree - dir_bytes(call1_dir) - 64 * 1024  # the manifest and slack
+    if gguf_bytes - part1 + tree > CALL_LIMIT:
+        fail(
+            f"the GGUF ({gguf_bytes / MiB:.1f} MiB) does not fit two calls beside a "
+            f"{tree / MiB:.1f} MiB tree: make the traveling tree smaller"
+        )
+    with gguf.open("rb") as src:
+        (call1_dir / "gguf.part1").write_bytes(src.read(part1))
+        (call2_dir / "gguf.part2").write_bytes(src.read())
+    manifest = {
+        "model": MODEL,
+        "sha256": KNOWN_MODELS[MODEL].sha256,
+        "bytes": gguf_bytes,
+        "part1": {"bytes": part1, "sha256": sha256(call1_dir / "gguf.part1")},
+        "part2": {"bytes": gguf_bytes - part1, "sha256": sha256(call2_dir / "gguf.part2")},
+    }
+    for d in (call1_dir, call2_dir):
+        (d / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    sizes = {
+        "tree": tree,
+        "call1": tree + dir_bytes(call1_dir),
+        "call2": tree + dir_bytes(call2_dir),
+    }
+    for k, v in sizes.items():
+        log(f"{k}: {v / MiB:.2f} MiB")
+    for k in ("call1", "call2"):
+        if sizes[k] > CALL_LIMIT:
+            fail(f"{k} would send {sizes[k] / MiB:.1f} MiB > {CALL_LIMIT / MiB:.0f} MiB")
+    log(
+        "ready. The shipped params are untracked until `python launch/device/lease.py restore`:"
+        " commit nothing before that."
+    )
+    log(
+        'call 1: run(command="python3 launch/device/lease.py call1", carry=[".gpu/call1"], '
+        "timeout_s=420)"
+    )
+    log(
+        "call 2 (within 30 s of call 1's reply; D = min(420, budget_left_s - 90) from call 1's "
+        'lease): run(command="python3 launch/device/lease.py call2 --deadline-s D", '
+        'carry=[".gpu/call2"], timeout_s=600)'
+    )
+    return sizes
+
+
+# ============================================================================= there
+class Device:
+    """Paths and environment of a call on the device (or of the dry run here)."""
+
+    def __init__(self, tiny: bool):
+        self.tiny = tiny
+        self.plan = TINY if tiny else PLAN
+        self.tmp = Path(os.environ.get("LEASE_TMP", "/tmp/lease"))
+        self.out = Path(os.environ.get("OUT") or fail("$OUT is not set"))
+        self.python = sys.executable
+        self.env = dict(os.environ)
+        paths = [str(REPO), str(self.tmp / "site"), os.environ.get("PYTHONPATH", "")]
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        self.env["JAX_COMPILATION_CACHE_DIR"] = str(self.tmp / "jax_cache")
+        self.env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        self.env["TQDM_DISABLE"] = "1"
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+
+    def run(self, *cmd: str, log_to: Path | None = None, check: bool = True) -> int:
+        """Run a command with the lease environment, its output shown and appended to log_to."""
+        log("$ " + " ".join(cmd))
+        with subprocess.Popen(
+            cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as p:
+            sink = log_to.open("a") if log_to else None
+            for line in p.stdout:
+                sys.stdout.write(line)
+                if sink:
+                    sink.write(line)
+            if sink:
+                sink.close()
+        if check and p.returncode:
+            fail(f"`{' '.join(cmd)}` exited {p.returncode}", p.returncode)
+        return p.returncode
+
+    def cli(self, *args: str, **kw) -> int:
+        return self.run(self.python, "-m", "hyperlora_jax.cli", *args, **kw)
+
+    def train_args(self, workdir: Path, data: list[Path], *extra: str, rows=None) -> list[str]:
+        """`train` arguments: the plan's overrides and rows per step (the probe's choice)."""
+        if rows is None:
+            rows = json.loads((self.tmp / "plan.json").read_text())["rows"]
+        args = ["train", f"--config={CONFIG}", f"--workdir={workdir}"]
+        args += [f"--data={d}" for d in data] + list(self.plan["overrides"])
+        return args + [f"--config.train.global_packs_per_step={rows}", *extra]
+
+
+def call1(args) -> None:
+    """Stage GGUF part 1, install the wheels, report the machine, build the data, and run the
+    real training step on random weights of the real shapes: it compiles into the persistent
+    cache (call 2 reuses the program), saves, restores and measures the step time."""
+    d = Device(args.tiny)
+    t0 = time.time()
+    d.tmp.mkdir(parents=True, exist_ok=True)
+    d.out.mkdir(parents=True, exist_ok=True)
+    logf = d.out / "call1.log"
+    manifest = json.loads((CALL1 / "manifest.json").read_text())
+    shutil.copy2(CALL1 / "gguf.part1", d.tmp / "gguf.part1")
+    if sha256(d.tmp / "gguf.part1") != manifest["part1"]["sha256"]:
+        fail("GGUF part 1 arrived damaged: run prepare again", BAD_MODEL_EXIT)
+    wheels = sorted(str(p) for p in (CALL1 / "wheels").glob("*.whl"))
+    d.run(
+        d.python,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--no-cache-dir",
+        "--upgrade",
+        "--target",
+        str(d.tmp / "site"),
+        *wheels,
+        log_to=logf,
+    )
+    d.run(
+        d.python, str(Path(__file__)), "report", "--json", str(d.tmp / "machine.json"), log_to=logf
+    )
+
+    data = d.tmp / "data"
+    shutil.rmtree(data, ignore_errors=True)
+    p = d.plan
+    bins = ",".join(f"{lo}-{hi}" for lo, hi in NIAH_BINS)
+    d.cli(
+        "data",
+        "niah",
+        f"--pieces={CALL1 / 'niah_pieces.json'}",
+        f"--out={data / 'niah'}",
+        f"--bins={bins}",
+        f"--n-train={p['niah_train'] // len(NIAH_BINS)}",
+        "--n-val=0",
+        "--n-test=0",
+        "--format=tokens",
+        f"--workers={p['workers']}",
+        log_to=logf,
+    )
+    d.cli(
+        "data",
+        "facts",
+        f"--out={data / 'facts'}",
+        f"--n-train={p['fact_docs']}",
+        "--n-test=0",
+        "--format=tokens",
+        f"--tokenizer={CALL1 / 'model'}",
+        log_to=logf,
+    )
+
+    # the probe: random weights, real shapes -> the same compiled program as call 2's training
+    fake = d.tmp / "random_model"
+    d.run(d.python, str(Path(__file__)), "random-weights", str(fake), log_to=logf)
+    probe = d.tmp / "probe"
+    n = p["probe_steps"]
+    for rows in p["rows"]:  # the most rows per step that fit in the accelerator's memory
+        shutil.rmtree(probe, ignore_errors=True)
+        common = d.train_args(
+            probe, niah_dirs(data, NIAH_BINS[:1]), f"--base_model={fake}", rows=rows
+        )
+        rc = d.cli(
+            *common,
+            f"--config.train.steps={n}",
+            f"--config.train.save_every={n}",
+            log_to=logf,
+            check=False,
+        )
+        if rc == 0:
+            break
+        if "RESOURCE_EXHAUSTED" not in logf.read_text()[-20000:] or rows == p["rows"][-1]:
+            fail(f"the probe failed with {rows} rows per step (exit {rc}); see call1.log", rc)
+        log(f"{rows} rows per step do not fit in memory; trying fewer")
+    (d.tmp / "plan.json").write_text(json.dumps({"rows": rows}))
+    # a new process restores step n and runs one more: Orbax restore, and the compile cache hit
+    d.cli(*common, f"--config.train.steps={n + 1}", log_to=logf)
+    rows = read_metrics(probe / "metrics.jsonl")
+    if [r["step"] for r in rows][-2:] != [n, n + 1]:
+        fail(f"the probe did not resume from its checkpoint: steps {[r['step'] for r in rows]}")
+    timed = [r["step_time"] for r in rows[1:n]] or [rows[-1]["step_time"]]
+    summary = {
+        "machine": json.loads((d.tmp / "machine.json").read_text()),
+        "probe": {
+            "first_step_s (compile)": rows[0]["step_time"],
+            "resumed_first_step_s (cache)": rows[n]["step_time"],
+            "step_s_median": sorted(timed)[len(timed) // 2],
+            "matmul_flops_per_step": rows[-1]["flops_per_s"] * rows[-1]["step_time"],
+            "contexts_per_step": rows[-1]["num_items"],
+            "rows_per_step": json.loads((d.tmp / "plan.json").read_text())["rows"],
+        },
+        "data_bytes": dir_bytes(data),
+        "call1_s": round(time.time() - t0, 1),
+    }
+    (d.tmp / "call1.json").write_text(json.dumps(summary, indent=1))
+    shutil.copy2(d.tmp / "call1.json", d.out / "call1.json")
+    (d.tmp / "call1.ok").write_text("ok")
+    log(f"call 1 done in {summary['call1_s']} s: {json.dumps(summary['probe'])}")
+
+
+def niah_dirs(data: Path, bins=NIAH_BINS) -> list[Path]:
+    """The NIAH training shards of these bins."""
+    return [data / "niah" / f"ctx_magic_number_{lo}_{hi}" / "train" for lo, hi in bins]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [r for r in rows if "loss" in r]
+
+
+def call2(args) -> None:
+    """Join and check the GGUF, convert it, train stage 1 (NIAH) and stage 2 (NIAH + facts)
+    under time budgets, export, and pack at most 8 files of at most 16 MiB into $OUT."""
+    t0 = time.time()
+    d = Device(args.tiny)
+    p = d.plan
+    if not (d.tmp / "call1.ok").exists():
+        fail(
+            "the machine went cold: call 1's files are gone from /tmp. Start over with call 1",
+            COLD_EXIT,
+        )
+    d.out.mkdir(parents=True, exist_ok=True)
+    logf = d.out / "call2.log"
+    manifest = json.loads((CALL2 / "manifest.json").read_text())
+    gguf = d.tmp / "model.gguf"
+    with gguf.open("wb") as f:
+        for part in (d.tmp / "gguf.part1", CALL2 / "gguf.part2"):
+            with part.open("rb") as src:
+                shutil.copyfileobj(src, f, 1 << 22)
+    if sha256(gguf) != manifest["sha256"]:
+        fail(
+            f"the joined GGUF's sha256 is not {manifest['sha256']}: run prepare again",
+            BAD_MODEL_EXIT,
+        )
+    model = d.tmp / "model"
+    d.run(d.python, str(Path(__file__)), "convert", str(gguf), str(model), log_to=logf)
+
+    data = d.tmp / "data"
+    runs = d.tmp / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    deadline = t0 + (args.deadline_s or p["call2_deadline_s"])
+    train_s = deadline - time.time() - p["final_reserve_s"]
+    stage2_s = p["stage2_share"] * train_s
+    stages = {}
+    # stage 1: the official NIAH recipe, constant lr after warmup. A budget counts from the
+    # train command's start; IMPORT_S more go to starting Python and importing JAX before it.
+    s1 = runs / "stage1"
+    budget1 = deadline - time.time() - p["final_reserve_s"] - stage2_s - IMPORT_S
+    d.cli(
+        *d.train_args(
+            s1,
+            niah_dirs(data),
+            f"--base_model={model}",
+            f"--config.train.time_budget_s={budget1:.0f}",
+        ),
+        log_to=logf,
+    )
+    d.cli("export-run", f"--workdir={s1}", f"--out={runs / 'stage1_export'}", log_to=logf)
+    stages["stage1"] = stage_stats(s1, budget1)
+    # stage 2: NIAH + fact documents from stage 1's weights, lr cosine-decayed over the clock
+    s2 = runs / "stage2"
+    budget2 = deadline - time.time() - p["final_reserve_s"] - IMPORT_S
+    # the longer NIAH bin beside the facts: ~3 NIAH contexts per fact QA (one per item)
+    s2_data = [*niah_dirs(data, NIAH_BINS[1:]), data / "facts" / "train_docs"]
+    d.cli(
+        *d.train_args(
+            s2,
+            s2_data,
+            f"--base_model={model}",
+            f"--config.train.time_budget_s={budget2:.0f}",
+            "--config.train.lr_time_decay=True",
+            f"--config.train.init_from={runs / 'stage1_export'}",
+        ),
+        log_to=logf,
+    )
+    final = runs / "final"
+    d.cli("export-run", f"--workdir={s2}", f"--out={final}", log_to=logf)
+    stages["stage2"] = stage_stats(s2, budget2)
+    summary = {
+        "call1": json.loads((d.tmp / "call1.json").read_text()),
+        "stages": stages,
+        "call2_s": round(time.time() - t0, 1),
+    }
+    pack_out(d.out, final, summary, {"stage1": s1, "stage2": s2})
+    log(f"call 2 done in {summary['call2_s']} s")
+    for name, st in stages.items():
+        log(f"{name}: {json.dumps(st)}")
+
+
+def stage_stats(workdir: Path, budget: float) -> dict:
+    """Steps, contexts, speed and the floor of a finished stage, from its metrics.jsonl."""
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in lines if "loss" in r]
+    floor = next((r["context_blind_floor"] for r in lines if "context_blind_floor" in r), None)
+    left = next(
+        (r["left_context_blind_floor_at"] for r in rows if "left_context_blind_floor_at" in r), None
+    )
+    timed = rows[1:] or rows
+    secs = sum(r["step_time"] for r in timed)
+    tail = rows[-20:]
+    return {
+        "budget_s": round(budget),
+        "steps": len(rows),
+        "contexts": int(sum(r["num_items"] for r in rows)),
+        "first_step_s": round(rows[0]["step_time"], 1),
+        "contexts_per_s": round(sum(r["num_items"] for r in timed) / secs, 1),
+        "matmul_tflops_per_s": round(
+            sum(r.get("flops_per_s", 0) for r in timed) / len(timed) / 1e12, 2
+        ),
+        "main_loss_first10": round(sum(r["main_loss"] for r in rows[:10]) / len(rows[:10]), 4),
+        "main_loss_last20": round(sum(r["main_loss"] for r in tail) / len(tail), 4),
+        "context_blind_floor": floor,
+        "left_floor_at": left,
+    }
+
+
+def pack_out(out: Path, final: Path, summary: dict, workdirs: dict[str, Path]) -> None:
+    """$OUT: the checkpoint (params split in two under 16 MiB), its config, metrics, summary."""
+    params = (final / "params.safetensors").read_bytes()
+    half = (len(params) + 1) // 2
+    (out / "params.safetensors.part1").write_bytes(params[:half])
+    (out / "params.safetensors.part2").write_bytes(params[half:])
+    summary["params_sha256"] = hashlib.sha256(params).hexdigest()
+    shutil.copy2(final / "d2l_config.json", out / "d2l_config.json")
+    for name, w in workdirs.items():
+        shutil.copy2(w / "metrics.jsonl", out / f"{name}_metrics.jsonl")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    check_out(out)
+
+
+def check_out(out: Path) -> None:
+    """The device tool's limits on what comes back from $OUT."""
+    import re
+
+    files = [p for p in out.rglob("*") if p.is_file()]
+    bad = [
+        p
+        for p in files
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", p.name)
+        or len(p.relative_to(out).parts) > 3
+        or p.stat().st_size > OUT_FILE_BYTES
+    ]
+    if len(files) > OUT_FILES or bad:
+        fail(f"$OUT breaks the return limits: {len(files)} files, bad: {bad}")
+
+
+# ----------------------------------------------------------------------------- steps of a call
+def report(args) -> None:
+    """Versions, devices and the measured bf16 matmul peak of this machine."""
+    import importlib.metadata as md
+
+    import jax
+
+    from benchmarks.harness import matmul_peak
+
+    names = (
+        "jax",
+        "jaxlib",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "numpy",
+        "transformers",
+        "tokenizers",
+        "grain",
+        "ml-collections",
+        "gguf",
+        "safetensors",
+        "chex",
+    )
+    info = {"python": sys.version.split()[0], "devices": [str(x) for x in jax.devices()]}
+    for n in names:
+        try:
+            info[n] = md.version(n)
+        except md.PackageNotFoundError:
+            info[n] = None
+    big = jax.default_backend() != "cpu"
+    info["matmul_peak_bf16_tflops"] = round(
+        matmul_peak("bfloat16", 8192 if big else 512, 10 if big else 2)["flops_per_s"] / 1e12, 2
+    )
+    print(json.dumps(info, indent=1))
+    Path(args.json).write_text(json.dumps(info, indent=1))
+
+
+def random_weights(args) -> None:
+    """A model folder of the real config and tokenizer with random weights of the real shapes."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    out = Path(args.folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (CALL1 / "model" / name).exists():
+            shutil.copy2(CALL1 / "model" / name, out / name)
+    spec = json.loads((CALL1 / "weights_spec.json").read_text())
+    rng = np.random.default_rng(0)
+    save_file(
+        {k: (0.02 * rng.standard_normal(s, np.float32)) for k, s in spec.items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+
+
+def convert(args) -> None:
+    """GGUF -> model folder: weights dequantized here, config and tokenizer from .gpu/call1."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from hyperlora_jax.models import gguf as gg
+
+    out = Path(args.folder)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = gg.gguf_state_dict(gg.read_gguf(args.gguf), dtype=np.float32)
+    spec = json.loads((CALL1 / "weights_spec.json").read_text())
+    got = {k: list(v.shape) for k, v in sd.items()}
+    if got != spec:
+        fail("the converted weights differ from the shapes recorded by prepare", BAD_MODEL_EXIT)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for name in TOKENIZER_FILES:
+        if (CALL1 / "model" / name).exists():
+            shutil.copy2(CALL1 / "model" / name, out / name)
+    log(f"converted {args.gguf} -> {out}")
+
+
+# ============================================================================= the dry run
+def dry_run(args) -> dict:
+    """Both calls here, on the CPU, with the device's layout: a copy of the traveling tree (plus
+    the carried .gpu/callN), `$OUT` per call, /tmp state kept between the calls, wheels installed
+    into a target folder, the real GGUF halves and tiny sizes; then the cold-machine exit."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="lease-dry-"))
+    gpu = Path(args.gpu_dir or REPO / ".gpu")
+    if not (gpu / "call1" / "manifest.json").exists():
+        prepare(args)
+    dev = root / "repo"
+    for f in traveling_files():
+        dst = dev / f.relative_to(REPO)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dst)
+    shutil.copytree(gpu / "call1", dev / ".gpu" / "call1")
+    env = {**os.environ, "LEASE_TMP": str(root / "tmp"), "JAX_PLATFORMS": "cpu"}
+    if args.deprecations_as_errors:  # in every process of the calls, for our own modules
+        strict = root / "strict"
+        strict.mkdir()
+        (strict / "sitecustomize.py").write_text(
+            "import warnings\nwarnings.filterwarnings('error', category=DeprecationWarning, "
+            "module=r'(hyperlora_jax|benchmarks|lease)(\\.|$)')\n"
+        )
+        env["PYTHONPATH"] = str(strict)
+    py = args.python or sys.executable
+    version = subprocess.run(
+        [py, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if version != "3.12":  # the same wheels, built for the interpreter that plays the device
+        wheels = dev / ".gpu" / "call1" / "wheels"
+        shutil.rmtree(wheels)
+        _download_wheels(wheels, version)
+    res = {}
+    for call in ("call1", "call2"):
+        if call == "call2":
+            shutil.copytree(gpu / "call2", dev / ".gpu" / "call2")
+        out = root / f"out_{call}"
+        out.mkdir()
+        t = time.time()
+        r = subprocess.run(
+            [py, "launch/device/lease.py", call, "--tiny"], cwd=dev, env={**env, "OUT": str(out)}
+        )
+        res[call] = {
+            "rc": r.returncode,
+            "s": round(time.time() - t, 1),
+            "files": sorted(p.name for p in out.iterdir()),
+        }
+        log(f"dry run {call}: exit {r.returncode} in {res[call]['s']} s, $OUT {res[call]['files']}")
+        if r.returncode:
+            fail(f"dry run: {call} failed (exit {r.returncode}); its output is above")
+        check_out(out)
+    out = root / "out_call2"
+    params = (out / "params.safetensors.part1").read_bytes() + (
+        out / "params.safetensors.part2"
+    ).read_bytes()
+    summary = json.loads((out / "summary.json").read_text())
+    if hashlib.sha256(params).hexdigest() != summary["params_sha256"]:
+        fail("dry run: the returned params do not reassemble")
+    # a cold machine: call 2 without call 1's /tmp answers 42 at once
+    cold = root / "cold"
+    cold.mkdir()
+    t = time.time()
+    r = subprocess.run(
+        [py, "launch/device/lease.py", "call2", "--tiny"],
+        cwd=dev,
+        env={**env, "LEASE_TMP": str(cold), "OUT": str(root / "out_cold")},
+        capture_output=True,
+        text=True,
+    )
+    res["cold"] = {"rc": r.returncode, "s": round(time.time() - t, 1), "stderr": r.stderr[-300:]}
+    if r.returncode != COLD_EXIT:
+        fail(f"dry run: a cold call 2 exited {r.returncode}, not {COLD_EXIT}")
+    res["summary"] = summary
+    res["root"] = str(root)
+    log(f"dry run passed: {json.dumps({k: v for k, v in res.items() if k != 'summary'})}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return res
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("prepare", help="build .gpu/ and check the two calls' sizes (here)")
+    sub.add_parser("restore", help="track the shipped params again after the lease (here)")
+    dr = sub.add_parser("dry-run", help="both calls end to end on this CPU, tiny sizes (here)")
+    for x in (pr, dr):
+        x.add_argument("--gpu-dir", help="where to build call1/ and call2/ (default .gpu)")
+        x.add_argument(
+            "--keep-tracked",
+            action="store_true",
+            help="leave the shipped params tracked (sizes computed without them)",
+        )
+    dr.add_argument("--python", help="interpreter that plays the device's python3")
+    dr.add_argument("--json", help="write the result here")
+    dr.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    dr.add_argument(
+        "--deprecations-as-errors",
+        action="store_true",
+        help="DeprecationWarnings raised in our own modules fail the run",
+    )
+    for name in ("call1", "call2"):
+        c = sub.add_parser(name, help=f"{name} on the device")
+        c.add_argument("--tiny", action="store_true", help="dry-run sizes")
+        if name == "call2":
+            c.add_argument(
+                "--deadline-s",
+                type=float,
+                help="seconds for the whole call (default "
+                f"{PLAN['call2_deadline_s']}; less when the lease has less left)",
+            )
+    r = sub.add_parser("report")
+    r.add_argument("--json", required=True)
+    w = sub.add_parser("random-weights")
+    w.add_argument("folder")
+    c = sub.add_parser("convert")
+    c.add_argument("gguf")
+    c.add_argument("folder")
+    args = ap.parse_args(argv)
+    if args.cmd in ("prepare", "dry-run"):
+        sys.path.insert(0, str(REPO))
+    {
+        "prepare": prepare,
+        "restore": lambda a: restore(),
+        "dry-run": dry_run,
+        "call1": call1,
+        "call2": call2,
+        "report": report,
+        "random-weights": random_weights,
+        "convert": convert,
+    }[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
