@@ -116,7 +116,12 @@ def test_d2l_trains_on_text_records_and_exports(tmp_path):
     work2 = tmp_path / "run2"
     stage2 = [a.replace(str(work), str(work2)) for a in args]
     assert main(stage2 + [f"--config.train.init_from={tmp_path / 'ckpt'}"]) == 0
-    first = [json.loads((w / "metrics.jsonl").read_text().splitlines()[0]) for w in (work, work2)]
+    logs = [
+        [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
+        for w in (work, work2)
+    ]
+    assert all(log[0]["context_blind_floor"] > 0 for log in logs)  # logged before the first step
+    first = [next(r for r in log if "loss" in r) for log in logs]
     assert first[0]["step"] == first[1]["step"] == 1
     assert first[0]["loss"] != first[1]["loss"], first
 
