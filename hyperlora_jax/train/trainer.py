@@ -300,7 +300,13 @@ class Trainer:
         step_times = collections.deque(maxlen=5)
         save_s = 2.0  # a save's wall time (measured at each save; a guess until then)
         t_first = None  # end of the first step (compilation included)
+        # Time kept at the end of a budget: two of the slowest recent steps (not the compiling
+        # first one) and two saves. It never shrinks, so the wall-clock lr decay is monotone.
         margin = 0.0
+
+        def grown_margin() -> float:
+            return max(margin, 2 * max(step_times, default=0.0) + 2 * save_s)
+
         if main and o.context_blind_floor is not None:
             log.info("context-blind floor of the data: %.4f (main loss)", o.context_blind_floor)
             jsonl.write(json.dumps({"step": start, "context_blind_floor": o.context_blind_floor}))
@@ -318,9 +324,7 @@ class Trainer:
                 gbatch = shd.make_global_batch(local, self.mesh, self.rules)
                 if self._jitted is None:
                     self._compile(gbatch)
-                # time kept for the end: two of the slowest recent steps (the first, compiling one
-                # left out) and two saves; never shrinks, so the lr decay is monotone
-                margin = max(margin, 2 * max(step_times, default=0.0) + 2 * save_s)
+                margin = grown_margin()
                 scale = jnp.float32(self._lr_scale(t_start, t_first, margin))
                 with jax.set_mesh(self.mesh):
                     self.state, metrics = self._jitted(self.state, self.base_params, gbatch, scale)
@@ -373,7 +377,8 @@ class Trainer:
                     break
                 if o.time_budget_s is not None and step < o.steps:
                     left = o.time_budget_s - (time.perf_counter() - t_start)
-                    if left < max(margin, 2 * max(step_times, default=0.0) + 2 * save_s):
+                    margin = grown_margin()
+                    if left < margin:
                         self._timed_save()
                         self.stopped_by = "time_budget"
                         log.warning("time budget: stopped after step %d (%.0f s left)", step, left)

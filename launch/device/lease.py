@@ -300,12 +300,16 @@ class Device:
     def cli(self, *args: str, **kw) -> int:
         return self.run(self.python, "-m", "hyperlora_jax.cli", *args, **kw)
 
-    def train_args(self, workdir: Path, data: list[Path], *extra: str, rows=None) -> list[str]:
-        """`train` arguments: the plan's overrides and rows per step (the probe's choice)."""
+    def train_args(self, workdir: Path, data: list[Path], *extra: str, rows=None, sets=()):
+        """`train` arguments: the plan's overrides, call 1's `--set`s and rows per step (the
+        probe's choice; call 2 reads both from /tmp/lease/plan.json, so it runs the program
+        the probe compiled)."""
         if rows is None:
-            rows = json.loads((self.tmp / "plan.json").read_text())["rows"]
+            plan = json.loads((self.tmp / "plan.json").read_text())
+            rows, sets = plan["rows"], plan["sets"]
         args = ["train", f"--config={CONFIG}", f"--workdir={workdir}"]
         args += [f"--data={d}" for d in data] + list(self.plan["overrides"])
+        args += [f"--config.{kv}" for kv in sets]
         return args + [f"--config.train.global_packs_per_step={rows}", *extra]
 
 
@@ -379,7 +383,7 @@ def call1(args) -> None:
     for rows in p["rows"]:  # the most rows per step that fit in the accelerator's memory
         shutil.rmtree(probe, ignore_errors=True)
         common = d.train_args(
-            probe, niah_dirs(data, NIAH_BINS[:1]), f"--base_model={fake}", rows=rows
+            probe, niah_dirs(data, NIAH_BINS[:1]), f"--base_model={fake}", rows=rows, sets=args.set
         )
         rc = d.cli(
             *common,
@@ -393,7 +397,7 @@ def call1(args) -> None:
         if "RESOURCE_EXHAUSTED" not in logf.read_text()[-20000:] or rows == p["rows"][-1]:
             fail(f"the probe failed with {rows} rows per step (exit {rc}); see call1.log", rc)
         log(f"{rows} rows per step do not fit in memory; trying fewer")
-    (d.tmp / "plan.json").write_text(json.dumps({"rows": rows}))
+    (d.tmp / "plan.json").write_text(json.dumps({"rows": rows, "sets": args.set}))
     # a new process restores step n and runs one more: Orbax restore, and the compile cache hit
     d.cli(*common, f"--config.train.steps={n + 1}", log_to=logf)
     rows = read_metrics(probe / "metrics.jsonl")
@@ -461,7 +465,8 @@ def call2(args) -> None:
     shutil.rmtree(runs, ignore_errors=True)
     deadline = t0 + (args.deadline_s or p["call2_deadline_s"])
     train_s = deadline - time.time() - p["final_reserve_s"]
-    stage2_s = p["stage2_share"] * train_s
+    share = p["stage2_share"] if args.stage2_share is None else args.stage2_share
+    stage2_s = share * train_s
     stages = {}
     # stage 1: the official NIAH recipe, constant lr after warmup. A budget counts from the
     # train command's start; IMPORT_S more go to starting Python and importing JAX before it.
@@ -478,6 +483,13 @@ def call2(args) -> None:
     )
     d.cli("export-run", f"--workdir={s1}", f"--out={runs / 'stage1_export'}", log_to=logf)
     stages["stage1"] = stage_stats(s1, budget1)
+    if not share:  # NIAH only: stage 1 is the result
+        shutil.copytree(runs / "stage1_export", runs / "final")
+        summary = {"call1": json.loads((d.tmp / "call1.json").read_text()), "stages": stages}
+        summary["call2_s"] = round(time.time() - t0, 1)
+        pack_out(d.out, runs / "final", summary, {"stage1": s1})
+        log(f"call 2 done in {summary['call2_s']} s; stage1: {json.dumps(stages['stage1'])}")
+        return
     # stage 2: NIAH + fact documents from stage 1's weights, lr cosine-decayed over the clock
     s2 = runs / "stage2"
     budget2 = deadline - time.time() - p["final_reserve_s"] - IMPORT_S
@@ -681,6 +693,10 @@ def dry_run(args) -> dict:
         shutil.rmtree(wheels)
         _download_wheels(wheels, version)
     res = {}
+    call_args = {
+        "call1": [f"--set={kv}" for kv in args.set],
+        "call2": [] if args.stage2_share is None else [f"--stage2-share={args.stage2_share}"],
+    }
     for call in ("call1", "call2"):
         if call == "call2":
             shutil.copytree(gpu / "call2", dev / ".gpu" / "call2")
@@ -688,7 +704,9 @@ def dry_run(args) -> dict:
         out.mkdir()
         t = time.time()
         r = subprocess.run(
-            [py, "launch/device/lease.py", call, "--tiny"], cwd=dev, env={**env, "OUT": str(out)}
+            [py, "launch/device/lease.py", call, "--tiny", *call_args[call]],
+            cwd=dev,
+            env={**env, "OUT": str(out)},
         )
         res[call] = {
             "rc": r.returncode,
@@ -746,6 +764,8 @@ def main(argv=None) -> None:
     dr.add_argument("--python", help="interpreter that plays the device's python3")
     dr.add_argument("--json", help="write the result here")
     dr.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    dr.add_argument("--set", action="append", default=[], help="passed to call 1")
+    dr.add_argument("--stage2-share", type=float, help="passed to call 2")
     dr.add_argument(
         "--deprecations-as-errors",
         action="store_true",
@@ -754,7 +774,21 @@ def main(argv=None) -> None:
     for name in ("call1", "call2"):
         c = sub.add_parser(name, help=f"{name} on the device")
         c.add_argument("--tiny", action="store_true", help="dry-run sizes")
+        if name == "call1":
+            c.add_argument(
+                "--set",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="config override for the probe and both stages, e.g. "
+                "hypernet.latent_size=64 (call 2 takes them from call 1)",
+            )
         if name == "call2":
+            c.add_argument(
+                "--stage2-share",
+                type=float,
+                help=f"of the training time (default {PLAN['stage2_share']}; 0: NIAH only)",
+            )
             c.add_argument(
                 "--deadline-s",
                 type=float,
