@@ -78,7 +78,7 @@ def run(args) -> dict:
     tok = load_tokenizer(model)
     records = niah_records(args.records, args.seed, tok)
     name = args.name or (
-        f"n{args.records}_sb{args.scaler_b_init:g}_lr{args.lr:g}_l1{args.l1:g}"
+        f"n{args.records}_s{args.steps}_sb{args.scaler_b_init:g}_lr{args.lr:g}_l1{args.l1:g}"
         + ("" if args.dtype == "float32" else f"_{args.dtype}")
     )
     work = Path(args.workdir) / name
@@ -112,6 +112,7 @@ def run(args) -> dict:
     res = {
         "name": name,
         "records": len(records),
+        "steps": args.steps,
         "scaler_b_init": args.scaler_b_init,
         "lr": args.lr,
         "l1_coef": args.l1,
@@ -159,17 +160,19 @@ def evaluate(work: Path, records: list[dict], model: str) -> dict:
 def table(paths: list[str]) -> str:
     rows = [json.loads(Path(p).read_text()) for p in paths]
     out = [
-        "| records | scaler_B init | lr | L1 | dtype | contexts/step | floor (nats) "
-        "| left the floor at step | steps run | last 10-step loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| records | scaler_B init | lr (cosine over) | L1 | dtype | contexts/step | floor (nats) "
+        "| left the floor at step | steps run | last 10-step loss | API exact, distinct |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     key = lambda r: (r["records"], r["scaler_b_init"], r["lr"], -r["l1_coef"], r["dtype"])  # noqa: E731
     for r in sorted(rows, key=key):
         left = r["left_floor_at"] if r["left_floor_at"] is not None else f"> {r['steps_run']}"
+        api = f"{r['api_exact']}/{r['records']}, {r['api_distinct']}" if "api_exact" in r else "-"
         out.append(
-            f"| {r['records']} | {r['scaler_b_init']:g} | {r['lr']:g} | {r['l1_coef']:g} "
+            f"| {r['records']} | {r['scaler_b_init']:g} | {r['lr']:g} ({r['steps']}) "
+            f"| {r['l1_coef']:g} "
             f"| {r['dtype']} | {r['contexts_per_step']} | {r['floor']:.3f} | {left} "
-            f"| {r['steps_run']} | {r['loss_10step_means'][-1]:.3f} |"
+            f"| {r['steps_run']} | {r['loss_10step_means'][-1]:.3f} | {api} |"
         )
     return "\n".join(out)
 
