@@ -182,6 +182,23 @@ def test_rows_from_token_shards_equal_rows_from_text(which, request, tmp_path):
     next(run.d2l_data(config, parts, shards, 42, tok))
 
 
+def test_rows_over_the_label_budget_are_refused(tiny, tmp_path):
+    """train.max_label_len: the LM head runs at that many positions per row; a row with more
+    label tokens stops the data with a clear error instead of losing them silently."""
+    from hyperlora_jax.errors import InputError
+    from hyperlora_jax.train import build, run
+
+    _, pieces = tiny
+    config = _d2l_config()
+    niah_tokens.generate_niah_tokens(pieces, tmp_path, bins=BINS, n_train=40, n_val=1, n_test=1)
+    shards = [str(tmp_path / f"ctx_magic_number_{lo}_{hi}" / "train") for lo, hi in BINS]
+    config.train.max_label_len = 400
+    next(run.d2l_data(config, build.experiment(config), shards, 0, None))
+    config.train.max_label_len = 3  # fewer than a row of NIAH answers
+    with pytest.raises(InputError, match="label tokens > train.max_label_len=3"):
+        next(run.d2l_data(config, build.experiment(config), shards, 0, None))
+
+
 def _synthetic_records(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []

@@ -141,8 +141,6 @@ def d2l_data(config, parts, paths: list[str], seed: int, tokenizer=None):
 def pack_d2l_items(parts, items, pc, seed: int):
     """An endless, checkpointable iterator of this process's batches of packed rows, each
     checked against the LM head's label budget (train.max_label_len)."""
-    import functools
-
     from hyperlora_jax.data import pipeline
     from hyperlora_jax.train.steps import check_label_budget
 
@@ -156,8 +154,12 @@ def pack_d2l_items(parts, items, pc, seed: int):
     )
     ds = pipeline.make_packed_dataset(items, pc, loader)
     if parts.hp.max_label_len:
-        check = functools.partial(check_label_budget, max_label_len=parts.hp.max_label_len)
-        ds = ds.map(lambda batch: check(batch) or batch)
+
+        def checked(batch):
+            check_label_budget(batch, parts.hp.max_label_len)
+            return batch
+
+        ds = ds.map(checked)
     return iter(ds)
 
 
