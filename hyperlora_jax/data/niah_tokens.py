@@ -56,6 +56,20 @@ TEXTS = {
 }
 DEFAULT_SHARD_SIZE = 50_000
 SPEC_COLUMNS = ("magic", "num_blocks", "insert_at", "depth_bin", "token_len")
+# The NiahPieces fields that are plain token-id sequences (saved as lists in the JSON).
+ID_FIELDS = (
+    "ctx_prefix",
+    "ctx_suffix",
+    "raw_prefix",
+    "raw_suffix",
+    "filler",
+    "filler_last",
+    "needle_prefix",
+    "needle_suffix",
+    "needle_suffix_last",
+    "query_prefix",
+    "query_suffix",
+)
 
 Ids = tuple[int, ...]
 
@@ -333,22 +347,7 @@ class NiahPieces:
             "tokenizer": self.tokenizer,
             "vocab_size": self.vocab_size,
             "texts": TEXTS,
-            **{
-                k: list(getattr(self, k))
-                for k in (
-                    "ctx_prefix",
-                    "ctx_suffix",
-                    "raw_prefix",
-                    "raw_suffix",
-                    "filler",
-                    "filler_last",
-                    "needle_prefix",
-                    "needle_suffix",
-                    "needle_suffix_last",
-                    "query_prefix",
-                    "query_suffix",
-                )
-            },
+            **{k: list(getattr(self, k)) for k in ID_FIELDS},
             "numbers": _table_json(self.number_ids, _digits(self.number_ids)),
             "answers": _table_json(self.answer_ids, _digits(self.answer_ids)),
             "suffix_labels": self.suffix_labels,
@@ -370,22 +369,7 @@ class NiahPieces:
         if obj.get("texts") != TEXTS:
             raise ConfigError(f"{where}: made for other NIAH texts than this version's")
         try:
-            ids = {
-                k: tuple(int(t) for t in obj[k])
-                for k in (
-                    "ctx_prefix",
-                    "ctx_suffix",
-                    "raw_prefix",
-                    "raw_suffix",
-                    "filler",
-                    "filler_last",
-                    "needle_prefix",
-                    "needle_suffix",
-                    "needle_suffix_last",
-                    "query_prefix",
-                    "query_suffix",
-                )
-            }
+            ids = {k: tuple(int(t) for t in obj[k]) for k in ID_FIELDS}
             ranges = {(int(lo), int(hi)): (int(a), int(b)) for lo, hi, a, b in obj["block_ranges"]}
             pieces = cls(
                 tokenizer=str(obj.get("tokenizer", "")),
