@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness, setups
-from hyperlora_jax.hypernet import doc_to_lora as dl
-from hyperlora_jax.hypernet.d2l import bias_lora, count_params, init_params
+from hyperlora_jax.hypernet.d2l import api as dl
+from hyperlora_jax.hypernet.d2l.model import bias_lora, count_params, init_params
 from hyperlora_jax.models import transformer
 
 OFFICIAL = {  # reference/official-cpu-timings.md, SmolLM2 + official main architecture, 2 cores
@@ -97,8 +97,8 @@ def bench_d2l(rep, base_name, hyper_names, lengths, modes, dtype, repeats, chunk
 
 
 def bench_t2l(rep, base_name, n_desc, repeats):
-    from hyperlora_jax.hypernet.t2l import T2LConfig, generate_adapter
-    from hyperlora_jax.hypernet.t2l import init_params as t2l_init
+    from hyperlora_jax.hypernet.t2l.model import T2LConfig, generate_adapter
+    from hyperlora_jax.hypernet.t2l.model import init_params as t2l_init
 
     base = setups.base_config(base_name)
     mods = ("q_proj", "v_proj")

@@ -39,10 +39,10 @@ def child(mode: str, n_tokens: int, chunk_size: int, repeats: int, dtype: str) -
     import jax.numpy as jnp
     import numpy as np
 
-    from hyperlora_jax.data.chat import split_ctx_ids
-    from hyperlora_jax.hypernet.d2l import configs_from_experiment, count_params, init_params
-    from hyperlora_jax.hypernet.doc_to_lora import DocToLoRA
+    from hyperlora_jax.hypernet.d2l.api import DocToLoRA
+    from hyperlora_jax.hypernet.d2l.model import configs_from_experiment, count_params, init_params
     from hyperlora_jax.models import transformer
+    from hyperlora_jax.models.chat import split_ctx_ids
 
     spec = importlib.util.spec_from_file_location("d2l_cfg", ROOT / "configs" / "d2l.py")
     mod = importlib.util.module_from_spec(spec)
@@ -58,7 +58,7 @@ def child(mode: str, n_tokens: int, chunk_size: int, repeats: int, dtype: str) -
     chunks = split_ctx_ids(ids, chunk_size, prefix, suffix)
     d2l = DocToLoRA(hyper, cfg, base, base_cfg, dtype=jnp.dtype(dtype))
     if mode == "floor":
-        from hyperlora_jax.hypernet.doc_to_lora import encode_context, pad_chunks
+        from hyperlora_jax.hypernet.d2l.api import encode_context, pad_chunks
 
         tok, msk = (jnp.asarray(x) for x in pad_chunks(chunks, multiple=d2l.pad_multiple))
         enc = jax.jit(lambda p, t, m: encode_context(p, base_cfg, cfg, t, m, jnp.dtype(dtype)))

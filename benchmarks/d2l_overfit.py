@@ -41,7 +41,7 @@ def niah_records(n: int, seed: int, tokenizer) -> list[dict]:
 
 
 def config(args, n_records: int):
-    from hyperlora_jax.train.cli import load_config
+    from hyperlora_jax.cli.train import load_config
 
     c = load_config("configs/d2l.py:smollm2_embedded", [])
     rows = max(1, math.ceil(min(n_records, args.contexts_per_step) / 8))
@@ -72,7 +72,7 @@ def run(args) -> dict:
     from hyperlora_jax.data.selfgen import context_ids, qa_ids_and_labels
     from hyperlora_jax.models.fetch import fetch_model
     from hyperlora_jax.models.tokenizer import load_tokenizer
-    from hyperlora_jax.train.run import build_trainer
+    from hyperlora_jax.train.factory import build_trainer
 
     model = str(fetch_model("smollm2-135m-instruct"))
     tok = load_tokenizer(model)
@@ -144,7 +144,7 @@ def run(args) -> dict:
 def evaluate(work: Path, records: list[dict], model: str) -> dict:
     """Export the run and ask every record's question through the public API."""
     from hyperlora_jax.api import DocToLoRA
-    from hyperlora_jax.train.run import export_run
+    from hyperlora_jax.train.export import export_run
 
     ckpt = export_run(str(work / "run"), str(work / "export"), overwrite=True)
     d2l = DocToLoRA.from_checkpoint(ckpt, base_model=model)

@@ -6,7 +6,7 @@ NIAH (bins 32-128 and 128-256, the official recipe's 2 x 320,000 = 640,000 train
 * token path = `data niah --format tokens` (`niah_tokens`: pieces derived once, every record
   concatenated from them, shards built by N worker processes, deflated).
 Facts: per-record `text_qa_item` tokenization vs batched `pipeline.text_qa_tokens` / shards.
-Training read: `train.run.d2l_data` (items + pack plan, then packed rows) from shards vs from text;
+Training read: `data.feeds.d2l_data` (items + pack plan, then packed rows) from shards vs from text;
 memory held is what tracemalloc sees (Python objects and numpy buffers).
 The 16-core figure is extrapolated: the draws run serially in the parent (measured alone), the
 shard building splits over the workers (measured with 1 worker), plus what the N-worker run
@@ -189,13 +189,13 @@ def extrapolate(rep, a, tokens: dict, text: dict) -> None:
 
 
 def train_read(rep, tmp: Path, tok, config, parts, tokens: dict, text: dict) -> None:
-    from hyperlora_jax.train import run
+    from hyperlora_jax.data import feeds
 
     shard_dirs = [str(f) for f in sorted((tmp / "tokens_w1_deflate").glob("*/train"))]
     text_paths = [str(f) for f in text["files"]]
     for name, paths, tkn, n in (("tokens", shard_dirs, None, tokens["n"]),
                                 ("text", text_paths, tok, text["n"])):  # fmt: skip
-        make = lambda paths=paths, tkn=tkn: run.d2l_data(config, parts, paths, SEED, tkn)  # noqa: E731
+        make = lambda paths=paths, tkn=tkn: feeds.d2l_data(config, parts, paths, SEED, tkn)  # noqa: E731
         it, t_init = _timed(make)
         _, t_rows = _timed(lambda it=it: list(itertools.islice(it, 50)))
         del it

@@ -24,7 +24,7 @@ import numpy as np
 from benchmarks import harness, setups
 from benchmarks.adapter_latency import make_internalize
 from hyperlora_jax.eval.qa import kv_cache_bytes
-from hyperlora_jax.hypernet.d2l import init_params
+from hyperlora_jax.hypernet.d2l.model import init_params
 from hyperlora_jax.models import decoding, transformer
 
 OFFICIAL = {"query_adapter_s": 2.36, "query_base_s": 2.11, "query_in_prompt_4096_eager_s": 53.1,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from hyperlora_jax.data.chat import split_ctx_ids
 from hyperlora_jax.errors import ConfigError
-from hyperlora_jax.hypernet.d2l import D2LConfig
+from hyperlora_jax.hypernet.d2l.model import D2LConfig
+from hyperlora_jax.models.chat import split_ctx_ids
 from hyperlora_jax.models.config import ModelConfig, get_preset
 
 TINY_BASE = ModelConfig(

@@ -34,18 +34,13 @@ import numpy as np
 
 from benchmarks import harness, setups
 from hyperlora_jax.data import packing
-from hyperlora_jax.hypernet.d2l import init_params as d2l_init
+from hyperlora_jax.hypernet.d2l.model import init_params as d2l_init
 from hyperlora_jax.models import transformer
 from hyperlora_jax.train import build, optim
+from hyperlora_jax.train.d2l_loss import d2l_count, make_d2l_loss
 from hyperlora_jax.train.flops import count_flops, count_flops_by_scope
-from hyperlora_jax.train.steps import (
-    TrainState,
-    d2l_count,
-    make_d2l_loss,
-    make_t2l_sft_loss,
-    make_train_step,
-    t2l_count,
-)
+from hyperlora_jax.train.t2l_loss import make_t2l_sft_loss, t2l_count
+from hyperlora_jax.train.update import TrainState, make_train_step
 
 OFFICIAL = {"d2l_step_s": 12.6, "t2l_step_s": 7.04}
 
@@ -269,8 +264,8 @@ def main(argv=None) -> int:
             run_step(rep, f"d2l[{hname}]", loss, d2l_count, hp, base_params, batch, tx,
                      a.ctx_len + a.prompt_len + a.resp_len, peak, a.repeats, official)  # fmt: skip
     if "t2l" not in skip:
-        from hyperlora_jax.hypernet.t2l import T2LConfig
-        from hyperlora_jax.hypernet.t2l import init_params as t2l_init
+        from hyperlora_jax.hypernet.t2l.model import T2LConfig
+        from hyperlora_jax.hypernet.t2l.model import init_params as t2l_init
 
         mods = ("q_proj", "v_proj")
         tcfg = T2LConfig(

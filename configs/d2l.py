@@ -13,7 +13,7 @@ Official setups (reference/d2l.md §1, §3.4) and CPU-scale ones:
 Launch (trainer helper consumes `train`):
   hyperlora-jax train --config configs/d2l.py:smollm2_niah --workdir runs/d2l_niah
 Build the base and hypernetwork configs with
-  base, d2l_cfg = hyperlora_jax.hypernet.d2l.configs_from_experiment(cfg)
+  base, d2l_cfg = hyperlora_jax.hypernet.d2l.model.configs_from_experiment(cfg)
 """
 
 from __future__ import annotations

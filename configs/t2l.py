@@ -274,7 +274,7 @@ def model_config(config: ml_collections.ConfigDict):
 
 def hypernet_config(config: ml_collections.ConfigDict, base=None):
     """The T2LConfig of a preset: per-module sizes and layer count from the base model."""
-    from hyperlora_jax.hypernet.t2l import T2LConfig
+    from hyperlora_jax.hypernet.t2l.model import T2LConfig
 
     base = base or model_config(config)
     mods = tuple(config.lora.target_modules)

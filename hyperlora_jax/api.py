@@ -3,8 +3,8 @@
 from hyperlora_jax.api import DocToLoRA, TextToLoRA, Adapter, save_adapter, export_peft
 """
 
-from hyperlora_jax.hypernet.doc_to_lora import DocToLoRA
-from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+from hyperlora_jax.hypernet.d2l.api import DocToLoRA
+from hyperlora_jax.hypernet.t2l.api import TextToLoRA
 from hyperlora_jax.lora.adapter import Adapter, concat
 from hyperlora_jax.lora.peft import export_peft, import_peft
 from hyperlora_jax.lora.storage import load_adapter, save_adapter

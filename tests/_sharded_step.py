@@ -13,13 +13,12 @@ flags.FLAGS.mark_as_parsed()
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from hyperlora_jax.data import packing  # noqa: E402
-from hyperlora_jax.hypernet.d2l import D2LConfig  # noqa: E402
-from hyperlora_jax.hypernet.d2l import init_params as d2l_init  # noqa: E402
+from hyperlora_jax.hypernet.d2l.model import D2LConfig  # noqa: E402
+from hyperlora_jax.hypernet.d2l.model import init_params as d2l_init  # noqa: E402
 from hyperlora_jax.models import transformer  # noqa: E402
 from hyperlora_jax.models.config import ModelConfig  # noqa: E402
-from hyperlora_jax.train import optim  # noqa: E402
+from hyperlora_jax.train import d2l_loss, optim  # noqa: E402
 from hyperlora_jax.train import sharding as shd  # noqa: E402
-from hyperlora_jax.train import steps as S  # noqa: E402
 from hyperlora_jax.train.trainer import Trainer, TrainOptions  # noqa: E402
 
 assert len(jax.devices()) == 8, jax.devices()
@@ -64,7 +63,7 @@ rows = []
 while len(rows) < 8:
     rows += packing.pack_items([item() for _ in range(3)], pc)
 batch = {k: np.stack([x[k] for x in rows[:8]]) for k in rows[0]}
-loss = S.make_d2l_loss(hcfg, cfg, objective="distill", l1_coef=0.1, neftune_alpha=5.0)
+loss = d2l_loss.make_d2l_loss(hcfg, cfg, objective="distill", l1_coef=0.1, neftune_alpha=5.0)
 init = lambda k: d2l_init(hcfg, k)  # noqa: E731
 tx, sched = optim.make_optimizer(jax.eval_shape(init, jax.random.key(0)), lr=1e-3, total_steps=10)
 
@@ -73,7 +72,7 @@ def run(mesh):
     base_sh = shd.shardings_from_logical(transformer.param_logical_axes(cfg), base, mesh)
     tr = Trainer(
         loss_fn=loss,
-        count_fn=S.d2l_count,
+        count_fn=d2l_loss.d2l_count,
         init_params=init,
         base_params=base,
         tx=tx,

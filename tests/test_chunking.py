@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 
 from hyperlora_jax.convert.official_d2l import read_official
-from hyperlora_jax.data.chat import (
+from hyperlora_jax.errors import InputError
+from hyperlora_jax.hypernet.d2l.api import compose, pad_chunks
+from hyperlora_jax.hypernet.d2l.model import bias_lora
+from hyperlora_jax.lora.adapter import to_dense_delta
+from hyperlora_jax.models.chat import (
     CTX_AFFIXES,
     ctx_affixes,
     format_user_turn,
@@ -20,10 +24,6 @@ from hyperlora_jax.data.chat import (
     split_ctx_ids,
     tokenize_ctx_text,
 )
-from hyperlora_jax.errors import InputError
-from hyperlora_jax.hypernet.d2l import bias_lora
-from hyperlora_jax.hypernet.doc_to_lora import compose, pad_chunks
-from hyperlora_jax.lora.adapter import to_dense_delta
 
 D2L = "official/d2l"
 

@@ -18,8 +18,13 @@ import pytest
 from hyperlora_jax.cli import main as cli_main
 from hyperlora_jax.convert.official_d2l import convert, read_official
 from hyperlora_jax.errors import CheckpointError, ConfigError
-from hyperlora_jax.hypernet.d2l import D2LConfig, HyperLoRA, count_params, generate_chunk_loras
-from hyperlora_jax.hypernet.d2l_checkpoint import load_checkpoint
+from hyperlora_jax.hypernet.d2l.checkpoint import load_checkpoint
+from hyperlora_jax.hypernet.d2l.model import (
+    D2LConfig,
+    HyperLoRA,
+    count_params,
+    generate_chunk_loras,
+)
 from hyperlora_jax.models.config import get_preset
 
 D2L = "official/d2l"

@@ -15,9 +15,9 @@ import pytest
 from hyperlora_jax.cli import main as cli_main
 from hyperlora_jax.convert.official_d2l import convert
 from hyperlora_jax.errors import CheckpointError, InputError
-from hyperlora_jax.hypernet.d2l import generate_chunk_loras, init_params
-from hyperlora_jax.hypernet.d2l_checkpoint import load_checkpoint
-from hyperlora_jax.hypernet.doc_to_lora import DocToLoRA, encode_context, pad_chunks
+from hyperlora_jax.hypernet.d2l.api import DocToLoRA, encode_context, pad_chunks
+from hyperlora_jax.hypernet.d2l.checkpoint import load_checkpoint
+from hyperlora_jax.hypernet.d2l.model import generate_chunk_loras, init_params
 from hyperlora_jax.lora.adapter import Adapter
 from hyperlora_jax.lora.storage import load_adapter
 

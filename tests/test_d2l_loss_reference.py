@@ -13,14 +13,13 @@ import pytest
 
 from hyperlora_jax.data import packing
 from hyperlora_jax.errors import InputError
-from hyperlora_jax.hypernet.d2l import D2LConfig, HyperLoRA, bias_lora
-from hyperlora_jax.hypernet.d2l import init_params as d2l_init
-from hyperlora_jax.hypernet.doc_to_lora import encoder_layers
+from hyperlora_jax.hypernet.d2l.api import encoder_layers
+from hyperlora_jax.hypernet.d2l.model import D2LConfig, HyperLoRA, bias_lora
+from hyperlora_jax.hypernet.d2l.model import init_params as d2l_init
 from hyperlora_jax.lora.adapter import Adapter
 from hyperlora_jax.models import transformer
 from hyperlora_jax.models.config import ModelConfig
-from hyperlora_jax.train import losses
-from hyperlora_jax.train import steps as S
+from hyperlora_jax.train import d2l_loss, losses
 from hyperlora_jax.train.flops import count_flops_by_scope
 
 CHUNK_LEN = 8  # chunk row length (longest chunk: 6 tokens)
@@ -53,7 +52,7 @@ def reference_loss(hyper, base, batch, *, hcfg, objective, l1_coef):
     ).hidden_states
     feats = jax.lax.stop_gradient(hs if hcfg.layer_to_layer else hs[:, -1])
     bsz, n_slots = batch["chunk_context"].shape
-    rows, chunk_mask = S.gather_chunks(feats, batch["ctx_segment_ids"], n_slots, CHUNK_LEN)
+    rows, chunk_mask = d2l_loss.gather_chunks(feats, batch["ctx_segment_ids"], n_slots, CHUNK_LEN)
     a, b = HyperLoRA(hcfg).apply({"params": hyper}, rows, chunk_mask)
     bias_a, bias_b = bias_lora(hyper, hcfg)
 
@@ -162,14 +161,14 @@ def test_d2l_loss_and_grads_match_plain_formulation(encoder, objective):
     hcfg, hyper = _hypernet(encoder)
     base = transformer.init_params(CFG, jax.random.key(0))
     batch = _batch()
-    n_ctx = S.d2l_count(batch).astype(jnp.float32)
+    n_ctx = d2l_loss.d2l_count(batch).astype(jnp.float32)
     key = jax.random.key(3)
     # LM head everywhere (today's presets) and at label positions only; the distill objective
     # differs from "ce" only in what is gathered at those positions
     budgets = (None, LABEL_BUDGET) if objective == "ce" else (LABEL_BUDGET,)
     fns = [lambda p: reference_loss(p, base, batch, hcfg=hcfg, objective=objective, l1_coef=0.5)]
     for max_label_len in budgets:
-        loss = S.make_d2l_loss(
+        loss = d2l_loss.make_d2l_loss(
             hcfg,
             CFG,
             objective=objective,
@@ -204,7 +203,7 @@ def test_d2l_loss_flops_follow_real_tokens_and_labels():
     hcfg, hyper = _hypernet("early_exit")
     base = transformer.init_params(CFG, jax.random.key(0))
     batch = _batch()
-    loss = S.make_d2l_loss(
+    loss = d2l_loss.make_d2l_loss(
         hcfg, CFG, objective="ce", max_chunk_len=CHUNK_LEN, max_label_len=LABEL_BUDGET
     )
 
@@ -226,14 +225,14 @@ def test_d2l_loss_flops_follow_real_tokens_and_labels():
 
 def test_check_label_budget():
     batch = {k: np.asarray(v) for k, v in _batch().items()}
-    S.check_label_budget(batch, LABEL_BUDGET)
-    S.check_label_budget(batch, None)  # every position: nothing to check
+    packing.check_label_budget(batch, LABEL_BUDGET)
+    packing.check_label_budget(batch, None)  # every position: nothing to check
     with pytest.raises(InputError, match=r"row 0 .* 6 label tokens > train.max_label_len=5"):
-        S.check_label_budget(batch, LABEL_BUDGET - 1)
+        packing.check_label_budget(batch, LABEL_BUDGET - 1)
     t2l = {"loss_mask": np.array([[1, 1, 0, 0], [0, 1, 1, 0]], bool)}
-    S.check_label_budget(t2l, 2)
+    packing.check_label_budget(t2l, 2)
     with pytest.raises(InputError, match="row 1 .* 2 label tokens"):  # t=0 is never a target
-        S.check_label_budget(t2l, 1)
+        packing.check_label_budget(t2l, 1)
 
 
 def test_online_teacher_topk_at_label_positions():
@@ -246,11 +245,11 @@ def test_online_teacher_topk_at_label_positions():
         "teacher_pos": jnp.asarray(np.stack([np.arange(2, 12) % 10, np.arange(10)]), jnp.int32),
     }
     at = jnp.asarray([[3, 5, 9], [0, 1, 2]], jnp.int32)
-    vals, idx = S._teacher_topk(base, CFG, online, jnp.float32)
-    vals_at, idx_at = S._teacher_topk(base, CFG, online, jnp.float32, at)
+    vals, idx = d2l_loss._teacher_topk(base, CFG, online, jnp.float32)
+    vals_at, idx_at = d2l_loss._teacher_topk(base, CFG, online, jnp.float32, at)
     assert vals_at.shape == (2, 3, 16)
-    np.testing.assert_allclose(vals_at, S.take_positions(vals, at), rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(idx_at, S.take_positions(idx, at))
+    np.testing.assert_allclose(vals_at, losses.take_positions(vals, at), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(idx_at, losses.take_positions(idx, at))
 
 
 def _eqns(jaxpr):
@@ -267,7 +266,7 @@ def test_bf16_step_accumulates_every_matmul_in_f32(encoder):
     Perceiver, and their backward) returns f32, i.e. accumulates in f32 (traced, not run)."""
     hcfg, hyper = _hypernet(encoder)
     base = transformer.init_params(CFG, jax.random.key(0))
-    loss = S.make_d2l_loss(
+    loss = d2l_loss.make_d2l_loss(
         hcfg,
         CFG,
         objective="distill",

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hyperlora_jax.data import chat, packing
+from hyperlora_jax.data import packing
 from hyperlora_jax.lora.adapter import Adapter
+from hyperlora_jax.models import chat
 from hyperlora_jax.models.config import ModelConfig
 from hyperlora_jax.models.transformer import forward, init_params
 from hyperlora_jax.train import losses

@@ -13,10 +13,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from hyperlora_jax.cli import main
-from hyperlora_jax.data import chat, facts, niah, niah_tokens, packing, pipeline, selfgen, storage
+from hyperlora_jax.data import facts, feeds, niah, niah_tokens, packing, pipeline, selfgen, storage
 from hyperlora_jax.data import token_shards as ts
 from hyperlora_jax.errors import ConfigError, InputError
 from hyperlora_jax.eval.qa import QA_INSTRUCTION
+from hyperlora_jax.models import chat
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "official" / "d2l" / "tiny-gemma2"
@@ -153,7 +154,7 @@ def _d2l_config():
 
 @pytest.mark.parametrize("which", TOKENIZERS)
 def test_rows_from_token_shards_equal_rows_from_text(which, request, tmp_path):
-    from hyperlora_jax.train import build, run
+    from hyperlora_jax.train import build
 
     tok, pieces = request.getfixturevalue(which)
     config = _d2l_config()
@@ -169,8 +170,8 @@ def test_rows_from_token_shards_equal_rows_from_text(which, request, tmp_path):
     text = [str(tmp_path / "text" / b / "train.jsonl") for b in bins]
     text.append(str(tmp_path / "text_facts.jsonl"))
     shards = [str(tmp_path / "tok" / b / "train") for b in bins] + [str(tmp_path / "tok_facts")]
-    want = run.d2l_data(config, parts, text, 42, tok)
-    got = run.d2l_data(config, parts, shards, 42, None)  # no tokenizer needed
+    want = feeds.d2l_data(config, parts, text, 42, tok)
+    got = feeds.d2l_data(config, parts, shards, 42, None)  # no tokenizer needed
     n_chunks = set()
     for a, b in itertools.islice(zip(want, got), 40):  # 160 rows: more than one epoch
         assert a.keys() == b.keys()
@@ -179,24 +180,24 @@ def test_rows_from_token_shards_equal_rows_from_text(which, request, tmp_path):
         n_chunks |= set(a["n_ctx_chunks"][a["n_ctx_chunks"] > 0].tolist())
     assert len(n_chunks) > 3  # contexts really were cut into different chunk counts
     # with the tokenizer given, its chat format is checked against the shards'
-    next(run.d2l_data(config, parts, shards, 42, tok))
+    next(feeds.d2l_data(config, parts, shards, 42, tok))
 
 
 def test_rows_over_the_label_budget_are_refused(tiny, tmp_path):
     """train.max_label_len: the LM head runs at that many positions per row; a row with more
     label tokens stops the data with a clear error instead of losing them silently."""
     from hyperlora_jax.errors import InputError
-    from hyperlora_jax.train import build, run
+    from hyperlora_jax.train import build
 
     _, pieces = tiny
     config = _d2l_config()
     niah_tokens.generate_niah_tokens(pieces, tmp_path, bins=BINS, n_train=40, n_val=1, n_test=1)
     shards = [str(tmp_path / f"ctx_magic_number_{lo}_{hi}" / "train") for lo, hi in BINS]
     config.train.max_label_len = 400
-    next(run.d2l_data(config, build.experiment(config), shards, 0, None))
+    next(feeds.d2l_data(config, build.experiment(config), shards, 0, None))
     config.train.max_label_len = 3  # fewer than a row of NIAH answers
     with pytest.raises(InputError, match="label tokens > train.max_label_len=3"):
-        next(run.d2l_data(config, build.experiment(config), shards, 0, None))
+        next(feeds.d2l_data(config, build.experiment(config), shards, 0, None))
 
 
 def _synthetic_records(n: int, seed: int = 0) -> list[dict]:
@@ -297,17 +298,17 @@ def test_bad_shards_and_data_paths(tmp_path):
 
 
 def test_training_refuses_mismatched_shards(tiny, tmp_path):
-    from hyperlora_jax.train import build, run
+    from hyperlora_jax.train import build
 
     tok, _ = tiny
     files = _write_synthetic(_synthetic_records(6), tmp_path, 8)  # no chat affixes in the meta
     config = _d2l_config()
     parts = build.experiment(config)
     with pytest.raises(ConfigError, match="another chat format than --base_model"):
-        run.d2l_data(config, parts, [str(tmp_path)], 0, tok)
+        feeds.d2l_data(config, parts, [str(tmp_path)], 0, tok)
     config.train.loss = "kl_top16"
     with pytest.raises(ConfigError, match="no teacher log-probs"):
-        run.d2l_data(config, build.experiment(config), [str(files[0])], 0, None)
+        feeds.d2l_data(config, build.experiment(config), [str(files[0])], 0, None)
 
 
 def _boundary_merging_tokenizer():

@@ -7,12 +7,12 @@ import re
 import numpy as np
 import pytest
 
-from hyperlora_jax.demo import EMBEDDED_D2L
+from hyperlora_jax.embedded import EMBEDDED_D2L
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from hyperlora_jax.hypernet.doc_to_lora import DocToLoRA
+    from hyperlora_jax.hypernet.d2l.api import DocToLoRA
     from hyperlora_jax.models.fetch import fetch_model
     from hyperlora_jax.models.hf import load_hf_model
     from hyperlora_jax.models.tokenizer import load_tokenizer
@@ -81,7 +81,7 @@ def test_fact_qa_matches_the_model_card(setup, tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_on_the_embedded_default(capsys):
-    from hyperlora_jax.demo import run_demo
+    from hyperlora_jax.cli.demo import run_demo
 
     rows = run_demo()
     out = capsys.readouterr().out

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from hyperlora_jax.demo import EMBEDDED_T2L
+from hyperlora_jax.embedded import EMBEDDED_T2L
 
 pytestmark = pytest.mark.slow
 CARD = json.loads((EMBEDDED_T2L / "eval_summary.json").read_text())
@@ -27,7 +27,7 @@ def smollm2():
 def test_suite_numbers_match_the_model_card(smollm2, tmp_path):
     from hyperlora_jax.data import task_suite
     from hyperlora_jax.eval.suite import evaluate_suite
-    from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+    from hyperlora_jax.hypernet.t2l.api import TextToLoRA
 
     config, params, tok = smollm2
     suite = task_suite.write_suite(tmp_path / "suite")  # the defaults of `data task-suite`
@@ -55,7 +55,7 @@ def test_suite_numbers_match_the_model_card(smollm2, tmp_path):
 
 
 def test_demo_t2l_part_runs(capsys):
-    from hyperlora_jax.demo import run_t2l_demo
+    from hyperlora_jax.cli.demo import run_t2l_demo
 
     rows = run_t2l_demo()
     out = capsys.readouterr().out
@@ -67,7 +67,7 @@ def test_demo_t2l_part_runs(capsys):
 
 def test_generate_adapter_peft_with_the_shipped_default(tmp_path):
     from hyperlora_jax.cli import main
-    from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+    from hyperlora_jax.hypernet.t2l.api import TextToLoRA
     from hyperlora_jax.lora.peft import import_peft
 
     desc = "Join the words with hyphens."

@@ -13,8 +13,8 @@ import pytest
 
 from hyperlora_jax.convert.official_d2l import read_official
 from hyperlora_jax.errors import ConfigError
-from hyperlora_jax.hypernet.d2l import HyperLoRA
-from hyperlora_jax.hypernet.perceiver import Perceiver, PerceiverConfig, torch_linear_init
+from hyperlora_jax.hypernet.d2l.model import HyperLoRA
+from hyperlora_jax.hypernet.d2l.perceiver import Perceiver, PerceiverConfig, torch_linear_init
 
 D2L = "official/d2l"
 

@@ -15,7 +15,8 @@ import pytest
 
 from hyperlora_jax.convert.official_t2l import convert, map_state_dict, read_args_yaml
 from hyperlora_jax.errors import CheckpointError, ConfigError, InputError
-from hyperlora_jax.hypernet.t2l import (
+from hyperlora_jax.hypernet.t2l.api import TextToLoRA
+from hyperlora_jax.hypernet.t2l.model import (
     HyperModulator,
     T2LConfig,
     _head_bias_init,
@@ -23,7 +24,6 @@ from hyperlora_jax.hypernet.t2l import (
     init_params,
     param_count,
 )
-from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
 from hyperlora_jax.lora.adapter import Adapter
 
 T2L = Path(__file__).parent / "fixtures" / "official" / "t2l"

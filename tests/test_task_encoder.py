@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hyperlora_jax.errors import ConfigError, InputError
-from hyperlora_jax.hypernet.task_encoder import (
+from hyperlora_jax.hypernet.t2l.task_encoder import (
     BaseLMEncoder,
     BertSentenceEncoder,
     PrecomputedEncoder,

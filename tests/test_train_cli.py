@@ -35,7 +35,7 @@ def _tiny_base_with_smollm2_tokenizer(folder: Path, **dims) -> Path:
 @pytest.mark.slow
 def test_t2l_trains_on_a_task_folder_and_exports(tmp_path):
     from hyperlora_jax.data import task_suite
-    from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+    from hyperlora_jax.hypernet.t2l.api import TextToLoRA
 
     base = _tiny_base_with_smollm2_tokenizer(
         tmp_path / "base",
@@ -72,7 +72,7 @@ def test_t2l_trains_on_a_task_folder_and_exports(tmp_path):
 
 @pytest.mark.slow
 def test_d2l_trains_on_text_records_and_exports(tmp_path):
-    from hyperlora_jax.hypernet.doc_to_lora import DocToLoRA
+    from hyperlora_jax.hypernet.d2l.api import DocToLoRA
 
     base = _tiny_base_with_smollm2_tokenizer(
         tmp_path / "base",
@@ -130,9 +130,9 @@ def test_init_from_returns_the_exported_params(tmp_path):
     import jax
 
     from hyperlora_jax.errors import CheckpointError
-    from hyperlora_jax.hypernet.d2l import D2LConfig, init_params
-    from hyperlora_jax.hypernet.d2l_checkpoint import save_checkpoint
-    from hyperlora_jax.train.run import _params_from_checkpoint
+    from hyperlora_jax.hypernet.d2l.checkpoint import save_checkpoint
+    from hyperlora_jax.hypernet.d2l.model import D2LConfig, init_params
+    from hyperlora_jax.train.factory import _params_from_checkpoint
 
     base = tiny_llama(64)
     cfg = D2LConfig.for_base(base, latent_size=16, n_latent_queries=4, num_blocks=1, lora_r=2)

@@ -16,13 +16,12 @@ import pytest
 from tiny_models import tiny_llama
 
 from hyperlora_jax.data import packing, pipeline
-from hyperlora_jax.hypernet.d2l import D2LConfig
-from hyperlora_jax.hypernet.d2l import init_params as d2l_init
-from hyperlora_jax.hypernet.t2l import T2LConfig, generate_adapter
-from hyperlora_jax.hypernet.t2l import init_params as t2l_init
+from hyperlora_jax.hypernet.d2l.model import D2LConfig
+from hyperlora_jax.hypernet.d2l.model import init_params as d2l_init
+from hyperlora_jax.hypernet.t2l.model import T2LConfig, generate_adapter
+from hyperlora_jax.hypernet.t2l.model import init_params as t2l_init
 from hyperlora_jax.models import transformer
-from hyperlora_jax.train import optim
-from hyperlora_jax.train import steps as S
+from hyperlora_jax.train import d2l_loss, optim, t2l_loss
 from hyperlora_jax.train.trainer import Trainer, TrainOptions
 
 BOS, SEP, ANS = 1, 2, 3
@@ -58,7 +57,7 @@ def test_d2l_learns_to_internalize_a_fact(tmp_path):
             train_items, pc, pipeline.LoaderConfig(batch_size=32, seed=0, num_epochs=None)
         )
     )
-    loss = S.make_d2l_loss(hcfg, base_cfg, objective="ce", l1_coef=0.0)
+    loss = d2l_loss.make_d2l_loss(hcfg, base_cfg, objective="ce", l1_coef=0.0)
     steps = 120
     init = lambda k: d2l_init(hcfg, k)  # noqa: E731
     tx, sched = optim.make_optimizer(
@@ -70,7 +69,7 @@ def test_d2l_learns_to_internalize_a_fact(tmp_path):
     )
     tr = Trainer(
         loss_fn=loss,
-        count_fn=S.d2l_count,
+        count_fn=d2l_loss.d2l_count,
         init_params=init,
         base_params=base,
         tx=tx,
@@ -157,7 +156,7 @@ def test_t2l_learns_to_separate_tasks_by_description(tmp_path):
         .batch(32)
         .to_iter_dataset()
     )
-    loss = S.make_t2l_sft_loss(tcfg, base_cfg, label_smoothing=0.0, l2_coef=0.0)
+    loss = t2l_loss.make_t2l_sft_loss(tcfg, base_cfg, label_smoothing=0.0, l2_coef=0.0)
     steps = 250
     init = lambda k: t2l_init(tcfg, k)  # noqa: E731
     tx, sched = optim.make_optimizer(
@@ -171,7 +170,7 @@ def test_t2l_learns_to_separate_tasks_by_description(tmp_path):
     )
     tr = Trainer(
         loss_fn=loss,
-        count_fn=S.t2l_count,
+        count_fn=t2l_loss.t2l_count,
         init_params=init,
         base_params=base,
         tx=tx,

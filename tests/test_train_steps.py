@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hyperlora_jax.hypernet.doc_to_lora import compose
-from hyperlora_jax.train import optim
-from hyperlora_jax.train import steps as S
+from hyperlora_jax.hypernet.d2l.api import compose
+from hyperlora_jax.train import d2l_loss, optim, update
 
 RNG = np.random.default_rng(0)
 
@@ -20,9 +19,9 @@ def test_packed_d2l_student_equals_inference_composition():
     inference: each chunk encoded alone, LoRAs composed in the official combine_lora order
     (hypernet/doc_to_lora.compose), each context's query run alone with its adapter."""
     from hyperlora_jax.data import packing
-    from hyperlora_jax.hypernet.d2l import D2LConfig, bias_lora
-    from hyperlora_jax.hypernet.d2l import init_params as d2l_init
-    from hyperlora_jax.hypernet.doc_to_lora import chunk_loras, pad_chunks
+    from hyperlora_jax.hypernet.d2l.api import chunk_loras, pad_chunks
+    from hyperlora_jax.hypernet.d2l.model import D2LConfig, bias_lora
+    from hyperlora_jax.hypernet.d2l.model import init_params as d2l_init
     from hyperlora_jax.models import transformer
     from hyperlora_jax.models.config import ModelConfig
 
@@ -64,7 +63,7 @@ def test_packed_d2l_student_equals_inference_composition():
         max_inp_len=20, max_ctx_len=16, max_contexts=3, max_chunks=4, max_qas=4, top_k=0
     )
     row = {k: jnp.asarray(v)[None] for k, v in packing.pack_row(items, pc).items()}
-    loss = S.make_d2l_loss(hcfg, cfg, objective="ce", max_chunk_len=8)
+    loss = d2l_loss.make_d2l_loss(hcfg, cfg, objective="ce", max_chunk_len=8)
     # jitted: op-by-op dispatch would compile every primitive separately
     forward = jax.jit(lambda ids, **kw: transformer.forward(base, cfg, ids, **kw).logits[0])
     adapter, weights = jax.jit(loss.adapter_fn)(hyper, base, row)
@@ -93,7 +92,7 @@ def test_packed_d2l_student_equals_inference_composition():
 def test_gather_chunks_unpacks_packed_context():
     seg = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0]])
     feats = np.arange(2 * 6 * 2, dtype=np.float32).reshape(2, 6, 2)
-    g, mask = S.gather_chunks(jnp.asarray(feats), jnp.asarray(seg), 2, 4)
+    g, mask = d2l_loss.gather_chunks(jnp.asarray(feats), jnp.asarray(seg), 2, 4)
     assert g.shape == (4, 4, 2) and mask.shape == (4, 4)
     np.testing.assert_array_equal(g[0, :3], feats[0, :3])
     np.testing.assert_array_equal(g[1, :2], feats[0, 3:5])
@@ -126,8 +125,8 @@ def test_grad_accumulation_equals_one_batch_and_base_is_frozen():
     count = lambda b: jnp.sum(b["valid"])  # noqa: E731
     outs = []
     for k in (1, 2, 4):
-        step = jax.jit(S.make_train_step(loss_fn, tx, count, grad_accum_steps=k))
-        st, m = step(S.TrainState.create(params, tx), base, batch)
+        step = jax.jit(update.make_train_step(loss_fn, tx, count, grad_accum_steps=k))
+        st, m = step(update.TrainState.create(params, tx), base, batch)
         outs.append((st, m))
     for st, m in outs[1:]:
         np.testing.assert_allclose(m["loss"], outs[0][1]["loss"], rtol=1e-6)
@@ -168,7 +167,7 @@ def test_online_teacher_matches_stored_topk():
         "teacher_segment_ids": seg,
         "teacher_pos": jnp.broadcast_to(jnp.arange(6), (2, 6)),
     }
-    v1, i1 = S._teacher_topk(base, cfg, stored, jnp.float32)
-    v2, i2 = S._teacher_topk(base, cfg, online, jnp.float32)
+    v1, i1 = d2l_loss._teacher_topk(base, cfg, stored, jnp.float32)
+    v2, i2 = d2l_loss._teacher_topk(base, cfg, online, jnp.float32)
     np.testing.assert_allclose(v1[:, :-1], v2[:, :-1], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(i1[:, :-1], i2[:, :-1])

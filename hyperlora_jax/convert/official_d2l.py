@@ -16,8 +16,8 @@ import numpy as np
 
 from hyperlora_jax.convert.safe_unpickle import load_torch_file, to_plain
 from hyperlora_jax.errors import CheckpointError, ConfigError
-from hyperlora_jax.hypernet.d2l import D2LConfig
-from hyperlora_jax.hypernet.d2l_checkpoint import check_params, save_checkpoint, unflatten
+from hyperlora_jax.hypernet.d2l.checkpoint import check_params, save_checkpoint, unflatten
+from hyperlora_jax.hypernet.d2l.model import D2LConfig
 
 CONFIG_KEYS = ("base_model_name_or_path", "hypernet_config", "ctx_encoder_args")
 

@@ -19,8 +19,8 @@ import yaml
 
 from hyperlora_jax.convert.safe_unpickle import load_torch_file
 from hyperlora_jax.errors import CheckpointError, ConfigError
-from hyperlora_jax.hypernet.t2l import T2LConfig, init_params
-from hyperlora_jax.hypernet.text_to_lora import encoder_spec_for, save_t2l_checkpoint
+from hyperlora_jax.hypernet.t2l.api import encoder_spec_for, save_t2l_checkpoint
+from hyperlora_jax.hypernet.t2l.model import T2LConfig, init_params
 
 
 class _PlainLoader(yaml.SafeLoader):

@@ -150,7 +150,8 @@ class NiahPieces:
         cls, tokenizer: Any, bins: Sequence[tuple[int, int]] = ((32, 128), (128, 256))
     ) -> NiahPieces:
         """Derive the pieces (seconds) and prove them exact, or raise CompositionError."""
-        from hyperlora_jax.data import chat, selfgen
+        from hyperlora_jax.data import selfgen
+        from hyperlora_jax.models import chat
 
         def enc(texts: list[str]) -> list[Ids]:
             return [tuple(x) for x in chat.encode_batch(tokenizer, texts)]
@@ -217,7 +218,7 @@ class NiahPieces:
     def check_contexts(self, tokenizer: Any) -> None:
         """Composed chat and raw ids == the tokenizer's on probe contexts: every needle position
         of haystacks of 1-5 blocks and some of a 40-block one, several numbers."""
-        from hyperlora_jax.data import chat
+        from hyperlora_jax.models import chat
 
         probes = [
             (k, i, m) for k in (1, 2, 3, 5) for i in range(k) for m in ("0000", "9999", "4096")

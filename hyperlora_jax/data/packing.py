@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hyperlora_jax.data.chat import slice_into_chunks
 from hyperlora_jax.errors import ConfigError, InputError
+from hyperlora_jax.models.chat import slice_into_chunks
 
 IGNORE_INDEX = -100
 
@@ -294,3 +294,29 @@ def _jnp():
     import jax.numpy as jnp
 
     return jnp
+
+
+def check_label_budget(batch, max_label_len: int | None) -> None:
+    """Host-side check that no row of a batch has more loss positions than the LM head is
+    computed for (train.max_label_len; 0 / None: every position, nothing to check).
+
+    batch: numpy rows with "labels" [B, T] (D2L; -100 = no loss) or "loss_mask" [B, T] (T2L).
+    Raises InputError naming the row; call it where batches are made (the loss cannot raise).
+    """
+    from hyperlora_jax.errors import InputError
+
+    if not max_label_len:
+        return
+    if "labels" in batch:
+        supervised = np.asarray(batch["labels"]) >= 0
+    else:
+        supervised = np.asarray(batch["loss_mask"]).astype(bool)
+    # the first token is never predicted (the logits at t predict t + 1)
+    counts = supervised[:, 1:].sum(axis=1)
+    worst = int(np.argmax(counts))
+    if counts[worst] > max_label_len:
+        raise InputError(
+            f"row {worst} of the batch has {int(counts[worst])} label tokens > "
+            f"train.max_label_len={max_label_len} (the LM head runs only at that many positions "
+            "per row); raise train.max_label_len (0: every position) or pack fewer queries per row"
+        )

@@ -104,8 +104,8 @@ class ChunkConfig:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, **kw: Any) -> ChunkConfig:
-        """Affixes from the tokenizer's chat format (hyperlora_jax.data.chat.ctx_affixes)."""
-        from hyperlora_jax.data.chat import ctx_affixes
+        """Affixes from the tokenizer's chat format (hyperlora_jax.models.chat.ctx_affixes)."""
+        from hyperlora_jax.models.chat import ctx_affixes
 
         prefix, suffix = ctx_affixes(tokenizer)
         return cls(prefix=tuple(prefix), suffix=tuple(suffix), **kw)
@@ -255,8 +255,8 @@ def text_qa_tokens(
 ) -> list[tuple[list[int], list[tuple[list[int], list[int]]]]]:
     """What `text_qa_item` tokenizes, for many records with batched tokenizer calls (same ids):
     per record (context ids, [(input_ids, labels) per QA]); no chunking."""
-    from hyperlora_jax.data.chat import tokenize_ctx_texts
     from hyperlora_jax.data.selfgen import qa_ids_and_labels_batch
+    from hyperlora_jax.models.chat import tokenize_ctx_texts
 
     fields = [text_qa_fields(r) for r in records]
     ctx_ids = tokenize_ctx_texts([f[0] for f in fields], tokenizer)

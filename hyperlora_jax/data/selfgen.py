@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from hyperlora_jax.data import chat
 from hyperlora_jax.errors import InputError
+from hyperlora_jax.models import chat
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyperlora_jax.data.chat import format_user_turn
 from hyperlora_jax.errors import ConfigError, InputError
 from hyperlora_jax.eval import baselines, metrics
 from hyperlora_jax.eval.trackers import StageTracker
 from hyperlora_jax.models import decoding
+from hyperlora_jax.models.chat import format_user_turn
 
 METHODS = ("d2l", "full_context", "no_context", "cd_oracle")
 # Official EVAL_INTX_TEMPLATES (squad / drop / ropes / multifieldqa / 2wikimqa share one wording).
@@ -169,8 +169,8 @@ class D2LEvaluator:
     def internalize(self, context: str, example: int = 0):
         """D2L adapter for one document, with context encoding, hypernetwork and composition
         tracked as separate stages (each its own compiled program)."""
-        from hyperlora_jax.hypernet import doc_to_lora as dl
-        from hyperlora_jax.hypernet.d2l import bias_lora, generate_chunk_loras
+        from hyperlora_jax.hypernet.d2l import api as dl
+        from hyperlora_jax.hypernet.d2l.model import bias_lora, generate_chunk_loras
 
         d = self.d2l
         if d is None:

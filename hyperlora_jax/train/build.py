@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax.errors import ConfigError
-from hyperlora_jax.train import optim
-from hyperlora_jax.train import steps as S
+from hyperlora_jax.train import d2l_loss, optim, t2l_loss
 
 DTYPES = {
     "float32": jnp.float32,
@@ -164,11 +163,11 @@ def experiment(config) -> Parts:
     """Base config, hypernetwork config, loss and initializer of an experiment config."""
     hp = hparams(config)
     if hp.kind == "d2l":
-        from hyperlora_jax.hypernet.d2l import configs_from_experiment
-        from hyperlora_jax.hypernet.d2l import init_params as d2l_init
+        from hyperlora_jax.hypernet.d2l.model import configs_from_experiment
+        from hyperlora_jax.hypernet.d2l.model import init_params as d2l_init
 
         base_cfg, hcfg = configs_from_experiment(config)
-        loss = S.make_d2l_loss(
+        loss = d2l_loss.make_d2l_loss(
             hcfg,
             base_cfg,
             objective=hp.objective,
@@ -180,14 +179,14 @@ def experiment(config) -> Parts:
             max_label_len=hp.max_label_len,
         )
         init = lambda k: d2l_init(hcfg, k)  # noqa: E731
-        count = S.d2l_count
+        count = d2l_loss.d2l_count
         hyper_json = hcfg.to_json()
     else:
         import importlib.util
         import sys
         from pathlib import Path
 
-        from hyperlora_jax.hypernet.t2l import init_params as t2l_init
+        from hyperlora_jax.hypernet.t2l.model import init_params as t2l_init
 
         spec = importlib.util.spec_from_file_location(
             "_t2l_configs", Path(__file__).parents[2] / "configs" / "t2l.py"
@@ -207,15 +206,15 @@ def experiment(config) -> Parts:
         )
         init = lambda k: t2l_init(hcfg, k)  # noqa: E731
         if hp.objective == "recon":
-            loss = S.make_t2l_recon_loss(hcfg)
+            loss = t2l_loss.make_t2l_recon_loss(hcfg)
         elif hp.objective == "lora":
-            loss = S.make_lora_library_loss(hcfg, base_cfg, **sft)
+            loss = t2l_loss.make_lora_library_loss(hcfg, base_cfg, **sft)
             init = lambda k: lora_library_init(hcfg, base_cfg, hp.num_adapters, k)  # noqa: E731
         elif hp.objective == "sft":
-            loss = S.make_t2l_sft_loss(hcfg, base_cfg, **sft)
+            loss = t2l_loss.make_t2l_sft_loss(hcfg, base_cfg, **sft)
         else:
             raise ConfigError(f"train.objective={hp.objective!r}: expected sft, recon or lora")
-        count = S.t2l_count
+        count = t2l_loss.t2l_count
         hyper_json = hcfg.to_json()
     info = {
         "kind": hp.kind,

@@ -148,7 +148,7 @@ def recon_l1_factorized(
     """T2L factorized reconstruction: L1(A)/2 + L1(B)/2 (mean over elements).
 
     With the official `pred_z_score` option the targets arrive as per-element z-scores over the
-    oracle library (the data stream normalises them, `train.run.recon_data`).
+    oracle library (the data stream normalises them, `data.feeds.recon_data`).
     """
     la = jnp.mean(jnp.abs(a_pred.astype(f32) - a_tgt.astype(f32)))
     lb = jnp.mean(jnp.abs(b_pred.astype(f32) - b_tgt.astype(f32)))
@@ -162,3 +162,20 @@ def recon_l1_dense(
     dw = jnp.einsum("...ro,...ri->...oi", b_pred.astype(f32), a_pred.astype(f32))
     dw_t = jnp.einsum("...ro,...ri->...oi", b_tgt.astype(f32), a_tgt.astype(f32))
     return jnp.mean(jnp.abs(dw - scaling * dw_t))
+
+
+def label_positions(mask: jax.Array, max_label_len: int | None) -> jax.Array | None:
+    """The first max_label_len positions of each row where mask [B, T] is set, in order, [B, P]
+    (a row with fewer is padded with unset positions); None if max_label_len is 0 / None.
+
+    A static P lets the LM head run on P positions instead of T (with 5 label tokens per NIAH
+    query, a tenth of them); positions past the first P are dropped, see check_label_budget."""
+    if not max_label_len:
+        return None
+    return jnp.argsort(~mask, axis=1, stable=True)[:, :max_label_len]
+
+
+def take_positions(x: jax.Array, at: jax.Array) -> jax.Array:
+    """x [B, T, ...] at positions at [B, P] -> [B, P, ...]."""
+    idx = at.reshape(*at.shape, *(1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)

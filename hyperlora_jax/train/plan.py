@@ -28,8 +28,8 @@ def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
     from hyperlora_jax.train import build
     from hyperlora_jax.train import sharding as shd
     from hyperlora_jax.train.flops import jaxpr_flops
-    from hyperlora_jax.train.steps import TrainState, make_train_step
     from hyperlora_jax.train.trainer import state_shardings
+    from hyperlora_jax.train.update import TrainState, make_train_step
 
     parts = build.experiment(config)
     hp = parts.hp
@@ -162,7 +162,7 @@ def _main(argv):
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()
-    from hyperlora_jax.train.cli import load_config
+    from hyperlora_jax.cli.train import load_config
 
     config = load_config(argv[0], argv[3:])
     mesh = json.loads(argv[1])

@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from hyperlora_jax.errors import CheckpointError, HyperLoraError
 from hyperlora_jax.train import sharding as shd
 from hyperlora_jax.train.flops import jaxpr_flops
-from hyperlora_jax.train.steps import TrainState, all_finite, make_train_step
+from hyperlora_jax.train.update import TrainState, all_finite, make_train_step
 
 log = logging.getLogger(__name__)
 

@@ -20,22 +20,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyperlora_jax.data.chat import (
-    ctx_affixes,
-    format_user_turn,
-    split_ctx_ids,
-    tokenize_ctx_text,
-)
 from hyperlora_jax.errors import CheckpointError, ConfigError, InputError
-from hyperlora_jax.hypernet.d2l import D2LConfig, bias_lora, generate_chunk_loras
-from hyperlora_jax.hypernet.d2l_checkpoint import (
+from hyperlora_jax.hypernet.d2l.checkpoint import (
     CONFIG,
     base_dims_of_config,
     load_checkpoint,
     save_checkpoint,
 )
+from hyperlora_jax.hypernet.d2l.model import D2LConfig, bias_lora, generate_chunk_loras
 from hyperlora_jax.lora.adapter import Adapter
 from hyperlora_jax.models import transformer
+from hyperlora_jax.models.chat import (
+    ctx_affixes,
+    format_user_turn,
+    split_ctx_ids,
+    tokenize_ctx_text,
+)
 from hyperlora_jax.models.config import ModelConfig
 
 

@@ -124,7 +124,7 @@ def cmd_plan(ns) -> int:
 
 
 def cmd_train(ns) -> int:
-    from hyperlora_jax.train.run import train_from_flags
+    from hyperlora_jax.train.factory import train_from_flags
 
     fv = _parse("train", ns.args)
     train_from_flags(fv)
@@ -132,7 +132,7 @@ def cmd_train(ns) -> int:
 
 
 def cmd_export(ns) -> int:
-    from hyperlora_jax.train.run import export_run
+    from hyperlora_jax.train.export import export_run
 
     out = export_run(ns.workdir, ns.out, step=ns.step, overwrite=ns.overwrite)
     print(f"wrote {out}")

@@ -391,7 +391,7 @@ class PrecomputedEncoder:
             if i is None:
                 raise InputError(
                     f"description {t[:80]!r} is not in {self.path}; add its embedding there "
-                    "(see hyperlora_jax.hypernet.task_encoder.GTE_RECIPE)"
+                    "(see hyperlora_jax.hypernet.t2l.task_encoder.GTE_RECIPE)"
                 )
             rows.append(self.embs[i])
         return np.stack(rows)

@@ -1,4 +1,4 @@
-"""`hyperlora-jax` command line. Each area registers its own subcommands in its `cli.py`."""
+"""`hyperlora-jax` command line: one file per verb group in this package, each with `register`."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from hyperlora_jax.errors import HyperLoraError
 
 # Modules exposing `register(subparsers)`; each adds its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = (
-    "hyperlora_jax.models.cli",  # fetch-model, chat
-    "hyperlora_jax.lora.cli",  # export-peft
-    "hyperlora_jax.hypernet.doc_to_lora_cli",  # internalize
-    "hyperlora_jax.hypernet.text_to_lora_cli",  # generate-adapter
-    "hyperlora_jax.convert.cli",  # convert official-d2l | official-t2l
-    "hyperlora_jax.data.cli",  # data niah | selfgen | ...
-    "hyperlora_jax.train.cli",  # train, plan, export-run
-    "hyperlora_jax.eval.cli",  # eval d2l | t2l
-    "hyperlora_jax.demo",  # demo
+    "hyperlora_jax.cli.models",  # fetch-model, chat
+    "hyperlora_jax.cli.lora",  # export-peft
+    "hyperlora_jax.cli.d2l",  # internalize
+    "hyperlora_jax.cli.t2l",  # generate-adapter
+    "hyperlora_jax.cli.convert",  # convert official-d2l | official-t2l
+    "hyperlora_jax.cli.data",  # data niah | selfgen | ...
+    "hyperlora_jax.cli.train",  # train, plan, export-run
+    "hyperlora_jax.cli.eval",  # eval d2l | t2l
+    "hyperlora_jax.cli.demo",  # demo
 )
 
 
@@ -40,6 +40,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

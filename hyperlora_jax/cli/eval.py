@@ -61,7 +61,7 @@ def run_d2l(args: argparse.Namespace) -> int:
     base_path, config, params, tok = _load_base(args.base)
     d2l = None
     if args.checkpoint:
-        from hyperlora_jax.hypernet.doc_to_lora import DocToLoRA
+        from hyperlora_jax.hypernet.d2l.api import DocToLoRA
 
         d2l = DocToLoRA.from_checkpoint(args.checkpoint, base_model=(config, params), tokenizer=tok)
     if args.niah:
@@ -221,7 +221,7 @@ def run_t2l(args: argparse.Namespace) -> int:
     if "t2l" in modes:
         if not args.checkpoint:
             raise ConfigError("mode t2l needs --checkpoint (a T2L checkpoint folder)")
-        from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+        from hyperlora_jax.hypernet.t2l.api import TextToLoRA
 
         t2l = TextToLoRA.from_checkpoint(args.checkpoint, encoder=args.encoder)
     t0 = time.perf_counter()
@@ -268,7 +268,7 @@ def run_t2l(args: argparse.Namespace) -> int:
 
 def run_t2l_suite(args: argparse.Namespace) -> int:
     from hyperlora_jax.eval import suite as S
-    from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+    from hyperlora_jax.hypernet.t2l.api import TextToLoRA
 
     train, held = S.suite_splits(args.suite)
     seen = (

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from hyperlora_jax.errors import ConfigError
-from hyperlora_jax.hypernet.perceiver import Perceiver, PerceiverConfig, torch_linear_init
+from hyperlora_jax.hypernet.d2l.perceiver import Perceiver, PerceiverConfig, torch_linear_init
 from hyperlora_jax.models.config import TARGET_MODULES
 
 CTX_ENCODER_TYPES = ("per_layer_activations", "early_exit")

@@ -10,7 +10,7 @@ def _generate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from hyperlora_jax.errors import InputError
-    from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+    from hyperlora_jax.hypernet.t2l.api import TextToLoRA
     from hyperlora_jax.lora.adapter import Adapter
     from hyperlora_jax.lora.storage import save_adapter
 
@@ -79,7 +79,7 @@ def register(subparsers) -> None:
         description="Run a T2L hypernetwork checkpoint (ours; convert official releases with "
         "`hyperlora-jax convert official-t2l`) on task descriptions and save the adapters.",
     )
-    from hyperlora_jax.demo import EMBEDDED_T2L
+    from hyperlora_jax.embedded import EMBEDDED_T2L
 
     p.add_argument(
         "--hypernet",

@@ -22,9 +22,9 @@ import jax
 import numpy as np
 
 from hyperlora_jax.errors import CheckpointError, ConfigError, InputError
-from hyperlora_jax.hypernet import task_encoder
-from hyperlora_jax.hypernet.t2l import T2LConfig, generate_adapter
-from hyperlora_jax.hypernet.task_encoder import (
+from hyperlora_jax.hypernet.t2l import task_encoder
+from hyperlora_jax.hypernet.t2l.model import T2LConfig, generate_adapter
+from hyperlora_jax.hypernet.t2l.task_encoder import (
     GTE_RECIPE,
     PrecomputedEncoder,
     TaskEncoder,
@@ -153,7 +153,7 @@ def load_t2l_checkpoint(path: str | Path) -> tuple[T2LConfig, dict, dict, dict]:
 
 
 def _check_params(config: T2LConfig, params: dict, path: Path) -> None:
-    from hyperlora_jax.hypernet.t2l import init_params
+    from hyperlora_jax.hypernet.t2l.model import init_params
 
     want = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
     flat_w = {

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from hyperlora_jax.errors import CheckpointError, ConfigError
-from hyperlora_jax.hypernet.d2l import D2LConfig, init_params
+from hyperlora_jax.hypernet.d2l.model import D2LConfig, init_params
 from hyperlora_jax.lora.storage import atomic_dir, load_safetensors, save_safetensors
 
 FORMAT = "hyperlora_jax.d2l"

@@ -47,7 +47,7 @@ def register(subparsers) -> None:
 
 
 def _internalize(args) -> int:
-    from hyperlora_jax.hypernet.doc_to_lora import DocToLoRA
+    from hyperlora_jax.hypernet.d2l.api import DocToLoRA
     from hyperlora_jax.lora.storage import save_adapter
 
     texts = []
@@ -61,7 +61,7 @@ def _internalize(args) -> int:
             raise InputError(f"{p} is not UTF-8 text ({e})") from e
         if not texts[-1].strip():
             raise InputError(f"document {p} is empty; give it some text")
-    from hyperlora_jax.demo import EMBEDDED_D2L
+    from hyperlora_jax.embedded import EMBEDDED_D2L
 
     args.hypernet = args.hypernet or str(EMBEDDED_D2L)
     d2l = DocToLoRA.from_checkpoint(args.hypernet, base_model=args.base_model)

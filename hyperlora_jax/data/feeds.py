@@ -1,9 +1,9 @@
-"""`hyperlora-jax train`: experiment config + flags -> base params, data, Trainer -> run.
+"""Training data feeds: an experiment's data paths -> the infinite stream of packed batch rows.
 
-Data: D2L trains on self-generated QA records (official columns ctx_ids / input_ids /
-response_start_end / logprobs_*; JSONL, Parquet) packed into rows; the `tiny` presets (random
-base model from `base_model_config`) train on a built-in synthetic task when no --data is given,
-so the whole path runs on a laptop CPU.
+D2L trains on self-generated QA records (official columns ctx_ids / input_ids /
+response_start_end / logprobs_*; JSONL, Parquet, token shards) packed into rows; T2L on the
+task suite (SFT) or a library of task LoRAs (reconstruction). Without --data, the tiny presets
+get a built-in synthetic task.
 """
 
 from __future__ import annotations
@@ -16,34 +16,8 @@ import jax
 import numpy as np
 
 from hyperlora_jax.errors import ConfigError
-from hyperlora_jax.train import build
-from hyperlora_jax.train import sharding as shd
-from hyperlora_jax.train.trainer import Trainer, TrainOptions
 
 log = logging.getLogger(__name__)
-
-
-def _base_params(config, parts, base_model: str | None):
-    from hyperlora_jax.models import transformer
-
-    if config.get("base_model_config") and not base_model:
-        return transformer.init_params(parts.base_cfg, jax.random.key(0))
-    if not base_model:
-        raise ConfigError(
-            f"config {config.get('name')!r} needs its base model weights: pass --base_model DIR "
-            "(a save_pretrained folder, e.g. from `hyperlora-jax fetch-model`)"
-        )
-    from hyperlora_jax.models.hf import load_hf_model
-
-    dtype = np.float32 if parts.hp.dtype == np.float32 else None
-    cfg, params = load_hf_model(base_model, dtype=dtype)
-    if cfg.num_layers != parts.base_cfg.num_layers or cfg.hidden_size != parts.base_cfg.hidden_size:
-        raise ConfigError(
-            f"--base_model {base_model} ({cfg.family}, {cfg.num_layers} layers, "
-            f"H={cfg.hidden_size})"
-            f" does not match the config's base model {config.get('base_model')!r}"
-        )
-    return params
 
 
 def synthetic_d2l_items(vocab: int, n: int, seed: int) -> list[dict]:
@@ -70,7 +44,7 @@ def _token_shard_items(files, chunk, config, parts, seed: int, tokenizer=None):
     import dataclasses
 
     from hyperlora_jax.data import token_shards
-    from hyperlora_jax.data.chat import ctx_affixes
+    from hyperlora_jax.models.chat import ctx_affixes
 
     if parts.hp.objective != "ce":
         raise ConfigError("token shards carry no teacher log-probs: use train.loss=ce")
@@ -142,7 +116,7 @@ def pack_d2l_items(parts, items, pc, seed: int):
     """An endless, checkpointable iterator of this process's batches of packed rows, each
     checked against the LM head's label budget (train.max_label_len)."""
     from hyperlora_jax.data import pipeline
-    from hyperlora_jax.train.steps import check_label_budget
+    from hyperlora_jax.data.packing import check_label_budget
 
     per_process = parts.hp.global_batch // jax.process_count()
     loader = pipeline.LoaderConfig(
@@ -260,7 +234,7 @@ def t2l_data(config, parts, paths: list[str], seed: int, base_model: str | None)
     import grain
 
     from hyperlora_jax.data import sni
-    from hyperlora_jax.hypernet import task_encoder as te
+    from hyperlora_jax.hypernet.t2l import task_encoder as te
     from hyperlora_jax.models.tokenizer import load_tokenizer
 
     if len(paths) != 1 or not Path(paths[0]).is_dir():
@@ -326,7 +300,7 @@ def recon_data(config, parts, library: str, seed: int, suite: str | None, workdi
     import grain
 
     from hyperlora_jax.data import sni
-    from hyperlora_jax.hypernet import task_encoder as te
+    from hyperlora_jax.hypernet.t2l import task_encoder as te
     from hyperlora_jax.lora.storage import load_adapter, read_adapter_meta
 
     if not suite:
@@ -372,189 +346,3 @@ def recon_data(config, parts, library: str, seed: int, suite: str | None, workdi
     ds = grain.MapDataset.source(np.arange(10**9)).map(example)
     ds = ds[jax.process_index() :: jax.process_count()]
     return iter(ds.batch(k // jax.process_count()).to_iter_dataset()), names
-
-
-def _params_from_checkpoint(path: str, kind: str, init_params):
-    """An initializer returning an exported checkpoint's params (shapes checked against ours)."""
-    from hyperlora_jax.errors import CheckpointError
-
-    if kind == "d2l":
-        from hyperlora_jax.hypernet.d2l_checkpoint import load_checkpoint
-
-        params = load_checkpoint(path)[0]
-    else:
-        from hyperlora_jax.hypernet.text_to_lora import load_t2l_checkpoint
-
-        params = load_t2l_checkpoint(path)[1]
-    want = jax.eval_shape(init_params, jax.random.key(0))
-    got = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), params)
-    if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or any(
-        a.shape != b.shape
-        for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got))
-    ):
-        raise CheckpointError(f"train.init_from={path}: its parameters do not fit this config")
-    return lambda rng: jax.tree_util.tree_map(jax.numpy.asarray, params)
-
-
-def build_trainer(
-    config,
-    *,
-    workdir: str,
-    data: list[str] | None = None,
-    base_model: str | None = None,
-    mesh: str = "",
-) -> Trainer:
-    parts = build.experiment(config)
-    hp = parts.hp
-    t = config.train
-    seed = hp.seed
-    if base_model and not (Path(base_model) / "config.json").is_file():  # a known model name
-        from hyperlora_jax.models.fetch import fetch_model
-
-        base_model = str(fetch_model(base_model))
-    base = _base_params(config, parts, base_model)
-    names = floor = None
-    if hp.kind == "d2l":
-        from hyperlora_jax.data.floor import items_floor
-
-        tok = None
-        if base_model:
-            from hyperlora_jax.models.tokenizer import load_tokenizer
-
-            tok = load_tokenizer(base_model)
-        items, pc = d2l_items(config, parts, list(data or []), seed, tok)
-        floor = items_floor(items)
-        it = pack_d2l_items(parts, items, pc, seed)
-    elif hp.objective == "recon":
-        if not t.get("oracle_library"):
-            raise ConfigError(
-                "T2L reconstruction needs train.oracle_library: the folder `export-run` wrote "
-                "for an oracle LoRA run (configs/t2l.py:smollm2_oracles)"
-            )
-        it, names = recon_data(
-            config, parts, str(t.oracle_library), seed, (data or [None])[0], workdir
-        )
-    elif config.get("base_model_config") and not data:
-        it = synthetic_t2l_data(parts, hp.global_batch, seed)
-    else:
-        it, names = t2l_data(config, parts, list(data or []), seed, base_model)
-    spec = shd.parse_mesh_spec(mesh) if mesh else dict(t.get("mesh", {"data": -1}))
-    spec = {k: int(spec.get(k, 1)) for k in ("data", "fsdp", "tensor")}
-    if spec["data"] * spec["fsdp"] * spec["tensor"] == 1 and len(jax.devices()) > 1:
-        spec["data"] = -1
-    m = shd.make_mesh(**spec)
-    from hyperlora_jax.models import transformer
-
-    base_sh = shd.shardings_from_logical(transformer.param_logical_axes(parts.base_cfg), base, m)
-    init_params = parts.init_params
-    if t.get("init_from"):  # e.g. stage 2 from stage 1: params only, fresh optimizer and schedule
-        init_params = _params_from_checkpoint(str(t.init_from), hp.kind, init_params)
-    tx, sched = build.make_tx(parts, jax.eval_shape(init_params, jax.random.key(0)))
-    opts = TrainOptions(
-        steps=hp.steps,
-        workdir=workdir,
-        seed=seed,
-        grad_accum_steps=hp.grad_accum_steps,
-        log_every=int(t.get("log_every", 1) or 1),
-        save_every=int(t.get("save_every", 1000)),
-        max_to_keep=int(t.get("max_to_keep", 3)),
-        max_bad_steps=int(t.get("max_bad_steps", 10)),
-        time_budget_s=float(t.time_budget_s) if t.get("time_budget_s") else None,
-        lr_time_decay=bool(t.get("lr_time_decay", False)),
-        min_lr_ratio=hp.min_lr / hp.lr if hp.lr else 0.0,
-        context_blind_floor=floor,
-    )
-    if names is not None:  # which task each library adapter / training task is
-        parts.rebuild_info["tasks"] = names
-    return Trainer(
-        loss_fn=parts.loss_fn,
-        count_fn=parts.count_fn,
-        init_params=init_params,
-        base_params=base,
-        tx=tx,
-        schedule=sched,
-        data=it,
-        options=opts,
-        mesh=m,
-        base_shardings=base_sh,
-        rebuild_info=parts.rebuild_info,
-    )
-
-
-def train_from_flags(fv) -> list[dict]:
-    import time
-
-    started = time.perf_counter()  # train.time_budget_s counts from here
-    shd.maybe_initialize_distributed(fv.coordinator, fv.num_processes, fv.process_id)
-    workdir = fv.workdir or f"runs/{fv.config.get('name', 'run')}"
-    tr = build_trainer(
-        fv.config, workdir=workdir, data=fv.data, base_model=fv.base_model, mesh=fv.mesh
-    )
-    tr.o.clock_start = started
-    try:
-        rows = tr.run()
-    finally:
-        tr.close()
-    if rows and jax.process_index() == 0:
-        last = rows[-1]
-        why = {"time_budget": ", stopped by train.time_budget_s", "data": ", data exhausted"}
-        print(
-            f"step {last['step']}: loss {last['loss']:.4f} ({workdir}{why.get(tr.stopped_by, '')})"
-        )
-    return rows
-
-
-def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False):
-    """A training run's hypernetwork (newest complete checkpoint, or `step`) -> the shippable
-    checkpoint folder that DocToLoRA / TextToLoRA load (params only, f32 safetensors + config)."""
-    import orbax.checkpoint as ocp
-
-    from hyperlora_jax.errors import CheckpointError
-    from hyperlora_jax.train.trainer import _complete_steps, load_rebuild_info
-
-    info = load_rebuild_info(workdir)
-    root = (Path(workdir) / "checkpoints").absolute()
-    steps = _complete_steps(root)
-    if not steps or (step is not None and step not in steps):
-        raise CheckpointError(f"no complete checkpoint {step or ''} in {root} (have {steps})")
-    step = step if step is not None else steps[0]
-    with ocp.CheckpointManager(root) as mgr:
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    params = jax.tree_util.tree_map(np.asarray, restored["state"]["params"])
-    training = {"workdir": str(workdir), "step": step, "config": info.get("config")}
-    if info["kind"] == "d2l":
-        from hyperlora_jax.hypernet.d2l import D2LConfig
-        from hyperlora_jax.hypernet.d2l_checkpoint import save_checkpoint
-
-        cfg = D2LConfig.from_json(info["hypernet_config"])
-        return save_checkpoint(
-            out,
-            params,
-            cfg,
-            base_model=info.get("base_model"),
-            extra={"training": training},
-            overwrite=overwrite,
-        )
-    from hyperlora_jax.hypernet.t2l import T2LConfig
-    from hyperlora_jax.hypernet.text_to_lora import save_t2l_checkpoint
-    from hyperlora_jax.lora.storage import load_safetensors
-
-    cfg = T2LConfig.from_json(info["hypernet_config"])
-    if (info.get("config") or {}).get("train", {}).get("objective") == "lora":
-        from hyperlora_jax.lora.adapter import Adapter
-        from hyperlora_jax.lora.storage import save_adapter
-
-        lib = Adapter(params["a"], params["b"], cfg.scale())
-        meta = {
-            "base_model": info.get("base_model"),
-            "tasks": info.get("tasks") or [],
-            "training": training,
-        }
-        return save_adapter(lib, out, meta, overwrite=overwrite)
-    encoder = dict((info.get("config") or {}).get("encoder") or {})
-    meta = {"base_model": info.get("base_model"), "encoder": encoder, "training": training}
-    stats = Path(workdir) / RECON_STATS
-    constants = load_safetensors(stats) if cfg.pred_z_score and stats.is_file() else None
-    if cfg.pred_z_score and constants is None:
-        raise CheckpointError(f"{stats} is missing: a pred_z_score run cannot be un-normalised")
-    return save_t2l_checkpoint(out, cfg, params, constants, meta=meta, overwrite=overwrite)

@@ -18,10 +18,7 @@ import json
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-EMBEDDED_D2L = Path(__file__).parent / "checkpoints" / "d2l-smollm2-135m-instruct"
-EMBEDDED_T2L = Path(__file__).parent / "checkpoints" / "t2l-smollm2-135m-instruct"
-EXAMPLES = Path(__file__).parents[1] / "examples"
+from hyperlora_jax.embedded import DEFAULT_MODEL, EMBEDDED_D2L, EMBEDDED_T2L, EXAMPLES
 
 
 def load_questions(path: Path) -> list[dict]:
@@ -40,7 +37,7 @@ def run_demo(
 ) -> list[dict]:
     from hyperlora_jax.eval.baselines import full_context_prompt
     from hyperlora_jax.eval.qa import QA_INSTRUCTION, adapter_bytes, kv_cache_bytes
-    from hyperlora_jax.hypernet.doc_to_lora import DocToLoRA
+    from hyperlora_jax.hypernet.d2l.api import DocToLoRA
     from hyperlora_jax.models.fetch import fetch_model
 
     t0 = time.perf_counter()
@@ -112,7 +109,7 @@ def run_t2l_demo(
     base + the adapter T2L generates from the description (which is then not in the prompt)."""
     from hyperlora_jax.data.sni import sni_example
     from hyperlora_jax.eval.suite import prompt_and_answer
-    from hyperlora_jax.hypernet.text_to_lora import TextToLoRA
+    from hyperlora_jax.hypernet.t2l.api import TextToLoRA
     from hyperlora_jax.lora.adapter import unstack
     from hyperlora_jax.models import decoding
     from hyperlora_jax.models.fetch import fetch_model

@@ -1,0 +1,66 @@
+"""`hyperlora-jax export-run`: a training run's checkpoint -> the shippable hypernetwork folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from hyperlora_jax.data.feeds import RECON_STATS
+
+
+def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False):
+    """A training run's hypernetwork (newest complete checkpoint, or `step`) -> the shippable
+    checkpoint folder that DocToLoRA / TextToLoRA load (params only, f32 safetensors + config)."""
+    import orbax.checkpoint as ocp
+
+    from hyperlora_jax.errors import CheckpointError
+    from hyperlora_jax.train.trainer import _complete_steps, load_rebuild_info
+
+    info = load_rebuild_info(workdir)
+    root = (Path(workdir) / "checkpoints").absolute()
+    steps = _complete_steps(root)
+    if not steps or (step is not None and step not in steps):
+        raise CheckpointError(f"no complete checkpoint {step or ''} in {root} (have {steps})")
+    step = step if step is not None else steps[0]
+    with ocp.CheckpointManager(root) as mgr:
+        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    params = jax.tree_util.tree_map(np.asarray, restored["state"]["params"])
+    training = {"workdir": str(workdir), "step": step, "config": info.get("config")}
+    if info["kind"] == "d2l":
+        from hyperlora_jax.hypernet.d2l.checkpoint import save_checkpoint
+        from hyperlora_jax.hypernet.d2l.model import D2LConfig
+
+        cfg = D2LConfig.from_json(info["hypernet_config"])
+        return save_checkpoint(
+            out,
+            params,
+            cfg,
+            base_model=info.get("base_model"),
+            extra={"training": training},
+            overwrite=overwrite,
+        )
+    from hyperlora_jax.hypernet.t2l.api import save_t2l_checkpoint
+    from hyperlora_jax.hypernet.t2l.model import T2LConfig
+    from hyperlora_jax.lora.storage import load_safetensors
+
+    cfg = T2LConfig.from_json(info["hypernet_config"])
+    if (info.get("config") or {}).get("train", {}).get("objective") == "lora":
+        from hyperlora_jax.lora.adapter import Adapter
+        from hyperlora_jax.lora.storage import save_adapter
+
+        lib = Adapter(params["a"], params["b"], cfg.scale())
+        meta = {
+            "base_model": info.get("base_model"),
+            "tasks": info.get("tasks") or [],
+            "training": training,
+        }
+        return save_adapter(lib, out, meta, overwrite=overwrite)
+    encoder = dict((info.get("config") or {}).get("encoder") or {})
+    meta = {"base_model": info.get("base_model"), "encoder": encoder, "training": training}
+    stats = Path(workdir) / RECON_STATS
+    constants = load_safetensors(stats) if cfg.pred_z_score and stats.is_file() else None
+    if cfg.pred_z_score and constants is None:
+        raise CheckpointError(f"{stats} is missing: a pred_z_score run cannot be un-normalised")
+    return save_t2l_checkpoint(out, cfg, params, constants, meta=meta, overwrite=overwrite)
