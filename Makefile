@@ -1,4 +1,5 @@
-# make demo: run the main job on the embedded default; make test: the whole test suite.
+# make demo: run the main job on the embedded default; make test: the whole test suite;
+# make lint: ruff and the package's import layers (pyproject.toml [tool.importlinter]).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
@@ -20,3 +21,4 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache pyproject.toml

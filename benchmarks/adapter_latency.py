@@ -39,7 +39,7 @@ def make_internalize(hp, base_params, cfg, base_cfg, dtype):
 
     def batched(chunks):
         tokens, mask = dl.pad_chunks(chunks, multiple=32)
-        a, b = dl.chunk_loras(hp, base_params, jnp.asarray(tokens), jnp.asarray(mask), cfg=cfg,
+        a, b = dl.chunk_loras(hp, base_params, jnp.asarray(tokens), jnp.asarray(mask), config=cfg,
                               ctx_config=base_cfg, iterative=False, dtype=dtype)  # fmt: skip
         return dl.compose(a, b, [len(chunks)], cfg.lora_alpha, bias)
 
@@ -48,7 +48,7 @@ def make_internalize(hp, base_params, cfg, base_cfg, dtype):
         for c in chunks:
             tokens, mask = dl.pad_chunks([c], multiple=32)
             parts.append(
-                dl.chunk_loras(hp, base_params, jnp.asarray(tokens), jnp.asarray(mask), cfg=cfg,
+                dl.chunk_loras(hp, base_params, jnp.asarray(tokens), jnp.asarray(mask), config=cfg,
                                ctx_config=base_cfg, iterative=True, dtype=dtype)
             )  # fmt: skip
         a = {m: jnp.concatenate([p[0][m] for p in parts]) for m in parts[0][0]}

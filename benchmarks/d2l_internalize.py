@@ -56,12 +56,15 @@ def child(mode: str, n_tokens: int, chunk_size: int, repeats: int, dtype: str) -
     ids = rng.integers(3, base_cfg.vocab_size, n_tokens).tolist()
     prefix, suffix = [1, 9, 13, 2, 13, 1, 4093, 13], [2, 13, 1, 520, 13]  # ChatML-like affixes
     chunks = split_ctx_ids(ids, chunk_size, prefix, suffix)
-    d2l = DocToLoRA(hyper, cfg, base, base_cfg, dtype=jnp.dtype(dtype))
+    d2l = DocToLoRA(cfg, hyper, base, base_cfg, dtype=jnp.dtype(dtype))
     if mode == "floor":
-        from hyperlora_jax.hypernet.d2l.api import encode_context, pad_chunks
+        from hyperlora_jax.hypernet.d2l.api import pad_chunks
+        from hyperlora_jax.hypernet.d2l.model import context_features
 
         tok, msk = (jnp.asarray(x) for x in pad_chunks(chunks, multiple=d2l.pad_multiple))
-        enc = jax.jit(lambda p, t, m: encode_context(p, base_cfg, cfg, t, m, jnp.dtype(dtype)))
+        enc = jax.jit(
+            lambda p, t, m: context_features(p, base_cfg, cfg, t, m, dtype=jnp.dtype(dtype))
+        )
 
         def run():
             return enc(base, tok, msk)

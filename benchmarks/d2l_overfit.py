@@ -41,7 +41,7 @@ def niah_records(n: int, seed: int, tokenizer) -> list[dict]:
 
 
 def config(args, n_records: int):
-    from hyperlora_jax.cli.train import load_config
+    from hyperlora_jax.train.config_file import load_config
 
     c = load_config("configs/d2l.py:smollm2_embedded", [])
     rows = max(1, math.ceil(min(n_records, args.contexts_per_step) / 8))

@@ -214,7 +214,7 @@ def train_read(rep, tmp: Path, tok, config, parts, tokens: dict, text: dict) -> 
 
 def fact_documents(rep, a, tok, tmp: Path) -> None:
     from hyperlora_jax.data import facts, pipeline, storage, token_shards
-    from hyperlora_jax.eval.qa import QA_INSTRUCTION
+    from hyperlora_jax.data.prompts import QA_INSTRUCTION
 
     rows = facts.training_records(facts.generate_fact_documents(a.facts, "train", 0), 0,
                                   QA_INSTRUCTION, 3)  # fmt: skip
@@ -251,15 +251,12 @@ def main(argv=None) -> int:
 
     # imported here, not at the top: the spawned shard workers re-import this module
     from benchmarks import harness
-    from hyperlora_jax.models.tokenizer import load_tokenizer
+    from hyperlora_jax.models.load import load_base_tokenizer
     from hyperlora_jax.train import build
 
     peaks = harness.measure_peaks(quick=True)
-    if a.tokenizer is None:
-        from hyperlora_jax.models.fetch import fetch_model
-
-        a.tokenizer = str(fetch_model("smollm2-135m-instruct"))
-    tok = load_tokenizer(a.tokenizer)
+    a.tokenizer = a.tokenizer or "smollm2-135m-instruct"
+    tok = load_base_tokenizer(a.tokenizer)
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     rep = harness.Report(
         "data_throughput",

@@ -14,11 +14,11 @@ from hyperlora_jax.errors import ConfigError
 from hyperlora_jax.hypernet.d2l.model import D2LConfig
 from hyperlora_jax.models.chat import split_ctx_ids
 from hyperlora_jax.models.config import ModelConfig, get_preset
+from hyperlora_jax.models.testing import tiny_config
 
-TINY_BASE = ModelConfig(
-    family="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-    num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
-)  # fmt: skip
+TINY_BASE = tiny_config(
+    vocab_size=256, hidden_size=64, intermediate_size=128, head_dim=16, max_position_embeddings=4096
+)
 BASES = {
     "tiny": lambda: TINY_BASE,
     "smollm2": lambda: get_preset("smollm2-135m-instruct"),

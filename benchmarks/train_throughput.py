@@ -24,6 +24,7 @@ tokens), one 45-token query whose last 5 tokens are the labels. Reports matmul F
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import random
 from pathlib import Path
@@ -33,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness, setups
-from hyperlora_jax.data import packing
+from hyperlora_jax.data import feeds, packing
 from hyperlora_jax.hypernet.d2l.model import init_params as d2l_init
 from hyperlora_jax.models import transformer
+from hyperlora_jax.models.fetch import cache_dir
 from hyperlora_jax.train import build, optim
 from hyperlora_jax.train.d2l_loss import d2l_count, make_d2l_loss
 from hyperlora_jax.train.flops import count_flops, count_flops_by_scope
@@ -95,7 +97,7 @@ def run_step(rep, name, loss_fn, count_fn, params, base_params, batch, tx, token
 
 # ----------------------------------------------------------------------------- D2L NIAH step
 ROOT = Path(__file__).resolve().parents[1]
-SMOLLM2_DIR = Path.home() / ".cache" / "hyperlora_jax" / "models" / "smollm2-135m-instruct"
+SMOLLM2_DIR = cache_dir() / "models" / "smollm2-135m-instruct"  # used if already fetched
 # Where a step's matmul FLOPs run, by the name stack of each matmul (first match wins; the LM
 # head sits inside the student's scope, so it is matched first). Anything else is "rest".
 FLOP_PARTS = (
@@ -124,9 +126,9 @@ def d2l_preset(name: str):
     return mod.get_config(name)
 
 
-def niah_batch(hp, rows: int, vocab: int, *, ctx_tokens=(32, 256), query_len=45, label_len=5,
+def niah_batch(pc, rows: int, vocab: int, *, ctx_tokens=(32, 256), query_len=45, label_len=5,
                max_chunk_len=256, min_chunk_len=25, affix=(8, 6), seed=0):  # fmt: skip
-    """`rows` full packed rows of NIAH-like samples in the row shapes of hp (build.HParams).
+    """`rows` full packed rows of NIAH-like samples in the row shapes of pc (a PackConfig).
 
     Sample: a templated context of ctx_tokens random ids (affix = chat prefix/suffix lengths),
     chunked like NIAH training (official 1-8 chunk distribution, chunks of min..max_chunk_len
@@ -135,8 +137,7 @@ def niah_batch(hp, rows: int, vocab: int, *, ctx_tokens=(32, 256), query_len=45,
     """
     r, nr = random.Random(seed), np.random.default_rng(seed)
     ids = lambda n: nr.integers(3, vocab, n).tolist()  # noqa: E731
-    pc = packing.PackConfig(hp.inp_len, hp.ctx_len, hp.max_contexts, hp.max_chunks, hp.max_qas,
-                            top_k=0)  # fmt: skip
+    pc = dataclasses.replace(pc, top_k=0)
     items: list[dict] = []
     while True:
         for _ in range(16 * rows):
@@ -158,10 +159,10 @@ def niah_batch(hp, rows: int, vocab: int, *, ctx_tokens=(32, 256), query_len=45,
     return batch, sum(len(p) for p in plan[:rows])
 
 
-def run_niah(rep, name, parts, base_params, batch, contexts, peak, repeats):
+def run_niah(rep, name, config, parts, base_params, batch, contexts, peak, repeats):
     """One D2L training step (parts from build.experiment) on `batch`: FLOPs and speed/sample."""
     params = parts.init_params(jax.random.key(1))
-    tx, _ = build.make_tx(parts, params)
+    tx, _ = build.make_tx(config, parts, params)
     state = TrainState.create(params, tx)
     step_fn = make_train_step(parts.loss_fn, tx, parts.count_fn)
     split = flop_parts(count_flops_by_scope(step_fn, state, base_params, batch))
@@ -207,9 +208,10 @@ def d2l_niah(rep, a, peak):
         base_params = transformer.init_params(parts.base_cfg, jax.random.key(0))
         weights = "random base weights"
     rows = a.niah_rows or parts.hp.global_batch
-    batch, contexts = niah_batch(parts.hp, rows, parts.base_cfg.vocab_size, **shapes)
+    pc = feeds.d2l_feed(config, parts).pack
+    batch, contexts = niah_batch(pc, rows, parts.base_cfg.vocab_size, **shapes)
     name = f"d2l_niah[{config.name}, {weights}]"
-    run_niah(rep, name, parts, base_params, batch, contexts, peak, a.repeats)
+    run_niah(rep, name, config, parts, base_params, batch, contexts, peak, a.repeats)
 
 
 def main(argv=None) -> int:

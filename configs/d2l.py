@@ -1,7 +1,8 @@
 """Doc-to-LoRA experiment presets (ml_collections). `get_config("gemma2_2b_qa")` etc.
 
 Official setups (reference/d2l.md §1, §3.4) and CPU-scale ones:
-  gemma2_2b_qa     l2l, 8 latents, 9 blocks (315,237,792 params), stage 1 + stage-2 chunk training
+  gemma2_2b_qa     l2l, 8 latents, 9 blocks (315,237,792 params), stage-1 training
+  gemma2_2b_qa_chunks  its stage 2: chunked contexts, from the stage-1 weights (train.init_from)
   gemma2_2b_niah   early exit (L//4 layers), 208 latents, 8 blocks (309,672,864 params)
   mistral7b_qa     l2l, 9 blocks (574.2M)          qwen3_4b_qa   l2l, 9 blocks (421.0M)
   smollm2_qa       SmolLM2-135M-Instruct, l2l, latent 32, 2 blocks (6.04M params, 24.2 MB f32)
@@ -10,15 +11,23 @@ Official setups (reference/d2l.md §1, §3.4) and CPU-scale ones:
   smollm2_gpu      smollm2_niah at the official NIAH scale on one lent GPU (launch/device/README.md)
   tiny             random 2-layer base, latent 16, 1 block (tests, seconds on a CPU)
 
-Launch (trainer helper consumes `train`):
-  hyperlora-jax train --config configs/d2l.py:smollm2_niah --workdir runs/d2l_niah
-Build the base and hypernetwork configs with
-  base, d2l_cfg = hyperlora_jax.hypernet.d2l.model.configs_from_experiment(cfg)
+Launch:
+  hyperlora-jax train --config configs/d2l.py:smollm2_niah --workdir runs/d2l_niah \
+      --data NIAH_SHARDS --base_model smollm2-135m-instruct
+  hyperlora-jax train --config configs/d2l.py:gemma2_2b_qa_chunks \
+      --config.train.init_from=STAGE1_EXPORT ...   # stage 2 from `export-run` of stage 1
+
+Fields: `kind` ("d2l"), `base_model` (the base model's Hugging Face id: what `hyperlora-jax
+fetch-model`, `--base_model` and exported checkpoints name), `base_preset` (its architecture in
+hyperlora_jax.models.config; None for the inline `base_model_config` of `tiny`), `hypernet`
+(D2LConfig fields) and `train`, read as written by hyperlora_jax/train/build.py, factory.py and
+data/feeds.py. `train.steps`, when set, wins over `train.epochs` (x num_train_samples packs).
 """
 
 from __future__ import annotations
 
 import ml_collections as mlc
+from ml_collections.config_dict import placeholder
 
 from hyperlora_jax.errors import ConfigError
 
@@ -38,8 +47,8 @@ def _hypernet(**kw) -> mlc.ConfigDict:
         per_layer_processing=True,
         use_bias=True,
         ctx_encoder_type="per_layer_activations",
-        early_exit_layer=None,
-        ctx_encoder_last_layer=None,
+        early_exit_layer=placeholder(int),
+        ctx_encoder_last_layer=placeholder(int),
         scaler_b_init=0.0,  # official; see D2LConfig.scaler_b_init
     )
     h.update(kw)
@@ -51,18 +60,14 @@ NUM_CHUNK_PROBS = {"1": 0.5, "2": 0.125, **{str(k): 0.0625 for k in range(3, 9)}
 
 
 def _train(**kw) -> mlc.ConfigDict:
-    """Main stage-1 (80k steps) hyperparameters; presets override per §3.4."""
+    """Main stage-1 (80k steps) hyperparameters; presets override per §3.4. AdamW with
+    b1 0.9, b2 0.999, eps 1e-8 (official, optax defaults)."""
     t = dict(
         steps=80_000,
-        epochs=None,  # NIAH: 1 epoch instead of a step count
         learning_rate=4e-5,
-        schedule="cosine_with_min_lr",
+        schedule="cosine",  # official cosine_with_min_lr
         min_learning_rate=1e-7,
         warmup_steps=100,
-        optimizer="adamw",
-        adam_b1=0.9,
-        adam_b2=0.999,
-        adam_eps=1e-8,
         weight_decay=0.01,
         # Excluded from weight decay (name match): scalers, biases, norms, latents.
         no_decay=("scaler", "bias", "layernorm", "ln_", "latents_q"),
@@ -71,19 +76,28 @@ def _train(**kw) -> mlc.ConfigDict:
         global_packs_per_step=64,  # 8 GPUs x 8 accumulation x 1 pack
         max_packed_inp_len=4096,
         max_packed_ctx_len=4096,
+        max_contexts_per_pack=16,
+        max_chunks_per_pack=16,
+        max_qas_per_pack=64,
         max_qas_len=2048,
         max_qas_per_sample=1,
-        loss="kl_top16",  # "kl_top16" (context distillation) or "ce" (NIAH)
-        top_k_teacher=16,
+        max_label_len=0,  # > 0: the LM head only at this many label positions per row
+        loss="kl_top16",  # "kl_top16" (distillation on 16 teacher log-probs) or "ce" (NIAH)
         l1_coef=0.1,
-        per_ctx_average_loss=True,
         neftune_alpha=5.0,
-        # Chunking during training: -1 = the context model's max_position_embeddings.
+        # Chunking during training: <= 0 = one chunk per context (up to max_packed_ctx_len).
         max_ctx_chunk_len=-1,
-        min_ctx_chunk_len=None,
+        min_ctx_chunk_len=placeholder(int),
         num_chunk_probs=None,
         compute_dtype="bfloat16",
+        remat_policy="",  # "" = none; see d2l_loss.make_d2l_loss
         seed=42,
+        init_from="",  # an exported checkpoint: its params, fresh optimizer (stage 2)
+        mesh=mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),  # --mesh overrides
+        log_every=1,
+        save_every=1000,
+        max_to_keep=3,
+        max_bad_steps=10,
         time_budget_s=0.0,  # wall-clock seconds for a run, 0 = none (trainer.TrainOptions)
         lr_time_decay=False,  # cosine-decay the lr over time_budget_s instead of over steps
     )
@@ -92,7 +106,7 @@ def _train(**kw) -> mlc.ConfigDict:
 
 
 def _stage2(**kw) -> mlc.ConfigDict:
-    """Stage-2 chunk training (initialised from the stage-1 checkpoint)."""
+    """Stage-2 chunk training (initialised from the stage-1 checkpoint: train.init_from)."""
     return _train(
         steps=20_000,
         learning_rate=2e-5,
@@ -111,7 +125,7 @@ def _stage2(**kw) -> mlc.ConfigDict:
 
 def _niah_train(**kw) -> mlc.ConfigDict:
     t = dict(
-        steps=None,
+        steps=placeholder(int),
         epochs=1,
         num_train_samples=640_000,
         grad_accum_steps=16,
@@ -122,75 +136,57 @@ def _niah_train(**kw) -> mlc.ConfigDict:
         max_ctx_chunk_len=512,
         min_ctx_chunk_len=25,
         num_chunk_probs=NUM_CHUNK_PROBS,
-        token_bins=((32, 128), (128, 256)),
     )
     t.update(kw)
     return _train(**t)
 
 
-def _base(name: str, preset: str, hf_id: str, hypernet: mlc.ConfigDict, train, **kw):
+def _base(name: str, preset, hf_id, hypernet: mlc.ConfigDict, train) -> mlc.ConfigDict:
     c = mlc.ConfigDict()
+    c.kind = "d2l"
     c.name = name
     c.base_model = hf_id
     c.base_preset = preset
-    c.ctx_encoder_model = None  # None = the base model itself
-    c.quantize_ctx_encoder = False  # official QA training used an NF4 encoder (not reproduced)
     c.hypernet = hypernet
     c.train = train
-    c.eval = mlc.ConfigDict(
-        dict(max_ctx_chunk_len=8192, max_new_tokens=256, iterative=False, batch_size=1)
-    )
-    c.compute_dtype = "bfloat16"
-    for k, v in kw.items():
-        setattr(c, k, v)
     return c
 
 
 def gemma2_2b_qa() -> mlc.ConfigDict:
-    c = _base("gemma2_2b_qa", "gemma-2-2b-it", "google/gemma-2-2b-it", _hypernet(), _train())
-    c.train_chunk = _stage2()
+    return _base("gemma2_2b_qa", "gemma-2-2b-it", "google/gemma-2-2b-it", _hypernet(), _train())
+
+
+def gemma2_2b_qa_chunks() -> mlc.ConfigDict:
+    c = _base(
+        "gemma2_2b_qa_chunks", "gemma-2-2b-it", "google/gemma-2-2b-it", _hypernet(), _stage2()
+    )
     return c
 
 
 def gemma2_2b_niah() -> mlc.ConfigDict:
+    # eval: contexts chunked at 1024 tokens, batch 4
     h = _hypernet(ctx_encoder_type="early_exit", n_latent_queries=208, num_blocks=8)
-    c = _base(
-        "gemma2_2b_niah",
-        "gemma-2-2b-it",
-        "google/gemma-2-2b-it",
-        h,
-        _niah_train(),
-        compute_dtype="bfloat16",
-    )
-    c.eval.max_ctx_chunk_len = 1024
-    c.eval.batch_size = 4
-    return c
+    return _base("gemma2_2b_niah", "gemma-2-2b-it", "google/gemma-2-2b-it", h, _niah_train())
 
 
 def mistral7b_qa() -> mlc.ConfigDict:
-    c = _base(
+    return _base(
         "mistral7b_qa",
         "mistral-7b-instruct-v0.2",
         "mistralai/Mistral-7B-Instruct-v0.2",
         _hypernet(),
         _train(),
     )
-    c.train_chunk = _stage2()
-    c.eval.max_ctx_chunk_len = 32768
-    return c
 
 
 def qwen3_4b_qa() -> mlc.ConfigDict:
-    c = _base(
+    return _base(
         "qwen3_4b_qa",
         "qwen3-4b-instruct-2507",
         "Qwen/Qwen3-4B-Instruct-2507",
         _hypernet(),
         _train(),
     )
-    c.train_chunk = _stage2()
-    c.eval.max_ctx_chunk_len = 262144
-    return c
 
 
 def _cpu_train(**kw) -> mlc.ConfigDict:
@@ -211,16 +207,13 @@ def _cpu_train(**kw) -> mlc.ConfigDict:
 
 def smollm2_qa() -> mlc.ConfigDict:
     h = _hypernet(latent_size=32, num_blocks=2)
-    c = _base(
+    return _base(
         "smollm2_qa",
         "smollm2-135m-instruct",
         "HuggingFaceTB/SmolLM2-135M-Instruct",
         h,
         _cpu_train(),
-        compute_dtype="float32",
     )
-    c.eval.max_ctx_chunk_len = 1024
-    return c
 
 
 def smollm2_niah() -> mlc.ConfigDict:
@@ -237,18 +230,14 @@ def smollm2_niah() -> mlc.ConfigDict:
         max_ctx_chunk_len=256,
         min_ctx_chunk_len=25,
         num_chunk_probs=NUM_CHUNK_PROBS,
-        token_bins=((32, 128), (128, 256)),
     )
-    c = _base(
+    return _base(
         "smollm2_niah",
         "smollm2-135m-instruct",
         "HuggingFaceTB/SmolLM2-135M-Instruct",
         h,
         t,
-        compute_dtype="float32",
     )
-    c.eval.max_ctx_chunk_len = 256
-    return c
 
 
 def smollm2_embedded() -> mlc.ConfigDict:
@@ -268,7 +257,6 @@ def smollm2_gpu() -> mlc.ConfigDict:
     its learning rate over the clock (`lr_time_decay`). bf16 compute, f32 accumulation."""
     c = smollm2_niah()
     c.name = "smollm2_gpu"
-    c.compute_dtype = "bfloat16"
     c.hypernet.scaler_b_init = 0.1  # not the official 0: see the learning-gate table
     c.train.update(
         dict(
@@ -306,7 +294,6 @@ def tiny() -> mlc.ConfigDict:
             max_packed_ctx_len=64,
             max_qas_len=64,
         ),
-        compute_dtype="float32",
     )
     c.base_model_config = mlc.ConfigDict(
         dict(
@@ -320,7 +307,6 @@ def tiny() -> mlc.ConfigDict:
             head_dim=16,
         )
     )
-    c.eval.max_ctx_chunk_len = 64
     return c
 
 
@@ -328,6 +314,7 @@ PRESETS = {
     f.__name__: f
     for f in (
         gemma2_2b_qa,
+        gemma2_2b_qa_chunks,
         gemma2_2b_niah,
         mistral7b_qa,
         qwen3_4b_qa,

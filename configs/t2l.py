@@ -13,15 +13,24 @@
         --config.train.oracle_library=LIB --data SUITE --base_model DIR  # recon (M head)
     hyperlora-jax train --config configs/t2l.py:tiny             # seconds on CPU, for tests
 
-Fields: `base_model` (a hyperlora_jax.models.config preset name, or "" with `base_model_config`
-holding ModelConfig kwargs), `hypernet` (T2LConfig fields except the per-model sizes, which
-`hypernet_config()` fills from the base model), `lora`, `encoder` (task-encoder spec) and `train`
-(hyperparameters of the official scripts; the trainer reads them).
+Fields: `kind` ("t2l"), `base_model` (the base model's Hugging Face id: what `hyperlora-jax
+fetch-model`, `--base_model` and exported checkpoints name), `base_preset` (its architecture in
+hyperlora_jax.models.config; "" for the inline `base_model_config` ModelConfig kwargs of `tiny`),
+`hypernet` (T2LConfig fields except the per-model sizes, which train/build.py fills from the base
+model), `lora`, `encoder` (task-encoder spec) and `train` (the official scripts'
+hyperparameters, read as written by hyperlora_jax/train/build.py, factory.py and
+data/feeds.py). `train.steps`, when set, wins over `train.epochs` (x n_train_ds //
+n_tasks_per_batch steps). The official sampler is always used: hierarchical, one example per
+task, every sample weighted equally; AdamW b1 0.9, b2 0.999, eps 1e-8 (optax defaults). The
+official lora_dropout (0.05 on the generated LoRA's input) is not applied.
 """
 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+from hyperlora_jax.errors import ConfigError
 
 PRESETS = (
     "mistral7b_sft",
@@ -53,67 +62,88 @@ _MINILM = {
 }
 
 
+def _loop(t: dict, over: dict) -> ml_collections.ConfigDict:
+    """`t` + the loop keys shared by every preset + `over`; a preset that sets `steps` drops the
+    epoch keys (one way to say the run length)."""
+    t = dict(
+        t,
+        steps=placeholder(int),
+        min_learning_rate=0.0,
+        max_grad_norm=1.0,
+        grad_accum_steps=1,
+        compute_dtype="bfloat16",
+        remat_policy="",  # "" = none
+        max_label_len=0,  # > 0: the LM head only at this many label positions per row
+        seed=42,
+        init_from="",  # an exported checkpoint: its params, fresh optimizer
+        mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),  # --mesh overrides
+        log_every=1,
+        save_every=1000,
+        max_to_keep=3,
+        max_bad_steps=10,
+        time_budget_s=0.0,
+        lr_time_decay=False,
+    )
+    t.update(over)
+    if "steps" in over:
+        del t["epochs"], t["n_train_ds"]
+    return ml_collections.ConfigDict(t)
+
+
 def _sft_train(**over) -> ml_collections.ConfigDict:
-    """scripts/train_t2l_*.sh + configs/hyper_lora_decontam_lol_tasks.yaml (reference §2.3-2.4)."""
+    """scripts/train_t2l_*.sh + configs/hyper_lora_decontam_lol_tasks.yaml (reference §2.3-2.4).
+    objective "lora" trains plain LoRAs instead: num_adapters of them (1 = one multi-task LoRA,
+    or one per task of train.tasks)."""
     t = dict(
         objective="sft",
-        lr=2.5e-5,
+        learning_rate=2.5e-5,
         warmup_frac=0.2,
         schedule="linear",  # linear warmup, then linear decay to 0
         epochs=20000,  # x 59 batches per epoch = 1.18M nominal steps
-        weight_decay=1e-2,  # on every hypernetwork parameter
-        adam_b1=0.9,
-        adam_b2=0.999,
-        adam_eps=1e-8,
-        max_grad_norm=1.0,
-        grad_accum_steps=1,
-        n_tasks_per_batch=8,
-        n_points_per_task=1,
-        n_descs_per_ds=128,
         n_train_ds=479,
-        use_hierarchical_sampler=True,
+        weight_decay=1e-2,  # on every hypernetwork parameter
+        n_tasks_per_batch=8,  # x 1 example per task
+        n_descs_per_ds=128,
+        tasks="train",  # the suite's splits.yaml: "train" or "all" (train + held_out)
+        num_adapters=1,
         label_smoothing=0.1,
-        equally_weight_sample=True,
         l2_reg_generated_w=1e-3,
-        neftune_noise_alpha=5.0,
+        neftune_alpha=5.0,
         inp_max_len=512,
-        sft_mode="completion",
-        val_freq=10000,
-        val_batch_size=64,
-        compute_dtype="bfloat16",
-        seed=42,
+        oracle_library="",
     )
-    t.update(over)
-    return ml_collections.ConfigDict(t)
+    return _loop(t, over)
 
 
 def _recon_train(**over) -> ml_collections.ConfigDict:
     """scripts/train_hyper_recon.py README command (reference §2.5)."""
     t = dict(
         objective="recon",
-        lr=1e-3,
+        learning_rate=1e-3,
         warmup_frac=0.1,
         schedule="linear",
         epochs=10000,
-        weight_decay=1e-3,  # hard-coded in recon_trainer
-        adam_b1=0.9,
-        adam_b2=0.999,
-        adam_eps=1e-8,
-        max_grad_norm=1.0,
-        n_tasks_per_batch=4,
-        n_embs_per_sampled_task=1,
-        n_descs_per_ds=128,
         n_train_ds=479,
-        compute_dtype="float32",
-        seed=42,
+        weight_decay=1e-3,  # hard-coded in recon_trainer
+        n_tasks_per_batch=4,  # x 1 embedding per task
+        n_descs_per_ds=128,
+        oracle_library="",  # `export-run` of an oracle LoRA run (smollm2_oracles)
     )
-    t.update(over)
-    return ml_collections.ConfigDict(t)
+    return _loop(t, dict(compute_dtype="float32", **over))
+
+
+# Hugging Face ids of the base presets (hyperlora_jax.models.config names).
+HUB_IDS = {
+    "mistral-7b-instruct-v0.2": "mistralai/Mistral-7B-Instruct-v0.2",
+    "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
+    "gemma-2-2b-it": "google/gemma-2-2b-it",
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 
 
 def _base(
     name: str,
-    base_model: str,
+    base_preset: str,
     latent: int,
     head_in: int,
     train: ml_collections.ConfigDict,
@@ -123,11 +153,12 @@ def _base(
     **hypernet_over,
 ) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.kind = "t2l"
     c.name = name
-    c.base_model = base_model
-    c.base_model_config = ml_collections.ConfigDict()  # inline ModelConfig kwargs when no preset
+    c.base_model = HUB_IDS.get(base_preset, "")
+    c.base_preset = base_preset
     c.lora = ml_collections.ConfigDict(
-        dict(r=8, lora_alpha=16.0, use_rslora=True, lora_dropout=0.05, target_modules=targets)
+        dict(r=8, lora_alpha=16.0, use_rslora=True, target_modules=targets)
     )
     recon = train.objective == "recon"
     hn = dict(
@@ -159,24 +190,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "mistral7b_sft":
         return _base(arg, "mistral-7b-instruct-v0.2", 128, 512, _sft_train())
     if arg == "llama8b_sft":
-        return _base(arg, "llama-3.1-8b-instruct", 512, 2048, _sft_train(val_batch_size=32))
+        return _base(arg, "llama-3.1-8b-instruct", 512, 2048, _sft_train())
     if arg == "gemma2_2b_sft":
-        return _base(arg, "gemma-2-2b-it", 512, 2048, _sft_train(val_batch_size=32))
+        return _base(arg, "gemma-2-2b-it", 512, 2048, _sft_train())
     if arg == "mistral7b_recon":
         return _base(arg, "mistral-7b-instruct-v0.2", 128, 512, _recon_train(), head="M")
     if arg in ("smollm2_sft", "smollm2_oracles", "smollm2_multitask"):
         # CPU scale (issue 10): the suite of `hyperlora-jax data task-suite`, short rows
         # (<= 64 tokens, <= 32 response tokens), lr raised for a few hundred steps.
         train = dict(
-            lr=5e-4,
+            learning_rate=5e-4,
             warmup_frac=0.05,
             steps=600,
             n_tasks_per_batch=8,
             n_descs_per_ds=128,
             inp_max_len=64,
             max_label_len=32,
-            val_freq=200,
-            val_batch_size=8,
             compute_dtype="float32",
             save_every=50,
             log_every=10,
@@ -184,9 +213,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if arg != "smollm2_sft":  # plain LoRA: no description, no hypernetwork penalties
             train.update(
                 objective="lora",
-                lr=1e-3,
+                learning_rate=1e-3,
                 l2_reg_generated_w=0.0,
-                neftune_noise_alpha=0.0,
+                neftune_alpha=0.0,
                 weight_decay=0.0,
             )
         if arg == "smollm2_oracles":  # one LoRA per suite task, held-out ones too (upper bound)
@@ -210,7 +239,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 n_descs_per_ds=128,
                 save_every=100,
                 log_every=10,
-                oracle_library="",
             ),
             head="M",
             encoder=_MINILM,
@@ -233,15 +261,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             32,
             64,
             _sft_train(
-                lr=1e-3,
+                learning_rate=1e-3,
                 warmup_frac=0.1,
                 epochs=2,
                 n_train_ds=4,
                 n_tasks_per_batch=2,
                 n_descs_per_ds=4,
                 inp_max_len=64,
-                val_freq=10,
-                val_batch_size=2,
                 compute_dtype="float32",
             ),
             encoder=_MINILM,
@@ -260,33 +286,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             )
         )
         return c
-    raise ValueError(f"unknown t2l preset {arg!r}; available: {', '.join(PRESETS)}")
-
-
-def model_config(config: ml_collections.ConfigDict):
-    """The base ModelConfig of a preset (named preset, or the inline base_model_config)."""
-    from hyperlora_jax.models.config import ModelConfig, get_preset
-
-    if config.base_model:
-        return get_preset(config.base_model)
-    return ModelConfig(**config.base_model_config.to_dict())
-
-
-def hypernet_config(config: ml_collections.ConfigDict, base=None):
-    """The T2LConfig of a preset: per-module sizes and layer count from the base model."""
-    from hyperlora_jax.hypernet.t2l.model import T2LConfig
-
-    base = base or model_config(config)
-    mods = tuple(config.lora.target_modules)
-    dims = [base.module_dims(m) for m in mods]
-    return T2LConfig(
-        modules=mods,
-        in_features=tuple(d[0] for d in dims),
-        out_features=tuple(d[1] for d in dims),
-        num_layers=base.num_layers,
-        task_emb_size=int(config.encoder.dim),
-        rank=int(config.lora.r),
-        lora_alpha=float(config.lora.lora_alpha),
-        use_rslora=bool(config.lora.use_rslora),
-        **config.hypernet.to_dict(),
-    )
+    raise ConfigError(f"unknown t2l preset {arg!r}; available: {', '.join(PRESETS)}")

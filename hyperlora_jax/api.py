@@ -3,6 +3,9 @@
 from hyperlora_jax.api import DocToLoRA, TextToLoRA, Adapter, save_adapter, export_peft
 """
 
+from pathlib import Path
+
+from hyperlora_jax.convert.official_d2l import read_official
 from hyperlora_jax.hypernet.d2l.api import DocToLoRA
 from hyperlora_jax.hypernet.t2l.api import TextToLoRA
 from hyperlora_jax.lora.adapter import Adapter, concat
@@ -19,5 +22,21 @@ __all__ = [
     "fetch_model",
     "import_peft",
     "load_adapter",
+    "load_d2l",
     "save_adapter",
 ]
+
+
+def load_d2l(path: str | Path, base_model=None, **kw) -> DocToLoRA:
+    """Our D2L checkpoint folder or an official pytorch_model.bin (read in memory, not converted).
+
+    base_model and **kw: as DocToLoRA.from_params; models an official file names are also looked
+    up beside it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return DocToLoRA.from_checkpoint(path, base_model, **kw)
+    config, params, meta = read_official(path)
+    return DocToLoRA.from_params(
+        config, params, meta, base_model, search=[path.parent], where=str(path), **kw
+    )

@@ -19,7 +19,7 @@ from hyperlora_jax.train import sharding as shd  # noqa: E402
 assert shd.maybe_initialize_distributed(f"127.0.0.1:{port}", int(n), int(pid))
 assert jax.process_count() == int(n)
 
-from hyperlora_jax.cli.train import load_config  # noqa: E402
+from hyperlora_jax.train.config_file import load_config  # noqa: E402
 from hyperlora_jax.train.factory import build_trainer  # noqa: E402
 
 cfg = load_config(

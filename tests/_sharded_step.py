@@ -16,24 +16,13 @@ from hyperlora_jax.data import packing  # noqa: E402
 from hyperlora_jax.hypernet.d2l.model import D2LConfig  # noqa: E402
 from hyperlora_jax.hypernet.d2l.model import init_params as d2l_init  # noqa: E402
 from hyperlora_jax.models import transformer  # noqa: E402
-from hyperlora_jax.models.config import ModelConfig  # noqa: E402
+from hyperlora_jax.models.testing import tiny_model  # noqa: E402
 from hyperlora_jax.train import d2l_loss, optim  # noqa: E402
 from hyperlora_jax.train import sharding as shd  # noqa: E402
 from hyperlora_jax.train.trainer import Trainer, TrainOptions  # noqa: E402
 
 assert len(jax.devices()) == 8, jax.devices()
-cfg = ModelConfig(
-    family="llama",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    tie_word_embeddings=True,
-)
-base = transformer.init_params(cfg, jax.random.key(0))
+cfg, base = tiny_model(tie_word_embeddings=True)
 hcfg = D2LConfig.for_base(cfg, latent_size=32, n_latent_queries=4, num_blocks=1, lora_r=4)
 r = random.Random(0)
 

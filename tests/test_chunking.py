@@ -109,7 +109,7 @@ def _rand(shape, seed):
 
 def test_compose_matches_official_combined(fixtures_dir):
     _, _, g = _fixture(fixtures_dir)
-    params, cfg, _ = read_official(fixtures_dir / D2L / "pytorch_model.bin")
+    cfg, params, _ = read_official(fixtures_dir / D2L / "pytorch_model.bin")
     bias = bias_lora(params, cfg)
     np.testing.assert_array_equal(np.asarray(bias[0]["down_proj"]), g["bias_A__down_proj"])
     ad = compose(

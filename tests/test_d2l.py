@@ -32,7 +32,7 @@ D2L = "official/d2l"
 
 @lru_cache(maxsize=1)
 def _official(fixtures_dir):
-    params, cfg, meta = read_official(fixtures_dir / D2L / "pytorch_model.bin")
+    cfg, params, meta = read_official(fixtures_dir / D2L / "pytorch_model.bin")
     return params, cfg, meta, dict(np.load(fixtures_dir / D2L / "golden.npz"))
 
 
@@ -125,7 +125,7 @@ def test_convert_official_roundtrip(fixtures_dir, tmp_path):
     }
     assert meta["ctx_encoder"]["type"] == "per_layer_activations"
     assert meta["num_params"] == 618_672
-    params, cfg, _ = load_checkpoint(out)
+    cfg, params, _ = load_checkpoint(out)
     ref, ref_cfg, _, _ = _official(fixtures_dir)
     assert cfg == ref_cfg
     jax.tree.map(np.testing.assert_array_equal, params, ref)
@@ -163,3 +163,51 @@ def test_convert_rejects_malicious_pickle(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
         convert(src, tmp_path / "out")
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("encoder", ["per_layer_activations", "early_exit"])
+def test_training_and_inference_write_the_same_chunk_loras(encoder):
+    """One D2L forward: the training loss (packed context rows, projection before the chunks are
+    cut out) and DocToLoRA (one padded row per chunk) give the same per-chunk LoRAs and bias.
+    Both run in f32; they differ only in summation order: rtol 1e-5, atol 1e-6."""
+    from hyperlora_jax.data import packing
+    from hyperlora_jax.hypernet.d2l.api import DocToLoRA
+    from hyperlora_jax.hypernet.d2l.model import bias_lora, init_params
+    from hyperlora_jax.models.testing import tiny_model
+    from hyperlora_jax.train.d2l_loss import make_d2l_loss
+
+    cfg, base = tiny_model(num_layers=3)
+    hcfg = D2LConfig.for_base(
+        cfg, latent_size=16, n_latent_queries=4, num_blocks=1, lora_r=2, scaler_b_init=0.5,
+        ctx_encoder_type=encoder, early_exit_layer=2 if encoder == "early_exit" else None,
+    )  # fmt: skip
+    hyper = init_params(hcfg, jax.random.key(1))
+    # the official init has B = bias = 0: give them values so both paths are really compared
+    hyper = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.05 if "bias" in jax.tree_util.keystr(p).lower() else x, hyper
+    )
+    rng = np.random.default_rng(0)
+    tok = lambda n: [int(x) for x in rng.integers(3, cfg.vocab_size, size=n)]  # noqa: E731
+    items = [
+        {"ctx_chunks": [tok(5), tok(3)], "input_ids": [tok(4)], "labels": [[-100, -100, 7, 8]]},
+        {"ctx_chunks": [tok(6)], "input_ids": [tok(5)], "labels": [[-100] * 4 + [5]]},
+    ]
+    pc = packing.PackConfig(
+        max_inp_len=12, max_ctx_len=16, max_contexts=2, max_chunks=4, max_qas=2, top_k=0
+    )
+    row = {k: jnp.asarray(v)[None] for k, v in packing.pack_row(items, pc).items()}
+    loss = make_d2l_loss(hcfg, cfg, objective="ce", max_chunk_len=8)
+    train_ad, _ = jax.jit(loss.adapter_fn)(hyper, base, row)  # [1, C + 1, L, r, d]
+
+    d2l = DocToLoRA(hcfg, hyper, base, cfg)
+    chunks = [c for it in items for c in it["ctx_chunks"]]
+    a, b = d2l.chunk_loras(chunks)  # [N, L, r, d]
+    ba, bb = bias_lora(hyper, hcfg)
+    n = len(chunks)
+    assert list(np.asarray(row["chunk_context"][0, :n])) == [0, 0, 1]
+    for m in hcfg.target_modules:
+        for got, want, bias in ((train_ad.a[m], a[m], ba[m]), (train_ad.b[m], b[m], bb[m])):
+            np.testing.assert_allclose(got[0, :n], want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(got[0, -1], bias, rtol=1e-5, atol=1e-6)
+    m = hcfg.target_modules[0]
+    assert np.abs(np.asarray(b[m])).max() > 0 and np.abs(np.asarray(bb[m])).max() > 0

@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hyperlora_jax.api import load_d2l
 from hyperlora_jax.cli import main as cli_main
 from hyperlora_jax.convert.official_d2l import convert
 from hyperlora_jax.errors import CheckpointError, InputError
-from hyperlora_jax.hypernet.d2l.api import DocToLoRA, encode_context, pad_chunks
+from hyperlora_jax.hypernet.d2l.api import DocToLoRA, pad_chunks
 from hyperlora_jax.hypernet.d2l.checkpoint import load_checkpoint
-from hyperlora_jax.hypernet.d2l.model import generate_chunk_loras, init_params
+from hyperlora_jax.hypernet.d2l.model import context_features, generate_chunk_loras, init_params
 from hyperlora_jax.lora.adapter import Adapter
 from hyperlora_jax.lora.storage import load_adapter
 
@@ -26,7 +27,7 @@ D2L = "official/d2l"
 
 @pytest.fixture(scope="module")
 def setup(fixtures_dir):
-    d2l = DocToLoRA.from_checkpoint(fixtures_dir / D2L / "pytorch_model.bin")
+    d2l = load_d2l(fixtures_dir / D2L / "pytorch_model.bin")
     meta = json.loads((fixtures_dir / D2L / "meta.json").read_text())
     return d2l, meta, dict(np.load(fixtures_dir / D2L / "golden.npz"))
 
@@ -39,8 +40,8 @@ def test_end_to_end_matches_official(setup):
     flat = [c for cs in chunks for c in cs]
     tokens, mask = pad_chunks(flat)
     np.testing.assert_array_equal(tokens, g["ctx_ids"])
-    feats = encode_context(
-        d2l.ctx_params, d2l.ctx_config, d2l.cfg, jnp.asarray(tokens), jnp.asarray(mask)
+    feats = context_features(
+        d2l.ctx_params, d2l.ctx_config, d2l.config, jnp.asarray(tokens), jnp.asarray(mask)
     )
     np.testing.assert_allclose(np.asarray(feats), g["ctx_features"], rtol=1e-4, atol=1e-4)
 
@@ -99,16 +100,16 @@ def test_converted_checkpoint_gives_same_adapter(setup, fixtures_dir, tmp_path):
         np.asarray(both.a["down_proj"][:, 8:]), np.asarray(x.a["down_proj"][1])
     )
     saved = ours.save(tmp_path / "saved")
-    params, cfg, meta2 = load_checkpoint(saved)
-    assert cfg == d2l.cfg and meta2["base_model"] == "tiny-gemma2"
+    cfg, params, meta2 = load_checkpoint(saved)
+    assert cfg == d2l.config and meta2["base_model"] == "tiny-gemma2"
     jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, d2l.params))
 
 
 def test_official_init_equals_base_model(setup):
     """scaler_B = bias_B = 0 at init: the adapted model is exactly the base model."""
     d2l, meta, g = setup
-    params = jax.jit(init_params, static_argnums=0)(d2l.cfg, jax.random.key(0))
-    fresh = DocToLoRA(params, d2l.cfg, d2l.base_params, d2l.base_config, d2l.tokenizer)
+    params = jax.jit(init_params, static_argnums=0)(d2l.config, jax.random.key(0))
+    fresh = DocToLoRA(d2l.config, params, d2l.base_params, d2l.base_config, d2l.tokenizer)
     ad = fresh.internalize(meta["docs"], 60)
     assert ad.rank == 4 * 8 and np.asarray(ad.a["down_proj"]).any()
     assert not np.asarray(ad.b["down_proj"]).any()
@@ -122,14 +123,16 @@ def test_wrong_base_model_is_refused(setup, fixtures_dir):
 
     other = dataclasses.replace(d2l.base_config, num_layers=2, layer_types=())
     with pytest.raises(CheckpointError, match="trained for a base model"):
-        DocToLoRA.from_checkpoint(
-            fixtures_dir / D2L / "pytorch_model.bin", base_model=(other, d2l.base_params)
-        )
+        load_d2l(fixtures_dir / D2L / "pytorch_model.bin", base_model=(other, d2l.base_params))
     wider = dataclasses.replace(d2l.base_config, intermediate_size=256)
     with pytest.raises(CheckpointError, match="trained for a base model"):
-        DocToLoRA.from_checkpoint(
-            fixtures_dir / D2L / "pytorch_model.bin", base_model=(wider, d2l.base_params)
-        )
+        load_d2l(fixtures_dir / D2L / "pytorch_model.bin", base_model=(wider, d2l.base_params))
+
+
+def test_official_file_loads_through_the_facade_only(fixtures_dir):
+    """hypernet/ never imports convert/: DocToLoRA reads our folders, load_d2l also .bin files."""
+    with pytest.raises(CheckpointError, match="convert official-d2l.*load_d2l"):
+        DocToLoRA.from_checkpoint(fixtures_dir / D2L / "pytorch_model.bin")
 
 
 def test_cli_internalize(setup, fixtures_dir, tmp_path):
@@ -200,11 +203,11 @@ def test_early_exit_encoder(setup):
     import dataclasses
 
     d2l, meta, g = setup
-    ee = dataclasses.replace(d2l.cfg, ctx_encoder_type="early_exit", early_exit_layer=1)
-    l2l = dataclasses.replace(d2l.cfg, num_layers=2, ctx_encoder_last_layer=2)
+    ee = dataclasses.replace(d2l.config, ctx_encoder_type="early_exit", early_exit_layer=1)
+    l2l = dataclasses.replace(d2l.config, num_layers=2, ctx_encoder_last_layer=2)
     tokens, mask = jnp.asarray(g["ctx_ids"]), jnp.asarray(g["ctx_attn_mask"]).astype(bool)
-    f_ee = encode_context(d2l.ctx_params, d2l.ctx_config, ee, tokens, mask)
-    f_l2l = encode_context(d2l.ctx_params, d2l.ctx_config, l2l, tokens, mask)
+    f_ee = context_features(d2l.ctx_params, d2l.ctx_config, ee, tokens, mask)
+    f_l2l = context_features(d2l.ctx_params, d2l.ctx_config, l2l, tokens, mask)
     assert f_ee.shape == (4, 65, 64) and f_l2l.shape == (4, 2, 65, 64)
     np.testing.assert_array_equal(np.asarray(f_ee), np.asarray(f_l2l[:, -1]))
     np.testing.assert_array_equal(np.asarray(f_l2l[:, 0]), np.asarray(g["ctx_features"][:, 0]))

@@ -13,28 +13,18 @@ import pytest
 
 from hyperlora_jax.data import packing
 from hyperlora_jax.errors import InputError
-from hyperlora_jax.hypernet.d2l.api import encoder_layers
-from hyperlora_jax.hypernet.d2l.model import D2LConfig, HyperLoRA, bias_lora
+from hyperlora_jax.hypernet.d2l.model import D2LConfig, HyperLoRA, bias_lora, encoder_layers
 from hyperlora_jax.hypernet.d2l.model import init_params as d2l_init
 from hyperlora_jax.lora.adapter import Adapter
 from hyperlora_jax.models import transformer
-from hyperlora_jax.models.config import ModelConfig
+from hyperlora_jax.models.testing import tiny_config
 from hyperlora_jax.train import d2l_loss, losses
 from hyperlora_jax.train.flops import count_flops_by_scope
 
 CHUNK_LEN = 8  # chunk row length (longest chunk: 6 tokens)
 LABEL_BUDGET = 6  # most label tokens in a row of _batch()
 K = 4  # teacher top-k
-CFG = ModelConfig(
-    family="llama",
-    vocab_size=64,
-    hidden_size=16,
-    intermediate_size=32,
-    num_layers=2,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=8,
-)
+CFG = tiny_config(hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1)
 
 
 def reference_loss(hyper, base, batch, *, hcfg, objective, l1_coef):

@@ -11,21 +11,11 @@ import pytest
 from hyperlora_jax.data import packing
 from hyperlora_jax.lora.adapter import Adapter
 from hyperlora_jax.models import chat
-from hyperlora_jax.models.config import ModelConfig
+from hyperlora_jax.models.testing import tiny_config
 from hyperlora_jax.models.transformer import forward, init_params
 from hyperlora_jax.train import losses
 
-CFG = ModelConfig(
-    family="llama",
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    max_position_embeddings=256,
-)
+CFG = tiny_config(vocab_size=97, intermediate_size=48, max_position_embeddings=256)
 PACK = packing.PackConfig(
     max_inp_len=96, max_ctx_len=64, max_contexts=4, max_chunks=8, max_qas=8, top_k=4
 )

@@ -15,8 +15,8 @@ from transformers import AutoTokenizer
 from hyperlora_jax.cli import main
 from hyperlora_jax.data import facts, feeds, niah, niah_tokens, packing, pipeline, selfgen, storage
 from hyperlora_jax.data import token_shards as ts
+from hyperlora_jax.data.prompts import QA_INSTRUCTION
 from hyperlora_jax.errors import ConfigError, InputError
-from hyperlora_jax.eval.qa import QA_INSTRUCTION
 from hyperlora_jax.models import chat
 
 ROOT = Path(__file__).resolve().parents[1]

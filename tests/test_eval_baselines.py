@@ -4,17 +4,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_models import tiny_llama
 
+from hyperlora_jax.data.prompts import QA_PROMPT_TEMPLATE
 from hyperlora_jax.eval import baselines as B
 from hyperlora_jax.models import transformer
+from hyperlora_jax.models.testing import tiny_config
 
-TINY = tiny_llama(64, max_position_embeddings=256)
+TINY = tiny_config(max_position_embeddings=256)
 
 
 def test_prompt_builders_and_truncation():
     assert B.full_context_prompt("DOC", "Q?") == "DOC\n\nQ?"
-    p = B.QA_PROMPT_TEMPLATE.format(context="DOC", question="Q?")
+    p = QA_PROMPT_TEMPLATE.format(context="DOC", question="Q?")
     assert p.startswith("# Provided Information\nDOC\n\n---\n\n# System Instruction\n")
     assert p.endswith("# User Input\nQ?")
     assert B.middle_truncate(list(range(10)), 4) == [0, 1, 8, 9]

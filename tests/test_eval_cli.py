@@ -98,3 +98,13 @@ def test_eval_cli_errors_are_clear(tmp_path, capsys):
         args.func(args)
     rc = main(["eval", "t2l", "--base", "x", "--task", "mmlu=x.jsonl", "--out", str(tmp_path)])
     assert rc == 2 and "unknown T2L benchmark 'mmlu'" in capsys.readouterr().err
+    rc = main(["eval", "t2l", "--base", "x", "--task", "boolq", "--out", str(tmp_path)])
+    assert rc == 2 and "--task 'boolq': write NAME=VALUE" in capsys.readouterr().err
+    rc = main(["eval", "t2l", "--base", "x", "--modes", "base,oops", "--out", str(tmp_path)])
+    assert rc == 2 and "unknown mode(s) ['oops']" in capsys.readouterr().err
+    data = tmp_path / "boolq.jsonl"
+    data.write_text(json.dumps({"passage": "p", "question": "q", "answer": True}) + "\n")
+    rc = main(["eval", "t2l", "--base", str(tmp_path / "no-model"), "--modes", "base",
+               "--task", f"boolq={data}", "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "no-model" in err and "smollm2-135m-instruct" in err, err

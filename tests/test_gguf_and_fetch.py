@@ -12,6 +12,7 @@ import os
 import shutil
 
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from hyperlora_jax.errors import CheckpointError, ConfigError
 from hyperlora_jax.models import fetch as fetch_mod
 from hyperlora_jax.models.gguf import gguf_state_dict, hf_config_from_gguf, read_gguf
 from hyperlora_jax.models.hf import config_from_hf, load_hf_model
+from hyperlora_jax.models.load import load_base, load_base_tokenizer
 from hyperlora_jax.models.transformer import forward
 
 VOCAB = 262  # 256 byte-level tokens + 2 merges + 4 specials
@@ -210,6 +212,10 @@ def test_fetch_local_gguf_matches_transformers(tiny_gguf, tmp_path, monkeypatch,
     assert fetch_mod.fetch_model(str(folder)) == folder  # a ready folder is used as is
 
     cfg, params = load_hf_model(folder)
+    base = load_base(path)  # the .gguf again: the cached folder, same weights
+    assert base.path == folder and base.config == cfg
+    for a, b in zip(jax.tree.leaves(base.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
     ref = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     ).eval()
@@ -222,6 +228,11 @@ def test_fetch_local_gguf_matches_transformers(tiny_gguf, tmp_path, monkeypatch,
     if family != "llama":  # the tiny GGUF's byte-level BPE vocab is a llama (SmolLM2) style one
         return
     tok = load_tokenizer(folder)
+    tok_only = tmp_path / "tok_only"  # load_base_tokenizer needs no weights
+    tok_only.mkdir()
+    for f in folder.glob("tokenizer*"):
+        shutil.copy(f, tok_only / f.name)
+    assert load_base_tokenizer(tok_only)("hi there")["input_ids"] == tok("hi there")["input_ids"]
     ref_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     text = "hello there, the end"
     assert tok(text)["input_ids"] == ref_tok(text)["input_ids"]
@@ -284,6 +295,10 @@ def test_fetch_errors(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="neither a model folder"):
         fetch_mod.fetch_model(str(tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match="neither a model folder.*save_pretrained"):
+        load_base(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="unknown model './nope'.*a model folder"):
+        load_base_tokenizer("./nope")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="needs internet"):
         fetch_mod.fetch_model("someorg/some-model-that-is-not-cached")

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from hyperlora_jax.errors import ConfigError
-from hyperlora_jax.models.config import PRESETS, ModelConfig, get_preset
+from hyperlora_jax.models.config import FAMILIES, PRESETS, ModelConfig, get_preset
 from hyperlora_jax.models.hf import config_from_hf
-from hyperlora_jax.models.transformer import init_params
+from hyperlora_jax.models.testing import tiny_model
+from hyperlora_jax.models.transformer import forward, init_params
 
 # Architecture fields of the published config.json files (huggingface.co/<org>/<name>).
 _LT = [("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(18)]
@@ -242,3 +243,11 @@ def test_json_round_trip_and_layer_helpers():
     g3 = get_preset("gemma-3-4b-it")
     assert sum(g3.sliding_layers) == 34 - 5 and g3.sliding_layers[5] is False
     assert get_preset("mistral-7b-instruct-v0.2").sliding_layers == (False,) * 32
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_model_of_every_family_runs(family):
+    cfg, params = tiny_model(family=family, num_layers=2)
+    logits = forward(params, cfg, np.ones((1, 6), np.int32)).logits
+    assert cfg.family == family and logits.shape == (1, 6, cfg.vocab_size)
+    assert bool(np.isfinite(np.asarray(logits)).all())

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from tiny_models import FAMILIES, SLIDING_WINDOW, make_tiny_hf, to_jax
+from tiny_models import SLIDING_WINDOW, make_tiny_hf, to_jax
 
 from hyperlora_jax.errors import InputError
 from hyperlora_jax.lora.adapter import Adapter
+from hyperlora_jax.models.config import FAMILIES
 from hyperlora_jax.models.transformer import forward_jit as forward
 from hyperlora_jax.models.transformer import init_cache
 

@@ -21,7 +21,7 @@ D2L = "official/d2l"
 
 @lru_cache(maxsize=1)
 def _official(fixtures_dir):
-    params, cfg, _ = read_official(fixtures_dir / D2L / "pytorch_model.bin")
+    cfg, params, _ = read_official(fixtures_dir / D2L / "pytorch_model.bin")
     golden = dict(np.load(fixtures_dir / D2L / "golden.npz"))
     return params, cfg, golden
 

@@ -149,7 +149,8 @@ def test_descriptions_through_minilm_checkpoint(tmp_path):
     import importlib.util
 
     from hyperlora_jax.errors import InputError
-    from hyperlora_jax.hypernet.t2l.api import TextToLoRA, save_t2l_checkpoint
+    from hyperlora_jax.hypernet.t2l.api import TextToLoRA
+    from hyperlora_jax.hypernet.t2l.checkpoint import save_checkpoint
     from hyperlora_jax.hypernet.t2l.model import T2LConfig, init_params
     from hyperlora_jax.hypernet.t2l.task_encoder import BertSentenceEncoder, add_full_stop
 
@@ -174,7 +175,7 @@ def test_descriptions_through_minilm_checkpoint(tmp_path):
         "format": "add_full_stop",
         "dim": 384,
     }
-    save_t2l_checkpoint(
+    save_checkpoint(
         tmp_path / "ck", cfg, params, meta={"base_model": "tiny-mistral", "encoder": enc_spec}
     )
     t2l = TextToLoRA.from_checkpoint(tmp_path / "ck")
@@ -190,4 +191,4 @@ def test_descriptions_through_minilm_checkpoint(tmp_path):
         np.testing.assert_allclose(ad.b[m], ref.b[m], rtol=1e-6, atol=1e-6)
     assert not np.allclose(ad.b["q_proj"][0], ad.b["q_proj"][1])  # depends on the description
     with pytest.raises(InputError, match="not empty"):
-        save_t2l_checkpoint(tmp_path / "ck", cfg, params)
+        save_checkpoint(tmp_path / "ck", cfg, params)

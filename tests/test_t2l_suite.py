@@ -13,11 +13,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import tiny_llama  # noqa: E402
-
 from hyperlora_jax.hypernet.t2l.model import T2LConfig  # noqa: E402
 from hyperlora_jax.hypernet.t2l.model import init_params as t2l_init  # noqa: E402
 from hyperlora_jax.models import transformer  # noqa: E402
+from hyperlora_jax.models.testing import tiny_config  # noqa: E402
 from hyperlora_jax.train import (
     build,  # noqa: E402
     t2l_loss,  # noqa: E402
@@ -28,7 +27,7 @@ E = 16
 
 
 def _setup(vocab=40):
-    cfg = tiny_llama(vocab)
+    cfg = tiny_config(vocab_size=vocab)
     tcfg = T2LConfig(
         modules=("q_proj", "v_proj"),
         in_features=(32, 32),

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import make_tiny_hf, tiny_llama  # noqa: E402
+from tiny_models import make_tiny_hf  # noqa: E402
 
 from hyperlora_jax.cli import main  # noqa: E402
+from hyperlora_jax.models.testing import tiny_config  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 
@@ -132,13 +133,13 @@ def test_init_from_returns_the_exported_params(tmp_path):
     from hyperlora_jax.errors import CheckpointError
     from hyperlora_jax.hypernet.d2l.checkpoint import save_checkpoint
     from hyperlora_jax.hypernet.d2l.model import D2LConfig, init_params
-    from hyperlora_jax.train.factory import _params_from_checkpoint
+    from hyperlora_jax.train.build import _params_from_checkpoint
 
-    base = tiny_llama(64)
+    base = tiny_config()
     cfg = D2LConfig.for_base(base, latent_size=16, n_latent_queries=4, num_blocks=1, lora_r=2)
     fresh = lambda k: init_params(cfg, k)  # noqa: E731
     want = fresh(jax.random.key(1))  # what was exported, not a re-read through the same loader
-    save_checkpoint(tmp_path / "ckpt", want, cfg, base_model=None)
+    save_checkpoint(tmp_path / "ckpt", cfg, want)
     got = _params_from_checkpoint(str(tmp_path / "ckpt"), "d2l", fresh)(jax.random.key(2))
     assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):

@@ -4,9 +4,9 @@ body once), and a tiny transformer forward equal to the hand count of its matmul
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tiny_models import tiny_llama
 
 from hyperlora_jax.models import transformer
+from hyperlora_jax.models.testing import tiny_config
 from hyperlora_jax.train.flops import count_flops
 
 
@@ -22,7 +22,7 @@ def test_scan_body_counts_length_times_and_cond_its_larger_branch():
 
 
 def test_transformer_forward_equals_hand_count():
-    cfg = tiny_llama(64, num_layers=3)
+    cfg = tiny_config(num_layers=3)
     params = jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))
     b, t = 2, 12
     tokens = jax.ShapeDtypeStruct((b, t), jnp.int32)

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_models import tiny_llama
 
 from hyperlora_jax.data import packing, pipeline
 from hyperlora_jax.hypernet.d2l.model import D2LConfig
@@ -21,6 +20,7 @@ from hyperlora_jax.hypernet.d2l.model import init_params as d2l_init
 from hyperlora_jax.hypernet.t2l.model import T2LConfig, generate_adapter
 from hyperlora_jax.hypernet.t2l.model import init_params as t2l_init
 from hyperlora_jax.models import transformer
+from hyperlora_jax.models.testing import tiny_model
 from hyperlora_jax.train import d2l_loss, optim, t2l_loss
 from hyperlora_jax.train.trainer import Trainer, TrainOptions
 
@@ -28,8 +28,7 @@ BOS, SEP, ANS = 1, 2, 3
 
 
 def _base(vocab):
-    cfg = tiny_llama(vocab, tie_word_embeddings=True)
-    return cfg, transformer.init_params(cfg, jax.random.key(0))
+    return tiny_model(vocab_size=vocab, tie_word_embeddings=True)
 
 
 @pytest.mark.slow

@@ -23,19 +23,10 @@ def test_packed_d2l_student_equals_inference_composition():
     from hyperlora_jax.hypernet.d2l.model import D2LConfig, bias_lora
     from hyperlora_jax.hypernet.d2l.model import init_params as d2l_init
     from hyperlora_jax.models import transformer
-    from hyperlora_jax.models.config import ModelConfig
+    from hyperlora_jax.models.testing import tiny_model
 
-    cfg = ModelConfig(
-        family="llama",
-        vocab_size=48,
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=8,
-    )
-    base = transformer.init_params(cfg, jax.random.key(0))
+    small = dict(hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1)
+    cfg, base = tiny_model(vocab_size=48, **small)
     hcfg = D2LConfig.for_base(
         cfg,
         latent_size=16,
@@ -78,7 +69,7 @@ def test_packed_d2l_student_equals_inference_composition():
     t = 0
     for it in items:
         toks, mask = pad_chunks(it["ctx_chunks"])
-        a, b = chunk_loras(hyper, base, toks, mask, cfg=hcfg, ctx_config=cfg)
+        a, b = chunk_loras(hyper, base, toks, mask, config=hcfg, ctx_config=cfg)
         ad = compose(a, b, [len(it["ctx_chunks"])], hcfg.lora_alpha, bias=bias_lora(hyper, hcfg))
         for ids in it["input_ids"]:
             want = forward(jnp.asarray([ids]), adapter=ad)
@@ -141,19 +132,10 @@ def test_grad_accumulation_equals_one_batch_and_base_is_frozen():
 @pytest.mark.slow
 def test_online_teacher_matches_stored_topk():
     from hyperlora_jax.models import transformer
-    from hyperlora_jax.models.config import ModelConfig
+    from hyperlora_jax.models.testing import tiny_model
 
-    cfg = ModelConfig(
-        family="llama",
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=8,
-    )
-    base = transformer.init_params(cfg, jax.random.key(0))
+    small = dict(hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1)
+    cfg, base = tiny_model(vocab_size=40, num_layers=1, **small)
     tok = jnp.asarray(RNG.integers(0, 40, size=(2, 6)), jnp.int32)
     seg = jnp.ones_like(tok)
     logp = jax.nn.log_softmax(transformer.forward(base, cfg, tok, segment_ids=seg).logits, -1)

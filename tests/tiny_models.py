@@ -2,7 +2,7 @@
 
 make_tiny_hf(family) -> (torch model in eval mode, HF config); to_jax(model, dir) saves it with
 save_pretrained and loads it back with our loader, so every test also exercises hf.py.
-tiny_llama(vocab) is the small JAX-only base model of the training and evaluation tests.
+JAX-only tiny models: hyperlora_jax.models.testing.
 """
 
 from __future__ import annotations
@@ -12,9 +12,6 @@ from pathlib import Path
 import torch
 import transformers
 
-from hyperlora_jax.models.config import ModelConfig
-
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 SLIDING_WINDOW = 4  # smaller than the test sequences, so windows matter
 
 _BASE = dict(
@@ -115,9 +112,3 @@ def to_jax(model, folder: str | Path, dtype=None):
 
     model.save_pretrained(str(folder))
     return load_hf_model(folder, dtype=dtype)
-
-
-def tiny_llama(vocab_size: int, **overrides) -> ModelConfig:
-    """A 2-layer GQA Llama config (hidden 32) for tests that only need some small base model."""
-    dims = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
-    return ModelConfig(family="llama", vocab_size=vocab_size, head_dim=8, **{**dims, **overrides})

@@ -39,4 +39,3 @@ def main(argv: list[str] | None = None) -> int:
     except HyperLoraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-

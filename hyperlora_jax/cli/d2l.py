@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hyperlora_jax.cli.common import MODEL_HELP
 from hyperlora_jax.errors import InputError
 
 
@@ -21,8 +22,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--base-model",
         default=None,
-        help="HF save_pretrained folder of the base model (default: the one the "
-        "checkpoint names, if it is a local folder)",
+        help=MODEL_HELP + " (default: the one the checkpoint names)",
     )
     p.add_argument(
         "--doc",
@@ -47,7 +47,7 @@ def register(subparsers) -> None:
 
 
 def _internalize(args) -> int:
-    from hyperlora_jax.hypernet.d2l.api import DocToLoRA
+    from hyperlora_jax.api import load_d2l
     from hyperlora_jax.lora.storage import save_adapter
 
     texts = []
@@ -64,7 +64,7 @@ def _internalize(args) -> int:
     from hyperlora_jax.embedded import EMBEDDED_D2L
 
     args.hypernet = args.hypernet or str(EMBEDDED_D2L)
-    d2l = DocToLoRA.from_checkpoint(args.hypernet, base_model=args.base_model)
+    d2l = load_d2l(args.hypernet, base_model=args.base_model)
     adapter = d2l.internalize(
         texts[0] if len(texts) == 1 else texts, args.chunk_size, iterative=args.iterative
     )

@@ -9,6 +9,7 @@ import logging
 import time
 from pathlib import Path
 
+from hyperlora_jax.cli.common import MODEL_HELP
 from hyperlora_jax.errors import ConfigError, InputError
 
 
@@ -71,7 +72,7 @@ def register(subparsers) -> None:
     np_.set_defaults(func=_niah_pieces)
 
     s = sub.add_parser("selfgen", help="self-generated QA distillation data (teacher top-k)")
-    s.add_argument("--model", required=True, help="base (teacher) model folder or known name")
+    s.add_argument("--model", required=True, help="base (teacher) model: " + MODEL_HELP)
     s.add_argument(
         "--docs",
         nargs="+",
@@ -174,18 +175,9 @@ def _check_token_flags(args: argparse.Namespace, names: tuple[str, ...]) -> None
             raise ConfigError(f"--{', --'.join(given)}: only with --format tokens")
 
 
-def _tokenizer(name: str):
-    from hyperlora_jax.models.fetch import fetch_model
-    from hyperlora_jax.models.tokenizer import load_tokenizer
-
-    p = Path(name)
-    if p.is_dir() and ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
-        return load_tokenizer(p)
-    return load_tokenizer(fetch_model(name))
-
-
 def _niah(args: argparse.Namespace) -> int:
     from hyperlora_jax.data import niah, niah_tokens, storage
+    from hyperlora_jax.models.load import load_base_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.pieces and args.tokenizer:
@@ -207,7 +199,9 @@ def _niah(args: argparse.Namespace) -> int:
         if args.pieces:
             pieces = niah_tokens.NiahPieces.load(args.pieces)
         else:
-            pieces = niah_tokens.NiahPieces.from_tokenizer(_tokenizer(args.tokenizer), bins)
+            pieces = niah_tokens.NiahPieces.from_tokenizer(
+                load_base_tokenizer(args.tokenizer), bins
+            )
         summary = niah_tokens.generate_niah_tokens(
             pieces,
             args.out,
@@ -218,7 +212,7 @@ def _niah(args: argparse.Namespace) -> int:
         )
     else:
         summary = niah.generate_niah(
-            _tokenizer(args.tokenizer), args.out, fmt=args.format, **common
+            load_base_tokenizer(args.tokenizer), args.out, fmt=args.format, **common
         )
     print(
         json.dumps(
@@ -235,9 +229,10 @@ def _niah(args: argparse.Namespace) -> int:
 
 def _niah_pieces(args: argparse.Namespace) -> int:
     from hyperlora_jax.data import niah, niah_tokens
+    from hyperlora_jax.models.load import load_base_tokenizer
 
     pieces = niah_tokens.NiahPieces.from_tokenizer(
-        _tokenizer(args.tokenizer), niah.parse_bins(args.bins)
+        load_base_tokenizer(args.tokenizer), niah.parse_bins(args.bins)
     )
     path = pieces.save(args.out)
     print(json.dumps({"out": str(path), "bytes": path.stat().st_size}, indent=2))
@@ -246,9 +241,7 @@ def _niah_pieces(args: argparse.Namespace) -> int:
 
 def _selfgen(args: argparse.Namespace) -> int:
     from hyperlora_jax.data import selfgen, storage
-    from hyperlora_jax.models.fetch import fetch_model
-    from hyperlora_jax.models.hf import load_hf_model
-    from hyperlora_jax.models.tokenizer import load_tokenizer
+    from hyperlora_jax.models.load import load_base
 
     out = Path(args.out)
     if out.suffix not in (".parquet", ".jsonl", ".array_record"):
@@ -260,9 +253,7 @@ def _selfgen(args: argparse.Namespace) -> int:
         docs = docs[: args.limit]
     if not docs:
         raise InputError(f"no usable documents in {args.docs}")
-    path = fetch_model(args.model)
-    tok = load_tokenizer(path)
-    config, params = load_hf_model(path)
+    config, params, tok, _ = load_base(args.model)
     cfg = selfgen.SelfGenConfig(
         n_qa_pairs=args.n_qa_pairs,
         repeat_round=not args.no_repeat_round,
@@ -286,9 +277,7 @@ def _selfgen(args: argparse.Namespace) -> int:
                 )
             questions.append(qs)
     elif args.question_model and args.question_model != args.model:
-        qpath = fetch_model(args.question_model)
-        q_tok = load_tokenizer(qpath)
-        qc, qp = load_hf_model(qpath)
+        qc, qp, q_tok, _ = load_base(args.question_model)
         q_gen = selfgen.make_jax_generate(qp, qc, q_tok, batch_size=args.batch_size)
     else:
         q_tok, q_gen = tok, gen
@@ -325,7 +314,8 @@ def _facts(args: argparse.Namespace) -> int:
     the same rows as token shards train_docs/shard-*.npz; val.jsonl / test.jsonl (plain QA rows
     for `eval d2l --qa ... --qa-format plain`)."""
     from hyperlora_jax.data import facts, storage, token_shards
-    from hyperlora_jax.eval.qa import QA_INSTRUCTION
+    from hyperlora_jax.data.prompts import QA_INSTRUCTION
+    from hyperlora_jax.models.load import load_base_tokenizer
 
     _check_token_flags(args, ("tokenizer", "shard-size", "no-compress"))
     if args.format == "tokens" and not args.tokenizer:
@@ -337,7 +327,7 @@ def _facts(args: argparse.Namespace) -> int:
         meta = {"source": "facts", "split": "train", "seed": args.seed}
         written = token_shards.write_text_qa_shards(
             rows,
-            _tokenizer(args.tokenizer),
+            load_base_tokenizer(args.tokenizer),
             out / "train_docs",
             meta=meta,
             shard_size=args.shard_size or 50_000,

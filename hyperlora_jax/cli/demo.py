@@ -35,13 +35,13 @@ def run_demo(
     model: str = DEFAULT_MODEL,
     max_new_tokens: int = 24,
 ) -> list[dict]:
+    from hyperlora_jax.data.prompts import QA_INSTRUCTION
     from hyperlora_jax.eval.baselines import full_context_prompt
-    from hyperlora_jax.eval.qa import QA_INSTRUCTION, adapter_bytes, kv_cache_bytes
+    from hyperlora_jax.eval.qa import adapter_bytes, kv_cache_bytes
     from hyperlora_jax.hypernet.d2l.api import DocToLoRA
-    from hyperlora_jax.models.fetch import fetch_model
 
     t0 = time.perf_counter()
-    d2l = DocToLoRA.from_checkpoint(checkpoint, fetch_model(model))
+    d2l = DocToLoRA.from_checkpoint(checkpoint, model)
     print(f"loaded {model} + D2L hypernetwork {checkpoint.name} ({time.perf_counter() - t0:.1f} s)")
     doc = document.read_text().strip()
     qas = load_questions(questions)
@@ -112,15 +112,11 @@ def run_t2l_demo(
     from hyperlora_jax.hypernet.t2l.api import TextToLoRA
     from hyperlora_jax.lora.adapter import unstack
     from hyperlora_jax.models import decoding
-    from hyperlora_jax.models.fetch import fetch_model
-    from hyperlora_jax.models.hf import load_hf_model
-    from hyperlora_jax.models.tokenizer import load_tokenizer
+    from hyperlora_jax.models.load import load_base
 
     spec = json.loads(task.read_text())
     description = description or spec["description"]
-    path = fetch_model(model)
-    config, params = load_hf_model(path)
-    tok = load_tokenizer(path)
+    config, params, tok, _ = load_base(model)
     t2l = TextToLoRA.from_checkpoint(checkpoint)
     t0 = time.perf_counter()
     adapter = unstack(t2l.generate([description]))[0]

@@ -13,32 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
+from hyperlora_jax.cli.common import MODEL_HELP, choice_list, name_value_pairs, output_dir
 from hyperlora_jax.errors import ConfigError
 
 MiB = 2**20
-
-
-def _load_base(name_or_path: str):
-    from hyperlora_jax.models.fetch import fetch_model
-    from hyperlora_jax.models.hf import load_hf_model
-    from hyperlora_jax.models.tokenizer import load_tokenizer
-
-    path = Path(name_or_path)
-    if not (path / "config.json").is_file():
-        path = fetch_model(name_or_path)
-    config, params = load_hf_model(path)
-    return path, config, params, load_tokenizer(path)
-
-
-def _methods(text: str, allowed) -> tuple[str, ...]:
-    out = tuple(m.strip() for m in text.split(",") if m.strip())
-    bad = [m for m in out if m not in allowed]
-    if bad or not out:
-        raise ConfigError(f"unknown method(s) {bad or text!r}; choose from {', '.join(allowed)}")
-    return out
 
 
 # ------------------------------------------------------------------------------------------ D2L
@@ -46,8 +26,9 @@ def run_d2l(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from hyperlora_jax.eval import baselines, niah, plots, qa
+    from hyperlora_jax.models.load import load_base
 
-    methods = _methods(args.methods, qa.METHODS)
+    methods = choice_list(args.methods, qa.METHODS)
     if "d2l" in methods and not args.checkpoint:
         raise ConfigError(
             "method d2l needs --checkpoint (a D2L checkpoint folder or official .bin)"
@@ -58,12 +39,12 @@ def run_d2l(args: argparse.Namespace) -> int:
             "give exactly one data source: --niah PATH, --niah-bins LO-HI,... or --qa"
         )
     t0 = time.perf_counter()
-    base_path, config, params, tok = _load_base(args.base)
+    config, params, tok, base_path = load_base(args.base)
     d2l = None
     if args.checkpoint:
-        from hyperlora_jax.hypernet.d2l.api import DocToLoRA
+        from hyperlora_jax.api import load_d2l
 
-        d2l = DocToLoRA.from_checkpoint(args.checkpoint, base_model=(config, params), tokenizer=tok)
+        d2l = load_d2l(args.checkpoint, base_model=(config, params), tokenizer=tok)
     if args.niah:
         examples = niah.load_niah(args.niah, args.limit)
     elif args.niah_bins:
@@ -87,8 +68,7 @@ def run_d2l(args: argparse.Namespace) -> int:
     )
     records = qa.run(ev, examples, methods)
     summary = qa.summarize(records)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
     result = {
         "kind": "d2l",
         "base_model": str(base_path),
@@ -207,16 +187,13 @@ def run_t2l(args: argparse.Namespace) -> int:
 
     from hyperlora_jax.eval import plots, tasks
     from hyperlora_jax.eval.trackers import StageTracker
+    from hyperlora_jax.models.load import load_base
 
-    modes = _methods(args.modes, tasks.T2L_MODES)
+    modes = choice_list(args.modes, tasks.T2L_MODES, "mode")
     if not args.task:
         raise ConfigError("give at least one --task NAME=FILE (e.g. arc_easy=arc_easy_test.jsonl)")
-    data = {}
-    for spec in args.task:
-        if "=" not in spec:
-            raise ConfigError(f"--task {spec!r}: write NAME=FILE, e.g. boolq=boolq_val.jsonl")
-        name, path = spec.split("=", 1)
-        data[name] = tasks.load_examples(name, path, args.limit)
+    files = name_value_pairs(args.task, "--task", "boolq=boolq_val.jsonl")
+    data = {name: tasks.load_examples(name, path, args.limit) for name, path in files.items()}
     t2l = None
     if "t2l" in modes:
         if not args.checkpoint:
@@ -225,7 +202,7 @@ def run_t2l(args: argparse.Namespace) -> int:
 
         t2l = TextToLoRA.from_checkpoint(args.checkpoint, encoder=args.encoder)
     t0 = time.perf_counter()
-    base_path, config, params, tok = _load_base(args.base)
+    config, params, tok, base_path = load_base(args.base)
     tracker = StageTracker()
     res = tasks.evaluate_t2l(
         params,
@@ -247,8 +224,7 @@ def run_t2l(args: argparse.Namespace) -> int:
         stages=tracker.summary(),
         wall_s=time.perf_counter() - t0,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
     (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
     (out / "results.md").write_text(t2l_markdown(res, modes))
     tracker.save_csv(out / "tracked_stats.csv")
@@ -269,6 +245,7 @@ def run_t2l(args: argparse.Namespace) -> int:
 def run_t2l_suite(args: argparse.Namespace) -> int:
     from hyperlora_jax.eval import suite as S
     from hyperlora_jax.hypernet.t2l.api import TextToLoRA
+    from hyperlora_jax.models.load import load_base
 
     train, held = S.suite_splits(args.suite)
     seen = (
@@ -277,14 +254,13 @@ def run_t2l_suite(args: argparse.Namespace) -> int:
         else []
     )
     tasks = {t: "held_out" for t in held} | {t: "seen" for t in seen}
-    t2ls = {}
-    for spec in args.t2l or []:
-        if "=" not in spec:
-            raise ConfigError(f"--t2l {spec!r}: write NAME=CHECKPOINT, e.g. sft=runs/t2l/sft")
-        name, path = spec.split("=", 1)
-        t2ls[name] = TextToLoRA.from_checkpoint(path, encoder=args.encoder)
+    checkpoints = name_value_pairs(args.t2l or [], "--t2l", "sft=runs/t2l/sft")
+    t2ls = {
+        name: TextToLoRA.from_checkpoint(path, encoder=args.encoder)
+        for name, path in checkpoints.items()
+    }
     t0 = time.perf_counter()
-    base_path, config, params, tok = _load_base(args.base)
+    config, params, tok, base_path = load_base(args.base)
     res = S.evaluate_suite(
         params,
         config,
@@ -299,8 +275,7 @@ def run_t2l_suite(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     res.update(base_model=str(base_path), wall_s=time.perf_counter() - t0, kind="t2l_suite")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
     (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
     (out / "results.md").write_text(S.markdown(res))
     S.bar_plot(res, out / "accuracy_by_mode.png")
@@ -328,7 +303,7 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="eval_kind", required=True)
 
     d = sub.add_parser("d2l", help="NIAH or QA: D2L vs full context vs no context vs CD oracle")
-    d.add_argument("--base", required=True, help="base model folder or known name")
+    d.add_argument("--base", required=True, help=MODEL_HELP)
     d.add_argument("--checkpoint", help="D2L checkpoint folder or official pytorch_model.bin")
     d.add_argument("--niah", nargs="+", help="NIAH folders/files from `hyperlora-jax data niah`")
     d.add_argument("--niah-bins", help="generate NIAH test examples in these bins, e.g. 256-512")
@@ -351,7 +326,7 @@ def register(subparsers) -> None:
     d.set_defaults(func=run_d2l)
 
     t = sub.add_parser("t2l", help="T2L benchmark suite from local files")
-    t.add_argument("--base", required=True, help="base model folder or known name")
+    t.add_argument("--base", required=True, help=MODEL_HELP)
     t.add_argument("--checkpoint", help="T2L checkpoint folder")
     t.add_argument("--encoder", help="task encoder: embeddings file or sentence-encoder folder")
     t.add_argument("--task", action="append", help="NAME=FILE, repeatable")
@@ -369,7 +344,7 @@ def register(subparsers) -> None:
     t.set_defaults(func=run_t2l)
 
     s = sub.add_parser("t2l-suite", help="T2L vs baselines on a generated task suite")
-    s.add_argument("--base", required=True, help="base model folder or known name")
+    s.add_argument("--base", required=True, help=MODEL_HELP)
     s.add_argument("--suite", required=True, help="folder from `hyperlora-jax data task-suite`")
     s.add_argument("--t2l", action="append", help="NAME=CHECKPOINT, repeatable")
     s.add_argument("--encoder", help="task encoder override for the T2L checkpoints")

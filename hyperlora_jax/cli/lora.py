@@ -1,8 +1,9 @@
-"""CLI subcommands of this area (see hyperlora_jax/cli.py): export-peft."""
+"""`hyperlora-jax export-peft`: our adapter folder -> a HF PEFT LoRA folder."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _export_peft(args: argparse.Namespace) -> int:
@@ -14,7 +15,7 @@ def _export_peft(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.adapter_dir)
     base = args.base_model or meta.get("base_model")
     model_config = None
-    if meta.get("model_config") and not (base and _is_dir(base)):
+    if meta.get("model_config") and not (base and Path(base).is_dir()):
         model_config = ModelConfig.from_json(meta["model_config"])
     out = export_peft(
         adapter,
@@ -26,12 +27,6 @@ def _export_peft(args: argparse.Namespace) -> int:
     )
     print(f"wrote PEFT adapter (rank {adapter.rank}, scale {adapter.scale:g}) to {out}")
     return 0
-
-
-def _is_dir(p: str) -> bool:
-    from pathlib import Path
-
-    return Path(p).is_dir()
 
 
 def register(subparsers) -> None:

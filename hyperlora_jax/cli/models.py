@@ -1,9 +1,11 @@
-"""CLI subcommands of this area (see hyperlora_jax/cli.py): fetch-model, chat."""
+"""`hyperlora-jax fetch-model` and `hyperlora-jax chat`."""
 
 from __future__ import annotations
 
 import argparse
 import time
+
+from hyperlora_jax.cli.common import MODEL_HELP
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
@@ -15,27 +17,17 @@ def _fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(name_or_dir: str, dtype=None):
-    """(config, params, tokenizer) for a known model name, a model folder, a GGUF or a hub id."""
-    from hyperlora_jax.models.fetch import fetch_model
-    from hyperlora_jax.models.hf import load_hf_model
-    from hyperlora_jax.models.tokenizer import load_tokenizer
-
-    folder = fetch_model(name_or_dir)
-    config, params = load_hf_model(folder, dtype=dtype)
-    return config, params, load_tokenizer(folder)
-
-
 def _chat(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from hyperlora_jax.errors import InputError
     from hyperlora_jax.models.decoding import chat, generate
+    from hyperlora_jax.models.load import load_base
 
     if not args.prompt.strip():
         raise InputError("--prompt is empty")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    config, params, tokenizer = load_model(args.model, dtype=dtype)
+    config, params, tokenizer, _ = load_base(args.model, dtype=dtype)
     adapter = None
     if args.adapter:
         from hyperlora_jax.lora.adapter import validate
@@ -75,7 +67,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_fetch_model)
 
     p = subparsers.add_parser("chat", help="answer one prompt with a base model (+ an adapter)")
-    p.add_argument("--model", required=True, help="known model name, model folder, or .gguf")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--adapter", default=None, help="adapter folder (hyperlora-jax format)")
     p.add_argument("--max-new-tokens", type=int, default=64)

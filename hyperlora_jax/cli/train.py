@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from hyperlora_jax.errors import ConfigError
+from hyperlora_jax.train.config_file import define_config_flag, load_config, one_line
 
 TRAIN_HELP = """usage: hyperlora-jax train --config FILE.py:PRESET [--config.a.b=VALUE ...]
                            [--workdir DIR] [--data PATH ...] [--base_model DIR]
@@ -32,19 +33,9 @@ memory and FLOPs per step.
 
 def _flags(name: str, argv: list[str]):
     from absl import flags
-    from ml_collections import config_flags
 
     fv = flags.FlagValues()
-    # sys_argv: the dotted overrides are registered from the argument list they will come from
-    config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "experiment config",
-        flag_values=fv,
-        lock_config=False,
-        accept_new_attributes=True,
-        sys_argv=[name, *argv],
-    )
+    define_config_flag(fv, [name, *argv])
     flags.DEFINE_string("mesh", "", "data=N,fsdp=N,tensor=N", flag_values=fv)
     if name == "train":
         flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
@@ -67,25 +58,16 @@ def _parse(name: str, args: list[str]):
     if not args or any(a in ("-h", "--help") for a in args):
         print(TRAIN_HELP if name == "train" else PLAN_HELP)
         raise SystemExit(0)
+    config_arg, overrides = _config_arg(args)
+    if config_arg is None:
+        raise ConfigError(f"{name}: --config FILE.py:PRESET is required")
+    load_config(config_arg, overrides)  # config errors as one line, before the other flags
     fv = _flags(name, args)
     try:
         fv([name, *args])
-    except Exception as e:  # absl: unknown flag, bad value, missing file
-        raise ConfigError(f"{name}: {e}") from e
-    if fv.config is None:
-        raise ConfigError(f"{name}: --config FILE.py:PRESET is required")
+    except Exception as e:  # absl: unknown flag, bad value
+        raise ConfigError(f"{name}: {one_line(e)}") from e
     return fv
-
-
-def load_config(config_arg: str, overrides: list[str]):
-    """An experiment config from 'file.py:preset' plus '--config.x=...' overrides."""
-    argv = [f"--config={config_arg}", *overrides]
-    fv = _flags("plan", argv)
-    try:
-        fv(["plan", *argv])
-    except Exception as e:
-        raise ConfigError(f"cannot load config {config_arg!r}: {e}") from e
-    return fv.config
 
 
 def _config_arg(args: list[str]) -> tuple[str, list[str]]:
@@ -106,6 +88,7 @@ def _config_arg(args: list[str]) -> tuple[str, list[str]]:
 
 def cmd_plan(ns) -> int:
     from hyperlora_jax.train import plan as plan_mod
+    from hyperlora_jax.train.build import derive
     from hyperlora_jax.train.sharding import parse_mesh_spec
 
     fv = _parse("plan", ns.args)
@@ -113,6 +96,7 @@ def cmd_plan(ns) -> int:
         raise ConfigError("plan: --mesh data=N,fsdp=N,tensor=N is required")
     mesh = parse_mesh_spec(fv.mesh)
     config_arg, overrides = _config_arg(ns.args)
+    derive(fv.config)  # value errors here, not as the subprocess's traceback
     res = plan_mod.run_subprocess(config_arg, overrides, mesh, fv.rows)
     if fv.json:
         import json

@@ -16,8 +16,9 @@ import numpy as np
 
 from hyperlora_jax.convert.safe_unpickle import load_torch_file, to_plain
 from hyperlora_jax.errors import CheckpointError, ConfigError
-from hyperlora_jax.hypernet.d2l.checkpoint import check_params, save_checkpoint, unflatten
+from hyperlora_jax.hypernet.d2l.checkpoint import D2LCheckpoint, check_params, save_checkpoint
 from hyperlora_jax.hypernet.d2l.model import D2LConfig
+from hyperlora_jax.lora.storage import unflatten_tree
 
 CONFIG_KEYS = ("base_model_name_or_path", "hypernet_config", "ctx_encoder_args")
 
@@ -143,8 +144,8 @@ def map_tensor(key: str, x: np.ndarray, cfg: D2LConfig) -> tuple[str, np.ndarray
     raise CheckpointError(f"unexpected tensor {key!r} in the D2L checkpoint")
 
 
-def read_official(src: str | Path) -> tuple[dict, D2LConfig, dict[str, Any]]:
-    """(params nested dict of f32 numpy, D2LConfig, provenance) from an official .bin."""
+def read_official(src: str | Path) -> D2LCheckpoint:
+    """(D2LConfig, params nested dict of f32 numpy, provenance) from an official .bin."""
     sd = load_torch_file(src)
     missing = [k for k in CONFIG_KEYS if k not in sd]
     if missing:
@@ -170,7 +171,7 @@ def read_official(src: str | Path) -> tuple[dict, D2LConfig, dict[str, Any]]:
         nk, nv = map_tensor(k, v, cfg)
         flat[nk] = np.asarray(nv, np.float32)
     check_params(flat, cfg, str(src))
-    return unflatten(flat), cfg, meta
+    return D2LCheckpoint(cfg, unflatten_tree(flat), meta)
 
 
 def convert(src: str | Path, out: str | Path, *, overwrite: bool = False) -> str:
@@ -178,14 +179,16 @@ def convert(src: str | Path, out: str | Path, *, overwrite: bool = False) -> str
 
     Nothing is written unless everything parsed and checked (temp folder + rename).
     """
-    params, cfg, meta = read_official(src)
+    config, params, meta = read_official(src)
     save_checkpoint(
         out,
+        config,
         params,
-        cfg,
-        base_model=meta["base_model"],
-        ctx_encoder_model=meta["ctx_encoder_model"],
-        extra={"source": {"kind": "official-d2l", "path": str(src), **meta}},
+        {
+            "base_model": meta["base_model"],
+            "ctx_encoder_model": meta["ctx_encoder_model"],
+            "source": {"kind": "official-d2l", "path": str(src), **meta},
+        },
         overwrite=overwrite,
     )
     return str(out)

@@ -5,7 +5,7 @@ tags into plain data, and `adapter_config.json`; rebuilds the architecture from 
 every tensor strictly (a missing or unused tensor is an error). The layer-type (module) order is
 taken from the order of the `heads.*` keys in hypermod.pt: PEFT stores target_modules as a set, so
 the order in args.yaml / adapter_config.json can differ from the one the hypernetwork was trained
-with (reference/t2l.md §4.3).
+with (as in the released SakanaAI/text-to-lora checkpoints).
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ import yaml
 
 from hyperlora_jax.convert.safe_unpickle import load_torch_file
 from hyperlora_jax.errors import CheckpointError, ConfigError
-from hyperlora_jax.hypernet.t2l.api import encoder_spec_for, save_t2l_checkpoint
-from hyperlora_jax.hypernet.t2l.model import T2LConfig, init_params
+from hyperlora_jax.hypernet.t2l.checkpoint import check_base_model, check_params, save_checkpoint
+from hyperlora_jax.hypernet.t2l.model import T2LConfig
+from hyperlora_jax.hypernet.t2l.task_encoder import encoder_spec_for
+from hyperlora_jax.models.config import load_hf_config
+from hyperlora_jax.models.hf import config_from_hf
 
 
 class _PlainLoader(yaml.SafeLoader):
@@ -223,47 +226,8 @@ def map_state_dict(sd: dict, cfg: T2LConfig) -> tuple[dict, dict[str, np.ndarray
                     constants[f"{dst}.{ab.lower()}.{m}"] = v
     if sd:
         raise CheckpointError(f"hypermod.pt has tensors this converter does not map: {sorted(sd)}")
-    _check_against_init(p, cfg)
+    check_params(p, cfg, "converted T2L params")
     return p, constants
-
-
-def _check_against_init(params: dict, cfg: T2LConfig) -> None:
-    import jax
-
-    expected = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
-    flat_e = {
-        jax.tree_util.keystr(k): v.shape
-        for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]
-    }
-    flat_p = {
-        jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
-    if flat_e.keys() != flat_p.keys():
-        raise CheckpointError(
-            "converted T2L params do not match the architecture: missing "
-            f"{sorted(flat_e.keys() - flat_p.keys())}, "
-            f"unexpected {sorted(flat_p.keys() - flat_e.keys())}"
-        )
-    bad = {k: (flat_p[k], flat_e[k]) for k in flat_e if tuple(flat_p[k]) != tuple(flat_e[k])}
-    if bad:
-        raise CheckpointError(f"converted T2L param shapes differ from the architecture: {bad}")
-
-
-def check_base_model(cfg: T2LConfig, base_config, base_name: str) -> None:
-    """Error if the base model's layers / module sizes differ from what the hypernet writes."""
-    if base_config.num_layers != cfg.num_layers:
-        raise CheckpointError(
-            f"the T2L checkpoint writes {cfg.num_layers} layers (trained for base model "
-            f"{base_name!r}) but the given base model has {base_config.num_layers}; "
-            "use the base model named in args.yaml model_dir"
-        )
-    for m in cfg.modules:
-        if tuple(base_config.module_dims(m)) != cfg.dims(m):
-            raise CheckpointError(
-                f"the T2L checkpoint (base model {base_name!r}) writes {m} as {cfg.dims(m)} "
-                f"(in, out) but the given base model has {tuple(base_config.module_dims(m))}; "
-                "use the base model named in args.yaml model_dir"
-            )
 
 
 def convert(src: str | Path, out: str | Path, base_model: str | Path | None = None) -> str:
@@ -290,9 +254,6 @@ def convert(src: str | Path, out: str | Path, base_model: str | Path | None = No
             f"base_model_name_or_path={adapter_base!r}; the release folder is inconsistent"
         )
     if base_model is not None:
-        from hyperlora_jax.models.config import load_hf_config
-        from hyperlora_jax.models.hf import config_from_hf
-
         check_base_model(cfg, config_from_hf(load_hf_config(base_model)), base_name)
     meta = {
         "base_model": base_name.rstrip("/"),
@@ -313,4 +274,4 @@ def convert(src: str | Path, out: str | Path, base_model: str | Path | None = No
     }
     # Re-converting into a previous T2L checkpoint replaces it; any other non-empty folder is kept.
     again = (Path(out) / "t2l.json").is_file()
-    return str(save_t2l_checkpoint(out, cfg, params, constants, meta, overwrite=again))
+    return str(save_checkpoint(out, cfg, params, meta, constants=constants, overwrite=again))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -38,7 +39,7 @@ def synthetic_d2l_items(vocab: int, n: int, seed: int) -> list[dict]:
     return out
 
 
-def _token_shard_items(files, chunk, config, parts, seed: int, tokenizer=None):
+def _token_shard_items(files, opts, parts, seed: int, tokenizer=None):
     """Token shards -> `token_shards.ShardItems`: the items the text path would build for the
     same records (same chunk draws per record index), held as numpy arrays, built per row."""
     import dataclasses
@@ -48,6 +49,7 @@ def _token_shard_items(files, chunk, config, parts, seed: int, tokenizer=None):
 
     if parts.hp.objective != "ce":
         raise ConfigError("token shards carry no teacher log-probs: use train.loss=ce")
+    chunk = opts.chunk
     data = token_shards.TokenData(files)
     if tokenizer is not None:
         prefix, suffix = ctx_affixes(tokenizer)
@@ -59,24 +61,23 @@ def _token_shard_items(files, chunk, config, parts, seed: int, tokenizer=None):
     vocab = parts.base_cfg.vocab_size
     if data.max_id() >= vocab:
         raise ConfigError(f"token shards hold ids >= the base model's vocab_size {vocab}")
-    t = config.train
     items = token_shards.ShardItems(
         data,
         dataclasses.replace(chunk, prefix=data.ctx_prefix, suffix=data.ctx_suffix),
         seed=seed,
-        max_qas_len=int(t.get("max_qas_len") or -1),
-        max_qas_per_sample=int(t.get("max_qas_per_sample") or -1),
+        max_qas_len=opts.max_qas_len,
+        max_qas_per_sample=opts.max_qas_per_sample,
     )
     log.info("token shards: %d records -> %d items (%d files)", len(data), len(items), len(files))
     return items
 
 
-def _record_items(paths, chunk, config, hp, seed: int, tokenizer=None) -> list[dict]:
+def _record_items(paths, opts, hp, seed: int, tokenizer=None) -> list[dict]:
     """Text QA records (NIAH, facts: tokenized here) or self-gen records -> D2L items."""
     from hyperlora_jax.data import pipeline
     from hyperlora_jax.data.storage import ErrorLog, iter_raw_records
 
-    t = config.train
+    chunk = opts.chunk
     records = [rec for _, _, rec in iter_raw_records(paths, errors=ErrorLog("raise"))]
     if records and "ctx_ids" not in records[0] and "context" in records[0]:
         # text records {context, prompt, response} (NIAH): tokenized here, gold-response CE
@@ -102,8 +103,8 @@ def _record_items(paths, chunk, config, hp, seed: int, tokenizer=None) -> list[d
         records,
         make_item,
         seed=seed,
-        max_qas_len=int(t.get("max_qas_len") or -1),
-        max_qas_per_sample=int(t.get("max_qas_per_sample") or -1),
+        max_qas_len=opts.max_qas_len,
+        max_qas_per_sample=opts.max_qas_per_sample,
     )
 
 
@@ -137,49 +138,66 @@ def pack_d2l_items(parts, items, pc, seed: int):
     return iter(ds)
 
 
+class D2LFeed(NamedTuple):
+    """What the D2L data path reads from `config.train`."""
+
+    pack: Any  # packing.PackConfig: row sizes
+    chunk: Any  # pipeline.ChunkConfig: context chunking (affixes filled per data source)
+    max_qas_len: int  # <= 0: no limit
+    max_qas_per_sample: int
+
+
+def d2l_feed(config, parts) -> D2LFeed:
+    from hyperlora_jax.data import packing, pipeline
+
+    t = config.train
+    probs = t.num_chunk_probs
+    return D2LFeed(
+        pack=packing.PackConfig(
+            max_inp_len=t.max_packed_inp_len,
+            max_ctx_len=t.max_packed_ctx_len,
+            max_contexts=t.max_contexts_per_pack,
+            max_chunks=t.max_chunks_per_pack,
+            max_qas=t.max_qas_per_pack,
+            top_k=parts.hp.top_k,
+        ),
+        chunk=pipeline.ChunkConfig(
+            max_chunk_len=t.max_ctx_chunk_len,
+            min_chunk_len=t.min_ctx_chunk_len,
+            num_chunk_probs={int(k): float(v) for k, v in dict(probs).items()} if probs else None,
+        ),
+        max_qas_len=t.max_qas_len,
+        max_qas_per_sample=t.max_qas_per_sample,
+    )
+
+
 def d2l_items(config, parts, paths: list[str], seed: int, tokenizer=None):
     """(items, PackConfig) of the D2L training data (see d2l_data)."""
-    from hyperlora_jax.data import packing, pipeline, token_shards
+    from hyperlora_jax.data import packing, token_shards
 
     hp = parts.hp
-    pc = packing.PackConfig(
-        max_inp_len=hp.inp_len,
-        max_ctx_len=hp.ctx_len,
-        max_contexts=hp.max_contexts,
-        max_chunks=hp.max_chunks,
-        max_qas=hp.max_qas,
-        top_k=hp.top_k if hp.objective == "distill" else 0,
-    )
+    opts = d2l_feed(config, parts)
+    pc = opts.pack
     if paths:
-        t = config.train
-        chunk = pipeline.ChunkConfig(
-            max_chunk_len=int(t.get("max_ctx_chunk_len") or -1),
-            min_chunk_len=t.get("min_ctx_chunk_len"),
-            num_chunk_probs=(
-                {int(k): float(v) for k, v in dict(t.num_chunk_probs).items()}
-                if t.get("num_chunk_probs")
-                else None
-            ),
-        )
         shard_files = token_shards.find_shards(paths)
         if shard_files:  # `data niah|facts --format tokens`: the text path's items, built lazily
-            items = _token_shard_items(shard_files, chunk, config, parts, seed, tokenizer)
+            items = _token_shard_items(shard_files, opts, parts, seed, tokenizer)
             longest = items.longest_chunk
         else:
-            items = _record_items(paths, chunk, config, hp, seed, tokenizer)
+            items = _record_items(paths, opts, hp, seed, tokenizer)
             longest = max((len(c) for it in items for c in it["ctx_chunks"]), default=0)
         if hp.max_chunk_len and longest > hp.max_chunk_len:
             raise ConfigError(
                 f"a context chunk has {longest} tokens but chunk slots hold {hp.max_chunk_len}: "
                 "raise train.max_ctx_chunk_len or give shorter documents"
             )
-    elif config.get("base_model_config"):
+    elif "base_model_config" in config:
+        if hp.objective == "distill":
+            raise ConfigError("the synthetic task has no teacher: add --config.train.loss=ce")
         items = synthetic_d2l_items(parts.base_cfg.vocab_size, 4096, seed)
         pc = packing.PackConfig(
             max_inp_len=8, max_ctx_len=4, max_contexts=1, max_chunks=1, max_qas=1, top_k=0
         )
-        if hp.objective == "distill":
-            raise ConfigError("the synthetic task has no teacher: add --config.train.loss=ce")
     else:
         raise ConfigError("D2L training needs --data (token shards, text or self-gen QA records)")
     return items, pc
@@ -226,6 +244,27 @@ def _suite_tasks(root: Path, which: str) -> list[str] | None:
     return list(splits["train"])
 
 
+class T2LFeed(NamedTuple):
+    """What the T2L data paths read from the config."""
+
+    tasks: str  # sft / lora: the suite split ("train" or "all"); recon: always "train"
+    n_descs: int  # descriptions kept per task
+    inp_len: int  # sft / lora: padded example length
+    encoder: dict  # task-encoder spec (lora: unused, the description is never read)
+    oracle_library: str  # recon: the oracle LoRA library
+
+
+def t2l_feed(config, parts) -> T2LFeed:
+    t, recon = config.train, parts.hp.objective == "recon"
+    return T2LFeed(
+        tasks="train" if recon else t.tasks,
+        n_descs=t.n_descs_per_ds,
+        inp_len=0 if recon else t.inp_max_len,
+        encoder=dict(config.encoder),
+        oracle_library=t.oracle_library,
+    )
+
+
 def t2l_data(config, parts, paths: list[str], seed: int, base_model: str | None):
     """The official hierarchical stream over a Lots-of-LoRAs task folder (e.g. `hyperlora-jax
     data task-suite`): k tasks x 1 example per step, a random description per example, embedded
@@ -235,25 +274,26 @@ def t2l_data(config, parts, paths: list[str], seed: int, base_model: str | None)
 
     from hyperlora_jax.data import sni
     from hyperlora_jax.hypernet.t2l import task_encoder as te
-    from hyperlora_jax.models.tokenizer import load_tokenizer
+    from hyperlora_jax.models.load import load_base_tokenizer
 
     if len(paths) != 1 or not Path(paths[0]).is_dir():
         raise ConfigError("T2L training takes one --data folder of tasks (Lots-of-LoRAs layout)")
     if not base_model:
         raise ConfigError("T2L training on task data needs --base_model (tokenizer and weights)")
     root = Path(paths[0])
-    t, hp = config.train, parts.hp
-    names = _suite_tasks(root, str(t.get("tasks", "train")))
+    hp, opts = parts.hp, t2l_feed(config, parts)
+    n_adapters = config.train.num_adapters
+    names = _suite_tasks(root, opts.tasks)
     tasks = sni.load_tasks(root, names, split="train")
     names = [x.name for x in tasks]
-    if hp.objective == "lora" and hp.num_adapters not in (1, len(tasks)):
+    if hp.objective == "lora" and n_adapters not in (1, len(tasks)):
         raise ConfigError(
-            f"train.num_adapters={hp.num_adapters} but {root} has {len(tasks)} tasks: set it to "
+            f"train.num_adapters={n_adapters} but {root} has {len(tasks)} tasks: set it to "
             f"{len(tasks)} (one oracle LoRA per task) or 1 (one multi-task LoRA)"
         )
-    n_descs = int(t.get("n_descs_per_ds", 128))
-    tok = load_tokenizer(base_model)
-    pad_to = hp.inp_len
+    n_descs = opts.n_descs
+    tok = load_base_tokenizer(base_model)
+    pad_to = opts.inp_len
     toks = [sni.tokenize_task(x, tok, max_len=pad_to, n_descs=n_descs) for x in tasks]
     if hp.max_label_len:
         longest = max(sum(v >= 0 for v in y) for x in toks for y in x.labels)
@@ -267,10 +307,10 @@ def t2l_data(config, parts, paths: list[str], seed: int, base_model: str | None)
             np.zeros((len(x.descriptions), parts.hyper_cfg.task_emb_size), np.float32) for x in toks
         ]
     else:
-        enc = te.from_spec(dict(config.encoder), base_model)
+        enc = te.from_spec(opts.encoder, base_model)
         embs = [np.asarray(enc.encode(x.descriptions), np.float32) for x in toks]
     log.info("T2L data: %d tasks, %d descriptions", len(toks), sum(map(len, embs)))
-    k = int(t.get("n_tasks_per_batch", 8))
+    k = hp.global_batch
     src = sni.HierarchicalSource(toks, k, seed=seed, num_epochs=10**6, pad_to=pad_to)
 
     def example(row):
@@ -290,7 +330,7 @@ def t2l_data(config, parts, paths: list[str], seed: int, base_model: str | None)
 RECON_STATS = "recon_stats.safetensors"  # in the workdir; export-run ships it as constants
 
 
-def recon_data(config, parts, library: str, seed: int, suite: str | None, workdir: str):
+def recon_data(config, parts, seed: int, suite: str | None, workdir: str):
     """T2L reconstruction stream: per step k library tasks, each with a random training
     description (embedded by the config's encoder) and its oracle LoRA as the target.
 
@@ -303,12 +343,14 @@ def recon_data(config, parts, library: str, seed: int, suite: str | None, workdi
     from hyperlora_jax.hypernet.t2l import task_encoder as te
     from hyperlora_jax.lora.storage import load_adapter, read_adapter_meta
 
+    opts = t2l_feed(config, parts)
+    library = opts.oracle_library
     if not suite:
         raise ConfigError("T2L reconstruction needs --data SUITE (the task descriptions)")
     lib_names = list(read_adapter_meta(library).get("tasks") or [])
     lib = load_adapter(library)
     root = Path(suite)
-    names = [n for n in (_suite_tasks(root, "train") or lib_names) if n in lib_names]
+    names = [n for n in (_suite_tasks(root, opts.tasks) or lib_names) if n in lib_names]
     if not names:
         raise ConfigError(f"library {library} has none of the training tasks of {suite}")
     h = parts.hyper_cfg
@@ -331,11 +373,10 @@ def recon_data(config, parts, library: str, seed: int, suite: str | None, workdi
         if jax.process_index() == 0:
             Path(workdir).mkdir(parents=True, exist_ok=True)
             save_safetensors(stats, Path(workdir) / RECON_STATS)
-    n_descs = int(config.train.get("n_descs_per_ds", 128))
-    descs = [sni.load_metadata(root / n)["descriptions"][:n_descs] for n in names]
-    enc = te.from_spec(dict(config.encoder), None)
+    descs = [sni.load_metadata(root / n)["descriptions"][: opts.n_descs] for n in names]
+    enc = te.from_spec(opts.encoder, None)
     embs = [np.asarray(enc.encode(d), np.float32) for d in descs]
-    k = min(int(config.train.get("n_tasks_per_batch", 4)), len(names))
+    k = min(parts.hp.global_batch, len(names))
 
     def example(i):
         r = random.Random(f"{seed}-{i}")

@@ -208,22 +208,6 @@ def text_length_of(length_fn: Callable[[str], int]) -> Callable[[int, int, str],
     return lambda k, insert_at, magic: length_fn(build_context(k, insert_at, magic))
 
 
-def make_example(
-    rng: random.Random,
-    num_blocks: int,
-    depth_bin: int,
-    pool: Sequence[int],
-    length_fn: Callable[[str], int] | None,
-    token_bin: tuple[int, int] | None,
-    k_range: tuple[int, int] | None = None,
-) -> NiahExample:
-    """One example; with a length function and bin, nudges the block count until it fits."""
-    length_of = text_length_of(length_fn) if length_fn is not None else None
-    return spec_example(
-        draw_example(rng, num_blocks, depth_bin, pool, length_of, token_bin, k_range)
-    )
-
-
 def spec_example(spec: NiahSpec) -> NiahExample:
     ctx = build_context(spec.num_blocks, spec.insert_at, spec.magic)
     return NiahExample(

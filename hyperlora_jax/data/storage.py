@@ -60,11 +60,6 @@ class ErrorLog:
         self.bad.append(bad)
 
 
-def check_on_error(on_error: str) -> None:
-    if on_error not in ON_ERROR:
-        raise InputError(f"on_error={on_error!r}; use one of {ON_ERROR}")
-
-
 # ----------------------------------------------------------------------------- corpus reading
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """Files named by paths, folders (recursively: .jsonl/.json/.parquet/.txt/.md) or globs."""
@@ -170,17 +165,6 @@ def read_documents(
             continue  # a length filter, not an error
         docs.append({**rec, text_field: text, "source": file, "index": i})
     return docs, errors.bad
-
-
-def require_fields(
-    rec: dict, fields: Sequence[str], file: str, index: int, errors: ErrorLog
-) -> bool:
-    """True when every field is present; otherwise reports the record and returns False."""
-    missing = [f for f in fields if f not in rec]
-    if missing:
-        errors.report(file, index, f"missing field(s) {missing} (has {sorted(rec)})")
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------- record codec

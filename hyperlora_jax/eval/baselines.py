@@ -1,12 +1,13 @@
 """D2L baselines: full context, no context (prompt builders) and the context-distillation oracle.
 
-CD oracle (official `modeling/context_distillation.py`, reference/d2l.md §4.2): a fresh LoRA
+CD oracle (official `modeling/context_distillation.py`; D2L paper, section 4.2): a fresh LoRA
 (r=8 on down_proj, alpha 16 -> scale 2, PEFT init: A ~ U(+-1/sqrt(d_in)), B = 0) is trained per
 document so that the model *without* the document answers like the same model *with* it. The
-teacher (LoRA off) sees `QA_PROMPT_TEMPLATE(context, question)` and greedily answers; the student
-sees only the question. Loss: top-16 teacher probabilities (unrenormalised) against the student's
-full softmax, averaged per response token. AdamW lr 1e-4 (torch defaults: wd 0.01), cosine to 0
-over iterations x batches, mini-batch 16, 300 epochs. The whole loop is one `lax.scan`.
+teacher (LoRA off) sees `data.prompts.QA_PROMPT_TEMPLATE` (context, question) and greedily
+answers; the student sees only the question. Loss: top-16 teacher probabilities (unrenormalised)
+against the student's full softmax, averaged per response token. AdamW lr 1e-4 (torch defaults:
+wd 0.01), cosine to 0 over iterations x batches, mini-batch 16, 300 epochs. The whole loop is one
+`lax.scan`.
 """
 
 from __future__ import annotations
@@ -26,17 +27,6 @@ from hyperlora_jax.models import transformer
 from hyperlora_jax.models.config import ModelConfig
 from hyperlora_jax.train.losses import topk_distill_ce
 
-SELF_QA_INTX = (
-    "# System Instruction\n"
-    "- The information provided is up-to-date information and/or the user instruction.\n"
-    "- When the provided information is not relevant to the question, ***ignore*** it and answer "
-    "the question based on your knowledge.\n"
-    "- If the provided information is related to the question, incorporate it in your response.\n"
-    "- If the provided information is an instruction, follow the instruction carefully.\n"
-    "\n---\n\n"
-    "# User Input\n"
-)
-QA_PROMPT_TEMPLATE = "# Provided Information\n{context}\n\n---\n\n" + SELF_QA_INTX + "{question}"
 FULL_CONTEXT_TEMPLATE = "{context}\n\n{question}"  # base model with the document in the prompt
 
 

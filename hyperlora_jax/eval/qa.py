@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hyperlora_jax.data.prompts import QA_INSTRUCTION, QA_PROMPT_TEMPLATE, QASPER_INSTRUCTION
 from hyperlora_jax.errors import ConfigError, InputError
 from hyperlora_jax.eval import baselines, metrics
 from hyperlora_jax.eval.trackers import StageTracker
@@ -27,17 +28,6 @@ from hyperlora_jax.models import decoding
 from hyperlora_jax.models.chat import format_user_turn
 
 METHODS = ("d2l", "full_context", "no_context", "cd_oracle")
-# Official EVAL_INTX_TEMPLATES (squad / drop / ropes / multifieldqa / 2wikimqa share one wording).
-QA_INSTRUCTION = (
-    "Answer the following question. Output only the answer and do not output any other words."
-    "\n\nQuestion: {input}"
-)
-QASPER_INSTRUCTION = (
-    "Answer the question as concisely as you can, using a single phrase or sentence if possible."
-    "\nIf the question cannot be answered based on the information in the article, write "
-    '"unanswerable".\nIf the question is a yes/no question, answer "yes", "no", or '
-    '"unanswerable". Do not provide any explanation.\n\nQuestion: {input}'
-)
 QA_FORMATS = ("squad", "drop", "ropes", "longbench", "qasper", "plain")
 
 
@@ -170,7 +160,11 @@ class D2LEvaluator:
         """D2L adapter for one document, with context encoding, hypernetwork and composition
         tracked as separate stages (each its own compiled program)."""
         from hyperlora_jax.hypernet.d2l import api as dl
-        from hyperlora_jax.hypernet.d2l.model import bias_lora, generate_chunk_loras
+        from hyperlora_jax.hypernet.d2l.model import (
+            bias_lora,
+            context_features,
+            generate_chunk_loras,
+        )
 
         d = self.d2l
         if d is None:
@@ -179,11 +173,11 @@ class D2LEvaluator:
         tokens, mask = dl.pad_chunks(chunks, multiple=d.pad_multiple)
         if "enc" not in self._jits:
             self._jits["enc"] = jax.jit(
-                lambda p, t, m: dl.encode_context(p, d.ctx_config, d.cfg, t, m, d.dtype)
+                lambda p, t, m: context_features(p, d.ctx_config, d.config, t, m, dtype=d.dtype)
             )
             self._jits["hyp"] = jax.jit(
                 lambda p, f, m: generate_chunk_loras(
-                    p, d.cfg, f, m, iterative=self.iterative, dtype=d.dtype
+                    p, d.config, f, m, iterative=self.iterative, dtype=d.dtype
                 )
             )
         extra = {"chunks": len(chunks), "doc_tokens": int(sum(len(c) for c in chunks))}
@@ -193,8 +187,8 @@ class D2LEvaluator:
             a, b = s.done(self._jits["hyp"](d.params, feats, jnp.asarray(mask)))
         del feats
         with self.tracker.stage("composition", example, **extra) as s:
-            bias = bias_lora(d.params, d.cfg) if d.cfg.use_bias else None
-            ad = dl.compose(a, b, [len(chunks)], d.cfg.lora_alpha, bias)
+            bias = bias_lora(d.params, d.config) if d.config.use_bias else None
+            ad = dl.compose(a, b, [len(chunks)], d.config.lora_alpha, bias)
             ad = type(ad)(
                 {m: x[0] for m, x in ad.a.items()}, {m: x[0] for m, x in ad.b.items()}, ad.scale
             )
@@ -204,8 +198,7 @@ class D2LEvaluator:
     def cd_oracle(self, context: str, questions: Sequence[str], example: int = 0):
         """Per-document LoRA by context distillation on the document's own questions."""
         teacher_prompts = [
-            self._user(baselines.QA_PROMPT_TEMPLATE.format(context=context, question=q))
-            for q in questions
+            self._user(QA_PROMPT_TEMPLATE.format(context=context, question=q)) for q in questions
         ]
         with self.tracker.stage("cd_teacher_generate", example) as s:
             out = decoding.generate(

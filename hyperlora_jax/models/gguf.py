@@ -190,14 +190,6 @@ def gguf_state_dict(reader, dtype=np.float32) -> dict[str, np.ndarray]:
     return out
 
 
-def gguf_tokenizer_info(reader) -> dict:
-    """Tokenizer facts stored in the GGUF (chat template, special ids, add_bos)."""
-    keys = ("bos_token_id", "eos_token_id", "padding_token_id", "add_bos_token", "model")
-    info = {k: _field(reader, f"tokenizer.ggml.{k}") for k in keys}
-    info["chat_template"] = _field(reader, "tokenizer.chat_template")
-    return info
-
-
 def load_gguf(path: str | os.PathLike, dtype=None):
     """(ModelConfig, params) straight from a GGUF file (dequantized; no folder written)."""
     import jax.numpy as jnp

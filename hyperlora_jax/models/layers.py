@@ -8,13 +8,13 @@ Matmuls accumulate in f32 (`preferred_element_type`) and softmax runs in f32.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyperlora_jax.lora.adapter import lora_delta
 from hyperlora_jax.models.config import ModelConfig
 
 F32 = jnp.float32
@@ -95,6 +95,51 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + rot * sin
 
 
+def lora_delta(
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    scale: float,
+    adapter_index: jax.Array | None = None,
+) -> jax.Array:
+    """scale * (x A^T) B for one layer's factors, accumulated in f32, cast back to x.dtype.
+
+    x: [B, T, d_in]. a/b: [R, d] (one adapter for all), [B, R, d] (one per sequence), or, with
+    `adapter_index` [B, T] of ints, [N, R, d] (each token uses adapter adapter_index[b, t]) or
+    [B, N, R, d] (each row has its own N adapters, index within the row; cheaper when packing, as
+    the work per token grows with N, not with the batch). Used for packed rows where each segment
+    has its own adapter. `adapter_index` may instead be weights [B, T, N]: each token gets the
+    weighted sum of the N adapters' outputs; a 0/1 mask over several adapters equals their
+    rank concatenation (how D2L training applies a context's chunk LoRAs without composing them).
+    Never forms W + dW, never gathers per-token factors.
+    """
+    f32 = jnp.float32
+    xa_dtype = jnp.promote_types(x.dtype, a.dtype)
+    x_ = x.astype(xa_dtype)
+    a_ = a.astype(xa_dtype)
+    if adapter_index is not None:
+        n = a.shape[-3]
+        # One GEMM against all N adapters' A ([B, T, N, R]), zero every adapter but the token's
+        # own, then one GEMM over (N, R): exact, and no per-token copy of the factors.
+        if jnp.issubdtype(adapter_index.dtype, jnp.integer):
+            select = jax.nn.one_hot(adapter_index, n, dtype=f32)[..., None]
+        else:
+            select = adapter_index.astype(f32)[..., None]
+        if a.ndim == 3:
+            xa = jnp.einsum("btd,nrd->btnr", x_, a_, preferred_element_type=f32) * select
+            out = jnp.einsum("btnr,nro->bto", xa, b.astype(f32), preferred_element_type=f32)
+        else:
+            xa = jnp.einsum("btd,bnrd->btnr", x_, a_, preferred_element_type=f32) * select
+            out = jnp.einsum("btnr,bnro->bto", xa, b.astype(f32), preferred_element_type=f32)
+    elif a.ndim == 2:
+        xa = jnp.einsum("btd,rd->btr", x_, a_, preferred_element_type=f32)
+        out = jnp.einsum("btr,ro->bto", xa, b.astype(f32), preferred_element_type=f32)
+    else:
+        xa = jnp.einsum("btd,brd->btr", x_, a_, preferred_element_type=f32)
+        out = jnp.einsum("btr,bro->bto", xa, b.astype(f32), preferred_element_type=f32)
+    return (scale * out).astype(x.dtype)
+
+
 class Proj(nn.Module):
     """y = x W (+ b) + LoRA delta; W is stored [d_in, d_out] (HF's transpose)."""
 
@@ -126,8 +171,19 @@ def _lora(lora: dict | None, name: str):
     return lora["a"][name], lora["b"][name]
 
 
-def attention_mask(q_idx, q_seg, k_idx, k_seg, sliding: jax.Array, window: int | None):
+class MaskInputs(NamedTuple):
+    """What decides who attends to whom: slot indices and segment ids (0 = padding)."""
+
+    q_idx: jax.Array  # [B, T] query slots
+    q_seg: jax.Array  # [B, T]
+    k_idx: jax.Array  # [B, S] key slots
+    k_seg: jax.Array  # [B, S]
+    sliding: jax.Array  # [] bool: this layer uses the sliding window
+
+
+def attention_mask(m: MaskInputs, window: int | None):
     """[B, 1, 1, T, S] bool: causal by index, same non-zero segment, and inside the window."""
+    q_idx, q_seg, k_idx, k_seg, sliding = m
     allowed = (k_idx[:, None, :] <= q_idx[:, :, None]) & (q_seg[:, :, None] == k_seg[:, None, :])
     allowed &= (k_seg != 0)[:, None, :]
     if window is not None:
@@ -140,7 +196,7 @@ def attention_mask(q_idx, q_seg, k_idx, k_seg, sliding: jax.Array, window: int |
 ATTN_BLOCK = 128
 
 
-def _attend(qg, k, v, mask_args, c: ModelConfig) -> jax.Array:
+def _attend(qg, k, v, mask: MaskInputs, c: ModelConfig) -> jax.Array:
     """Softmax attention core. qg [b, kv, g, tq, d], k/v [b, kv, s, d] -> [b, kv, g, tq, d] f32."""
     b, nkv, g, tq, hd = qg.shape
     s = k.shape[2]
@@ -151,8 +207,8 @@ def _attend(qg, k, v, mask_args, c: ModelConfig) -> jax.Array:
     logits = logits * (qpas**-0.5 if qpas is not None else hd**-0.5)
     if c.attn_logit_softcap is not None:
         logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-    mask = attention_mask(*mask_args, c.sliding_window)  # [b, 1, 1, tq, s]
-    logits = jnp.where(mask, logits, MASK_VALUE)
+    allowed = attention_mask(mask, c.sliding_window)  # [b, 1, 1, tq, s]
+    logits = jnp.where(allowed, logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, nkv, g * tq, s)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=F32)
     return out.reshape(b, nkv, g, tq, hd)
@@ -165,7 +221,7 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = F32
 
     @nn.compact
-    def __call__(self, x, positions, inv_freq, mask_args, lora, scale, adapter_index, cache):
+    def __call__(self, x, positions, inv_freq, mask: MaskInputs, lora, scale, adapter_index, cache):
         c = self.config
         nh, nkv, hd = c.num_heads, c.num_kv_heads, c.head_dim
         h = c.hidden_size
@@ -188,7 +244,6 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
 
-        q_idx, q_seg, k_idx, k_seg, sliding = mask_args
         new_cache = None
         if cache is not None:  # write this step's keys at slots [end, end + T), attend to all slots
             upd = jax.vmap(lambda buf, new, e: jax.lax.dynamic_update_slice_in_dim(buf, new, e, 0))
@@ -208,11 +263,17 @@ class Attention(nn.Module):
             outs = []
             for s0 in range(0, t, ATTN_BLOCK):
                 s1 = min(s0 + ATTN_BLOCK, t)
-                blk = (q_idx[:, s0:s1], q_seg[:, s0:s1], k_idx[:, :s1], k_seg[:, :s1], sliding)
+                blk = MaskInputs(
+                    mask.q_idx[:, s0:s1],
+                    mask.q_seg[:, s0:s1],
+                    mask.k_idx[:, :s1],
+                    mask.k_seg[:, :s1],
+                    mask.sliding,
+                )
                 outs.append(_attend(qg[:, :, :, s0:s1], kt[:, :, :s1], vt[:, :, :s1], blk, c))
             out = jnp.concatenate(outs, axis=3)
         else:
-            out = _attend(qg, kt, vt, (q_idx, q_seg, k_idx, k_seg, sliding), c)
+            out = _attend(qg, kt, vt, mask, c)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, nh * hd).astype(x.dtype)
         out = Proj(nh * hd, h, ("heads", "embed"), name="o_proj", **kw)(  # no bias in any family
             out, _lora(lora, "o_proj"), scale, adapter_index

@@ -8,7 +8,7 @@ whose layer axis is scanned along with the layer params; `adapter=None` is the b
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -16,9 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax.errors import ConfigError, InputError
-from hyperlora_jax.lora.adapter import Adapter
 from hyperlora_jax.models.config import TARGET_MODULES, ModelConfig
-from hyperlora_jax.models.layers import F32, MLP, Attention, RMSNorm, _param, layer_rope_table
+from hyperlora_jax.models.layers import (
+    F32,
+    MLP,
+    Attention,
+    MaskInputs,
+    RMSNorm,
+    _param,
+    layer_rope_table,
+)
+
+if TYPE_CHECKING:  # hints only: models sit below lora (forward reads .a, .b, .scale)
+    from hyperlora_jax.lora.adapter import Adapter
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
@@ -30,6 +40,26 @@ class ForwardOutput(NamedTuple):
     cache: Cache | None
 
 
+class LayerInputs(NamedTuple):
+    """Inputs every layer sees alike (broadcast by the layer scan)."""
+
+    positions: jax.Array  # [B, T] RoPE positions
+    q_idx: jax.Array  # [B, T] query slots
+    q_seg: jax.Array  # [B, T] segment ids (0 = padding)
+    k_idx: jax.Array  # [B, S] key slots (S = T without a cache, the cache length with one)
+    k_seg: jax.Array  # [B, S]
+    adapter_index: jax.Array | None  # [B, T] ints or [B, T, N] weights (see layers.lora_delta)
+
+
+class PerLayer(NamedTuple):
+    """Inputs with a leading layer axis [k, ...], scanned with the layer params."""
+
+    inv_freq: jax.Array  # [k, head_dim/2]
+    sliding: jax.Array  # [k] bool
+    lora: dict | None  # {"a", "b": {module: [k, ...]}}
+    cache: Cache | None  # {"k", "v": [k, B, S, kv_heads, head_dim], "end": [k, B]}
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block; Gemma adds post-attention / post-MLP norms (the "sandwich")."""
 
@@ -39,27 +69,26 @@ class DecoderLayer(nn.Module):
     collect_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, shared, per_layer):
+    def __call__(self, x, shared: LayerInputs, per_layer: PerLayer):
         c = self.config
-        positions, q_idx, q_seg, k_idx, k_seg, adapter_index = shared
-        inv_freq, sliding, lora, cache = per_layer
+        lora = per_layer.lora
         norm = dict(dim=c.hidden_size, eps=c.rms_norm_eps, plus_one=c.norm_plus_one)
         kw = dict(param_dtype=self.param_dtype)
         h, new_cache = Attention(c, name="attn", **kw)(
             RMSNorm(**norm, **kw, name="attn_norm")(x),
-            positions,
-            inv_freq,
-            (q_idx, q_seg, k_idx, k_seg, sliding),
+            shared.positions,
+            per_layer.inv_freq,
+            MaskInputs(shared.q_idx, shared.q_seg, shared.k_idx, shared.k_seg, per_layer.sliding),
             lora,
             self.lora_scale,
-            adapter_index,
-            cache,
+            shared.adapter_index,
+            per_layer.cache,
         )
         if c.sandwich_norm:
             h = RMSNorm(**norm, **kw, name="post_attn_norm")(h)
         x = x + h
         h = MLP(c, name="mlp", **kw)(
-            RMSNorm(**norm, **kw, name="mlp_norm")(x), lora, self.lora_scale, adapter_index
+            RMSNorm(**norm, **kw, name="mlp_norm")(x), lora, self.lora_scale, shared.adapter_index
         )
         if c.sandwich_norm:
             h = RMSNorm(**norm, **kw, name="post_mlp_norm")(h)
@@ -80,7 +109,14 @@ class Decoder(nn.Module):
     remat_policy: str | None = None
 
     @nn.compact
-    def __call__(self, tokens, shared, per_layer, embeddings_noise=None, logits_at=None):
+    def __call__(
+        self,
+        tokens,
+        shared: LayerInputs,
+        per_layer: PerLayer,
+        embeddings_noise=None,
+        logits_at=None,
+    ):
         c = self.config
         emb = _param(
             self,
@@ -233,8 +269,10 @@ def _model(config, k, param_dtype, dtype=F32, scale=1.0, hidden=False, logits=Tr
 def _dummy_inputs(config: ModelConfig, k: int):
     b, t = 1, 1
     z = jnp.zeros((b, t), jnp.int32)
-    shared = (z, z, z + 1, z, z + 1, None)
-    per_layer = (jnp.zeros((k, config.head_dim // 2), F32), jnp.zeros((k,), bool), None, None)
+    shared = LayerInputs(z, z, z + 1, z, z + 1, None)
+    per_layer = PerLayer(
+        jnp.zeros((k, config.head_dim // 2), F32), jnp.zeros((k,), bool), None, None
+    )
     return z, shared, per_layer
 
 
@@ -291,7 +329,7 @@ def forward(
     embeddings_noise [B, T, H]: added to the embeddings before Gemma's sqrt(H) scale (NEFTune).
     logits_at [B, P] (ints): logits only at these positions, [B, P, V] (cheaper when few matter).
     adapter_index: ints [B, T] (one of the adapter's N adapters per token) or weights [B, T, N]
-    (see `hyperlora_jax.lora.adapter.lora_delta`).
+    (see `hyperlora_jax.models.layers.lora_delta`).
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
@@ -338,12 +376,11 @@ def forward(
     inv_freq = jnp.asarray(_rope_table(config)[:k])
 
     model = _model(config, k, F32, dtype, scale, return_hidden_states, return_logits, remat_policy)
-    shared = (positions, q_idx, seg, k_idx, k_seg, adapter_index)
     logits, hs, new_layer_cache = model.apply(
         {"params": run_params},
         tokens,
-        shared,
-        (inv_freq, sliding, lora, layer_cache),
+        LayerInputs(positions, q_idx, seg, k_idx, k_seg, adapter_index),
+        PerLayer(inv_freq, sliding, lora, layer_cache),
         embeddings_noise,
         None if logits_at is None else jnp.asarray(logits_at, jnp.int32),
     )

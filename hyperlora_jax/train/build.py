@@ -1,8 +1,9 @@
 """From an experiment config (configs/d2l.py, configs/t2l.py) to the pieces of a training run:
 base/hypernet configs, loss, optimizer, loop options and the shapes of one batch row.
 
-The two config families name a few hyperparameters differently (learning_rate vs lr, steps vs
-epochs); `hparams` normalises them so the trainer and `plan` read one schema.
+The config says its family in `kind`; the code reads `config.train.<key>` as the preset writes
+it. `Derived` holds only values computed from several keys (steps from epochs, warmup from a
+fraction, rows per step) or checked ones (dtype, the loss by name).
 """
 
 from __future__ import annotations
@@ -16,141 +17,167 @@ import numpy as np
 
 from hyperlora_jax.errors import ConfigError
 from hyperlora_jax.train import d2l_loss, optim, t2l_loss
+from hyperlora_jax.train.trainer import TrainOptions
 
-DTYPES = {
-    "float32": jnp.float32,
-    "bfloat16": jnp.bfloat16,
-    "f32": jnp.float32,
-    "bf16": jnp.bfloat16,
-}
-
-
-def _get(t, *names, default=None):
-    for n in names:
-        if n in t and t[n] is not None:
-            return t[n]
-    return default
-
-
-@dataclasses.dataclass
-class HParams:
-    kind: str  # "d2l" or "t2l"
-    objective: str  # d2l: distill | ce ; t2l: sft | recon | lora (plain LoRA library)
-    steps: int
-    lr: float
-    schedule: str
-    warmup_steps: int
-    min_lr: float
-    weight_decay: float
-    no_decay: tuple[str, ...]
-    max_grad_norm: float
-    grad_accum_steps: int
-    global_batch: int  # rows per optimizer step (all accumulation micro-batches)
-    dtype: Any
-    seed: int
-    l1_coef: float = 0.0
-    l2_coef: float = 0.0
-    label_smoothing: float = 0.0
-    neftune_alpha: float = 0.0
-    remat_policy: str | None = None
-    # packed-row sizes (D2L) / sequence length (T2L)
-    inp_len: int = 512
-    ctx_len: int = 512
-    max_contexts: int = 16
-    max_chunks: int = 16
-    max_qas: int = 64
-    top_k: int = 16
-    max_chunk_len: int | None = None  # longest chunk (default: the packed context length)
-    max_label_len: int | None = None  # LM head only at this many label positions per row
-    num_adapters: int = 1  # objective lora: adapters in the library (1 = one multi-task LoRA)
-
-
-def kind_of(config) -> str:
-    h = config.get("hypernet", {})
-    if "ctx_encoder_type" in h:
-        return "d2l"
-    if "encoder" in config or "lora" in config:
-        return "t2l"
-    raise ConfigError("config is neither a D2L (configs/d2l.py) nor a T2L (configs/t2l.py) one")
-
-
-def hparams(config) -> HParams:
-    t = config.train
-    kind = kind_of(config)
-    if kind == "d2l":
-        loss = _get(t, "loss", default="kl_top16")
-        objective = "ce" if loss == "ce" else "distill"
-        steps = _get(t, "steps")
-        if steps is None:  # NIAH: one epoch over num_train_samples (packs ~ samples here)
-            steps = int(_get(t, "num_train_samples", default=640_000)) // int(
-                _get(t, "global_packs_per_step", default=16)
-            )
-        global_batch = int(_get(t, "global_packs_per_step", "batch_size", default=8))
-        no_decay = tuple(_get(t, "no_decay", default=())) + optim.D2L_NO_DECAY
-    else:
-        objective = _get(t, "objective", default="sft")
-        per_epoch = int(_get(t, "n_train_ds", default=479)) // int(
-            _get(t, "n_tasks_per_batch", default=8)
-        )
-        steps = _get(t, "steps") or int(_get(t, "epochs", default=1)) * max(per_epoch, 1)
-        global_batch = int(_get(t, "n_tasks_per_batch", default=8)) * int(
-            _get(t, "n_points_per_task", "n_embs_per_sampled_task", default=1)
-        )
-        no_decay = optim.T2L_NO_DECAY
-    steps = int(steps)
-    warmup = _get(t, "warmup_steps")
-    if warmup is None:
-        warmup = int(float(_get(t, "warmup_frac", default=0.0)) * steps)
-    sched = str(_get(t, "schedule", default="cosine"))
-    sched = {"cosine_with_min_lr": "cosine"}.get(sched, sched)
-    dtype = DTYPES[str(_get(t, "compute_dtype", default=config.get("compute_dtype", "float32")))]
-    remat = _get(t, "remat_policy", default=None) or None
-    return HParams(
-        kind=kind,
-        objective=objective,
-        steps=steps,
-        lr=float(_get(t, "learning_rate", "lr")),
-        schedule=sched,
-        warmup_steps=int(warmup),
-        min_lr=float(_get(t, "min_learning_rate", "min_lr", default=0.0)),
-        weight_decay=float(_get(t, "weight_decay", default=0.01)),
-        no_decay=no_decay,
-        max_grad_norm=float(_get(t, "max_grad_norm", default=1.0)),
-        grad_accum_steps=int(_get(t, "grad_accum_steps", default=1)),
-        global_batch=global_batch,
-        dtype=dtype,
-        seed=int(_get(t, "seed", default=0)),
-        l1_coef=float(_get(t, "l1_coef", default=0.0)),
-        l2_coef=float(_get(t, "l2_reg_generated_w", default=0.0)),
-        label_smoothing=float(_get(t, "label_smoothing", default=0.0)),
-        neftune_alpha=float(_get(t, "neftune_alpha", "neftune_noise_alpha", default=0.0)),
-        remat_policy=remat,
-        inp_len=int(_get(t, "max_packed_inp_len", "inp_max_len", default=512)),
-        ctx_len=int(_get(t, "max_packed_ctx_len", default=512)),
-        max_contexts=int(_get(t, "max_contexts_per_pack", default=16)),
-        max_chunks=int(_get(t, "max_chunks_per_pack", default=16)),
-        max_qas=int(_get(t, "max_qas_per_pack", default=64)),
-        top_k=int(_get(t, "top_k_teacher", default=16)),
-        max_chunk_len=_chunk_len(t),
-        max_label_len=int(_get(t, "max_label_len", default=0)) or None,
-        num_adapters=int(_get(t, "num_adapters", default=1)),
-    )
-
-
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CHUNK_AFFIX_ROOM = 32  # a chunk is max_ctx_chunk_len ids plus its chat-turn header / trailer
 
 
-def _chunk_len(t) -> int | None:
-    """Static chunk slot length of the hypernetwork input (the training data is checked to fit)."""
-    n = _get(t, "max_chunk_len", "max_ctx_chunk_len", default=None)
-    if n is None or int(n) <= 0:
-        return None
-    return min(int(n) + CHUNK_AFFIX_ROOM, int(_get(t, "max_packed_ctx_len", default=int(n))))
+def _d2l_loss(objective: str):
+    def make(config, d, base_cfg, hcfg):
+        t = config.train
+        return d2l_loss.make_d2l_loss(
+            hcfg,
+            base_cfg,
+            objective=objective,
+            l1_coef=t.l1_coef,
+            neftune_alpha=t.neftune_alpha,
+            max_chunk_len=d.max_chunk_len,
+            dtype=d.dtype,
+            remat_policy=d.remat_policy,
+            max_label_len=d.max_label_len,
+        )
+
+    return make
+
+
+def _t2l_lm_kw(config, d) -> dict:
+    t = config.train
+    return dict(
+        label_smoothing=t.label_smoothing,
+        l2_coef=t.l2_reg_generated_w,
+        neftune_alpha=t.neftune_alpha,
+        dtype=d.dtype,
+        remat_policy=d.remat_policy,
+        max_label_len=d.max_label_len,
+    )
+
+
+# The loss of each family by its config name (d2l: train.loss, t2l: train.objective):
+# name -> (objective, teacher top-k of a row, factory(config, derived, base_cfg, hyper_cfg)).
+LOSSES = {
+    "d2l": {
+        "kl_top16": ("distill", 16, _d2l_loss("distill")),  # context distillation
+        "ce": ("ce", 0, _d2l_loss("ce")),  # gold answers (NIAH)
+    },
+    "t2l": {
+        "sft": ("sft", 0, lambda c, d, b, h: t2l_loss.make_t2l_sft_loss(h, b, **_t2l_lm_kw(c, d))),
+        "recon": ("recon", 0, lambda c, d, b, h: t2l_loss.make_t2l_recon_loss(h)),
+        # plain LoRAs (a library of num_adapters), no hypernetwork
+        "lora": (
+            "lora",
+            0,
+            lambda c, d, b, h: t2l_loss.make_lora_library_loss(h, b, **_t2l_lm_kw(c, d)),
+        ),
+    },
+}
+LOSS_KEY = {"d2l": "loss", "t2l": "objective"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    kind: str  # "d2l" or "t2l"
+    objective: str  # d2l: distill | ce ; t2l: sft | recon | lora
+    top_k: int  # teacher log-probs per label position (distill), else 0
+    steps: int
+    warmup_steps: int
+    global_batch: int  # rows per optimizer step (all accumulation micro-batches)
+    dtype: Any
+    remat_policy: str | None
+    max_label_len: int | None  # LM head only at this many label positions per row
+    max_chunk_len: int | None = None  # d2l chunk slot length (default: the packed context)
+
+
+def derive(config) -> Derived:
+    """The checked and computed values of an experiment config (see module docstring)."""
+    kind = config.get("kind")
+    if kind not in LOSSES:
+        raise ConfigError(f"config.kind={kind!r}: expected one of {', '.join(LOSSES)}")
+    t = config.train
+    name = t[LOSS_KEY[kind]]
+    if name not in LOSSES[kind]:
+        raise ConfigError(
+            f"train.{LOSS_KEY[kind]}={name!r}: expected one of {', '.join(LOSSES[kind])}"
+        )
+    objective, top_k, _ = LOSSES[kind][name]
+    if not t.learning_rate > 0:
+        raise ConfigError(f"train.learning_rate={t.learning_rate}: must be > 0")
+    if kind == "d2l":
+        global_batch = t.global_packs_per_step
+        # NIAH: epochs over num_train_samples (packs ~ samples here)
+        steps = _steps(t, lambda: t.num_train_samples // global_batch)
+        warmup = t.warmup_steps
+        n = t.max_ctx_chunk_len
+        chunk = min(n + CHUNK_AFFIX_ROOM, t.max_packed_ctx_len) if n > 0 else None
+    else:
+        global_batch = t.n_tasks_per_batch
+        steps = _steps(t, lambda: max(t.n_train_ds // global_batch, 1))
+        warmup = int(t.warmup_frac * steps)
+        chunk = None
+        if t.oracle_library and objective != "recon":
+            raise ConfigError("train.oracle_library is read only by train.objective=recon")
+        if objective == "sft" and t.num_adapters != 1:
+            raise ConfigError("train.num_adapters is read only by train.objective=lora")
+    if t.compute_dtype not in DTYPES:
+        raise ConfigError(
+            f"train.compute_dtype={t.compute_dtype!r}: expected one of {', '.join(DTYPES)}"
+        )
+    return Derived(
+        kind=kind,
+        objective=objective,
+        top_k=top_k,
+        steps=steps,
+        warmup_steps=int(warmup),
+        global_batch=int(global_batch),
+        dtype=DTYPES[t.compute_dtype],
+        remat_policy=t.remat_policy or None,
+        max_label_len=t.max_label_len or None,
+        max_chunk_len=chunk,
+    )
+
+
+def _steps(t, per_epoch) -> int:
+    """train.steps, or train.epochs x per_epoch() when steps is unset; > 0."""
+    steps, epochs = t.get("steps"), t.get("epochs")
+    if steps is None:
+        if epochs is None:
+            raise ConfigError("set train.steps or train.epochs")
+        steps = epochs * per_epoch()
+    if not steps > 0:
+        raise ConfigError(f"train.steps={steps}: must be > 0")
+    return int(steps)
+
+
+def train_options(config, d: Derived, workdir: str, **extra) -> TrainOptions:
+    """The loop options of an experiment config (extra: TrainOptions fields not in a config)."""
+    t = config.train
+    return TrainOptions(
+        steps=d.steps,
+        workdir=workdir,
+        seed=t.seed,
+        grad_accum_steps=t.grad_accum_steps,
+        log_every=t.log_every,
+        save_every=t.save_every,
+        max_to_keep=t.max_to_keep,
+        max_bad_steps=t.max_bad_steps,
+        time_budget_s=t.time_budget_s or None,
+        lr_time_decay=t.lr_time_decay,
+        min_lr_ratio=t.min_learning_rate / t.learning_rate,
+        **extra,
+    )
+
+
+def mesh_spec(config, flag: str = "") -> dict[str, int]:
+    """{data, fsdp, tensor} sizes: the --mesh flag, else train.mesh (-1 = the rest)."""
+    from hyperlora_jax.train import sharding as shd
+
+    spec = shd.parse_mesh_spec(flag) if flag else dict(config.train.mesh)
+    return {k: int(spec.get(k, 1)) for k in ("data", "fsdp", "tensor")}
 
 
 @dataclasses.dataclass
 class Parts:
-    hp: HParams
+    hp: Derived
     base_cfg: Any
     hyper_cfg: Any
     loss_fn: Any
@@ -159,71 +186,83 @@ class Parts:
     rebuild_info: dict
 
 
+def t2l_configs(config) -> tuple[Any, Any]:
+    """(base ModelConfig, T2LConfig) of a configs/t2l.py experiment: per-module sizes and layer
+    count from the base model."""
+    from hyperlora_jax.hypernet.t2l.model import T2LConfig
+    from hyperlora_jax.models.config import ModelConfig, get_preset
+
+    if config.base_preset:
+        base = get_preset(config.base_preset)
+    else:
+        base = ModelConfig(**dict(config.base_model_config))
+    lo = config.lora
+    mods = tuple(lo.target_modules)
+    dims = [base.module_dims(m) for m in mods]
+    hcfg = T2LConfig(
+        modules=mods,
+        in_features=tuple(d[0] for d in dims),
+        out_features=tuple(d[1] for d in dims),
+        num_layers=base.num_layers,
+        task_emb_size=int(config.encoder.dim),
+        rank=int(lo.r),
+        lora_alpha=float(lo.lora_alpha),
+        use_rslora=bool(lo.use_rslora),
+        **dict(config.hypernet),
+    )
+    return base, hcfg
+
+
 def experiment(config) -> Parts:
     """Base config, hypernetwork config, loss and initializer of an experiment config."""
-    hp = hparams(config)
-    if hp.kind == "d2l":
+    d = derive(config)
+    if d.kind == "d2l":
         from hyperlora_jax.hypernet.d2l.model import configs_from_experiment
         from hyperlora_jax.hypernet.d2l.model import init_params as d2l_init
 
         base_cfg, hcfg = configs_from_experiment(config)
-        loss = d2l_loss.make_d2l_loss(
-            hcfg,
-            base_cfg,
-            objective=hp.objective,
-            l1_coef=hp.l1_coef,
-            neftune_alpha=hp.neftune_alpha,
-            max_chunk_len=hp.max_chunk_len,
-            dtype=hp.dtype,
-            remat_policy=hp.remat_policy,
-            max_label_len=hp.max_label_len,
-        )
         init = lambda k: d2l_init(hcfg, k)  # noqa: E731
         count = d2l_loss.d2l_count
-        hyper_json = hcfg.to_json()
     else:
-        import importlib.util
-        import sys
-        from pathlib import Path
-
         from hyperlora_jax.hypernet.t2l.model import init_params as t2l_init
 
-        spec = importlib.util.spec_from_file_location(
-            "_t2l_configs", Path(__file__).parents[2] / "configs" / "t2l.py"
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules.setdefault("_t2l_configs", mod)
-        spec.loader.exec_module(mod)
-        base_cfg = mod.model_config(config)
-        hcfg = mod.hypernet_config(config, base_cfg)
-        sft = dict(
-            label_smoothing=hp.label_smoothing,
-            l2_coef=hp.l2_coef,
-            neftune_alpha=hp.neftune_alpha,
-            dtype=hp.dtype,
-            remat_policy=hp.remat_policy,
-            max_label_len=hp.max_label_len,
-        )
+        base_cfg, hcfg = t2l_configs(config)
         init = lambda k: t2l_init(hcfg, k)  # noqa: E731
-        if hp.objective == "recon":
-            loss = t2l_loss.make_t2l_recon_loss(hcfg)
-        elif hp.objective == "lora":
-            loss = t2l_loss.make_lora_library_loss(hcfg, base_cfg, **sft)
-            init = lambda k: lora_library_init(hcfg, base_cfg, hp.num_adapters, k)  # noqa: E731
-        elif hp.objective == "sft":
-            loss = t2l_loss.make_t2l_sft_loss(hcfg, base_cfg, **sft)
-        else:
-            raise ConfigError(f"train.objective={hp.objective!r}: expected sft, recon or lora")
+        if d.objective == "lora":
+            n = config.train.num_adapters
+            init = lambda k: lora_library_init(hcfg, base_cfg, n, k)  # noqa: E731
         count = t2l_loss.t2l_count
-        hyper_json = hcfg.to_json()
+    loss = LOSSES[d.kind][config.train[LOSS_KEY[d.kind]]][2](config, d, base_cfg, hcfg)
+    if config.train.init_from:  # e.g. stage 2 from stage 1: params only, fresh optimizer
+        init = _params_from_checkpoint(config.train.init_from, d.kind, init)
     info = {
-        "kind": hp.kind,
-        "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
-        "base_model": config.get("base_model"),
+        "kind": d.kind,
+        "name": config.name,
+        "config": config.to_dict(),
+        "base_model": config.base_model,
         "base_model_config": base_cfg.to_json(),
-        "hypernet_config": hyper_json,
+        "hypernet_config": hcfg.to_json(),
     }
-    return Parts(hp, base_cfg, hcfg, loss, count, init, _jsonable(info))
+    return Parts(d, base_cfg, hcfg, loss, count, init, _jsonable(info))
+
+
+def _params_from_checkpoint(path: str, kind: str, init_params):
+    """An initializer returning an exported checkpoint's params (shapes checked against ours)."""
+    from hyperlora_jax.errors import CheckpointError
+
+    if kind == "d2l":
+        from hyperlora_jax.hypernet.d2l.checkpoint import load_checkpoint
+    else:
+        from hyperlora_jax.hypernet.t2l.checkpoint import load_checkpoint
+    params = load_checkpoint(path).params
+    want = jax.eval_shape(init_params, jax.random.key(0))
+    got = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), params)
+    if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or any(
+        a.shape != b.shape
+        for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got))
+    ):
+        raise CheckpointError(f"train.init_from={path}: its parameters do not fit this config")
+    return lambda rng: jax.tree_util.tree_map(jnp.asarray, params)
 
 
 def lora_library_init(hcfg, base_cfg, n: int, rng) -> dict:
@@ -238,50 +277,44 @@ def lora_library_init(hcfg, base_cfg, n: int, rng) -> dict:
     return {"a": {m: tile(x) for m, x in ad.a.items()}, "b": {m: tile(x) for m, x in ad.b.items()}}
 
 
-def make_tx(parts: Parts, params_like):
-    hp = parts.hp
+def make_tx(config, parts: Parts, params_like):
+    t = config.train
+    no_decay = (
+        tuple(t.no_decay) + optim.D2L_NO_DECAY if parts.hp.kind == "d2l" else optim.T2L_NO_DECAY
+    )
     return optim.make_optimizer(
         params_like,
-        lr=hp.lr,
-        total_steps=hp.steps,
-        schedule=hp.schedule,
-        warmup_steps=hp.warmup_steps,
-        min_lr=hp.min_lr,
-        weight_decay=hp.weight_decay,
-        no_decay=hp.no_decay,
-        max_grad_norm=hp.max_grad_norm,
+        lr=t.learning_rate,
+        total_steps=parts.hp.steps,
+        schedule=t.schedule,
+        warmup_steps=parts.hp.warmup_steps,
+        min_lr=t.min_learning_rate,
+        weight_decay=t.weight_decay,
+        no_decay=no_decay,
+        max_grad_norm=t.max_grad_norm,
     )
 
 
-def batch_spec(parts: Parts, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_spec(config, parts: Parts, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Abstract global batch of `rows` rows (shapes of the data pipeline's output)."""
-    hp = parts.hp
+    hp, t = parts.hp, config.train
     i32, f32 = jnp.int32, jnp.float32
     sd = lambda *s, d=i32: jax.ShapeDtypeStruct((rows, *s), d)  # noqa: E731
     if hp.kind == "d2l":
-        t, tc = hp.inp_len, hp.ctx_len
-        out = {
-            k: sd(t)
-            for k in (
-                "input_ids",
-                "positions",
-                "segment_ids",
-                "labels",
-                "qa_index",
-                "adapter_index",
-            )
-        }
-        out.update({k: sd(tc) for k in ("ctx_ids", "ctx_positions", "ctx_segment_ids")})
+        n, nc = t.max_packed_inp_len, t.max_packed_ctx_len
+        row = ("input_ids", "positions", "segment_ids", "labels", "qa_index", "adapter_index")
+        out = {k: sd(n) for k in row}
+        out.update({k: sd(nc) for k in ("ctx_ids", "ctx_positions", "ctx_segment_ids")})
         out.update(
-            chunk_context=sd(hp.max_chunks),
-            n_ctx_chunks=sd(hp.max_contexts),
-            n_queries=sd(hp.max_contexts),
-            qa_context=sd(hp.max_qas),
+            chunk_context=sd(t.max_chunks_per_pack),
+            n_ctx_chunks=sd(t.max_contexts_per_pack),
+            n_queries=sd(t.max_contexts_per_pack),
+            qa_context=sd(t.max_qas_per_pack),
             num_contexts=sd(),
         )
-        if hp.objective == "distill":
-            out["logprobs_vals"] = sd(t, hp.top_k, d=f32)
-            out["logprobs_indices"] = sd(t, hp.top_k)
+        if hp.top_k:
+            out["logprobs_vals"] = sd(n, hp.top_k, d=f32)
+            out["logprobs_indices"] = sd(n, hp.top_k)
         return out
     h = parts.hyper_cfg
     if hp.objective == "recon":
@@ -291,12 +324,13 @@ def batch_spec(parts: Parts, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
             out[f"target_a.{m}"] = sd(h.num_layers, h.rank, d_in, d=f32)
             out[f"target_b.{m}"] = sd(h.num_layers, h.rank, d_out, d=f32)
         return out
+    n = t.inp_max_len
     return {
         "task_embs": sd(h.task_emb_size, d=f32),
         "task_index": sd(),
-        "tokens": sd(hp.inp_len),
-        "segment_ids": sd(hp.inp_len),
-        "loss_mask": sd(hp.inp_len, d=jnp.bool_),
+        "tokens": sd(n),
+        "segment_ids": sd(n),
+        "loss_mask": sd(n, d=jnp.bool_),
         "sample_valid": sd(d=jnp.bool_),
     }
 

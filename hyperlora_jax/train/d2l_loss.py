@@ -72,8 +72,13 @@ def make_d2l_loss(
     the rest: the data side must refuse such rows (`check_label_budget`).
     """
     from hyperlora_jax.errors import ConfigError
-    from hyperlora_jax.hypernet.d2l.api import encoder_layers
-    from hyperlora_jax.hypernet.d2l.model import bias_lora, generate_chunk_loras, project_features
+    from hyperlora_jax.hypernet.d2l.model import (
+        bias_lora,
+        context_features,
+        encoder_layers,
+        generate_chunk_loras,
+        project_features,
+    )
     from hyperlora_jax.lora.adapter import Adapter
     from hyperlora_jax.models.transformer import forward
     from hyperlora_jax.train import losses
@@ -81,7 +86,7 @@ def make_d2l_loss(
     if objective not in ("distill", "ce"):
         raise ConfigError(f"D2L objective {objective!r}; expected 'distill' or 'ce'")
     hdtype = hypernet_dtype or dtype
-    k_enc = encoder_layers(hcfg, base_cfg)
+    encoder_layers(hcfg, base_cfg)  # a depth error surfaces here, not inside the traced step
 
     def adapter_fn(params, base_params, batch):
         """Per-row chunk adapters [B, C + 1, L, r, d] (slot C: the bias LoRA) and token weights
@@ -94,19 +99,16 @@ def make_d2l_loss(
         bsz, tc = seg_c.shape
         n_slots = batch["chunk_context"].shape[1]
         with jax.named_scope("context_encoder"):
-            hs = forward(
+            feats = context_features(
                 base_params,
                 base_cfg,
+                hcfg,
                 batch["ctx_ids"],
-                segment_ids=seg_c,
-                positions=batch["ctx_positions"],
-                num_layers=k_enc,
-                return_hidden_states=True,
-                return_logits=False,
+                seg_c,
+                batch["ctx_positions"],
                 dtype=dtype,
                 remat_policy=remat_policy,
-            ).hidden_states  # [B, k+1, Tc, H]
-        feats = hs if hcfg.layer_to_layer else hs[:, -1]  # [B, (L,) Tc, H]
+            )  # [B, (L,) Tc, H], the same encoder as DocToLoRA's
         feats = jax.lax.stop_gradient(feats.astype(hdtype))
         # The Perceiver's input projection (H -> 4H -> latent) is token-wise: run it on the Tc
         # packed tokens, not on the C x max_chunk_len mostly padded chunk rows.

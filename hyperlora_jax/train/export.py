@@ -33,15 +33,9 @@ def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bo
         from hyperlora_jax.hypernet.d2l.model import D2LConfig
 
         cfg = D2LConfig.from_json(info["hypernet_config"])
-        return save_checkpoint(
-            out,
-            params,
-            cfg,
-            base_model=info.get("base_model"),
-            extra={"training": training},
-            overwrite=overwrite,
-        )
-    from hyperlora_jax.hypernet.t2l.api import save_t2l_checkpoint
+        meta = {"base_model": info.get("base_model"), "training": training}
+        return save_checkpoint(out, cfg, params, meta, overwrite=overwrite)
+    from hyperlora_jax.hypernet.t2l.checkpoint import save_checkpoint
     from hyperlora_jax.hypernet.t2l.model import T2LConfig
     from hyperlora_jax.lora.storage import load_safetensors
 
@@ -63,4 +57,4 @@ def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bo
     constants = load_safetensors(stats) if cfg.pred_z_score and stats.is_file() else None
     if cfg.pred_z_score and constants is None:
         raise CheckpointError(f"{stats} is missing: a pred_z_score run cannot be un-normalised")
-    return save_t2l_checkpoint(out, cfg, params, constants, meta=meta, overwrite=overwrite)
+    return save_checkpoint(out, cfg, params, meta, constants=constants, overwrite=overwrite)

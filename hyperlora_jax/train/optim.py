@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-import jax
 import optax
 from flax import traverse_util
 
@@ -88,25 +87,3 @@ def make_optimizer(
         parts.append(optax.clip_by_global_norm(max_grad_norm))
     parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask))
     return optax.chain(*parts), sched
-
-
-def optimizer_from_config(params, cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Build the optimizer from a `config.train` section (see trainer.train_defaults)."""
-    no_decay = cfg.get("no_decay", D2L_NO_DECAY)
-    if isinstance(no_decay, str):
-        no_decay = {"d2l": D2L_NO_DECAY, "t2l": T2L_NO_DECAY, "none": ()}.get(no_decay, (no_decay,))
-    return make_optimizer(
-        params,
-        lr=cfg.lr,
-        total_steps=cfg.steps,
-        schedule=cfg.get("schedule", "cosine"),
-        warmup_steps=cfg.get("warmup_steps", 0),
-        min_lr=cfg.get("min_lr", 0.0),
-        weight_decay=cfg.get("weight_decay", 0.01),
-        no_decay=tuple(no_decay),
-        max_grad_norm=cfg.get("max_grad_norm", 1.0),
-    )
-
-
-def global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree)

@@ -42,18 +42,18 @@ def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
     )
     hyper_abs = jax.eval_shape(parts.init_params, key)
     hyper_sh = shd.tree_shardings(hyper_abs, m)
-    tx, sched = build.make_tx(parts, hyper_abs)
+    tx, sched = build.make_tx(config, parts, hyper_abs)
     state_abs = jax.eval_shape(lambda p: TrainState.create(p, tx, 0), hyper_abs)
     st_sh = state_shardings(state_abs, hyper_sh, m)
     rows = rows or hp.global_batch
-    batch = build.batch_spec(parts, rows)
+    batch = build.batch_spec(config, parts, rows)
     batch_sh = {k: shd.batch_sharding(m, len(v.shape)) for k, v in batch.items()}
     axes = tuple(a for a in ("data", "fsdp") if m.shape[a] > 1) or None
     step = make_train_step(
         parts.loss_fn,
         tx,
         parts.count_fn,
-        grad_accum_steps=hp.grad_accum_steps,
+        grad_accum_steps=config.train.grad_accum_steps,
         schedule=sched,
         micro_batch_axes=axes,
     )
@@ -75,11 +75,11 @@ def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
     n_dev = m.size
     count = lambda t: int(sum(math.prod(x.shape) for x in jax.tree.leaves(t)))  # noqa: E731
     out = {
-        "config": config.get("name", "?"),
+        "config": config.name,
         "mesh": dict(m.shape),
         "devices": n_dev,
         "global_rows_per_step": rows,
-        "grad_accum_steps": hp.grad_accum_steps,
+        "grad_accum_steps": config.train.grad_accum_steps,
         "row_shape": {
             k: list(v.shape[1:])
             for k, v in batch.items()
@@ -162,7 +162,7 @@ def _main(argv):
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()
-    from hyperlora_jax.cli.train import load_config
+    from hyperlora_jax.train.config_file import load_config
 
     config = load_config(argv[0], argv[3:])
     mesh = json.loads(argv[1])

@@ -196,10 +196,6 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedShard
     return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
 
 
-def batch_size_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
-    return int(np.prod([mesh.shape[a] for a in _rules_dict(rules).get("batch", ())]))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

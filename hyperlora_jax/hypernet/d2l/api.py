@@ -1,4 +1,4 @@
-"""Doc-to-LoRA end to end: context encoder, chunking, composition and the `DocToLoRA` API.
+"""Doc-to-LoRA end to end: chunking, composition and the `DocToLoRA` API (model.py: the forward).
 
 document text --chat template--> ids --official split + affixes--> chunks [N, T] (padded, segment 0)
 --frozen base LM, first L-1 layers (l2l) or first L//4 (early exit)--> features
@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax.errors import CheckpointError, ConfigError, InputError
-from hyperlora_jax.hypernet.d2l.checkpoint import (
-    CONFIG,
-    base_dims_of_config,
-    load_checkpoint,
-    save_checkpoint,
+from hyperlora_jax.hypernet.d2l.checkpoint import check_base_model, load_checkpoint, save_checkpoint
+from hyperlora_jax.hypernet.d2l.model import (
+    D2LConfig,
+    bias_lora,
+    context_features,
+    encoder_layers,
+    generate_chunk_loras,
 )
-from hyperlora_jax.hypernet.d2l.model import D2LConfig, bias_lora, generate_chunk_loras
 from hyperlora_jax.lora.adapter import Adapter
 from hyperlora_jax.models import transformer
 from hyperlora_jax.models.chat import (
@@ -37,72 +38,24 @@ from hyperlora_jax.models.chat import (
     tokenize_ctx_text,
 )
 from hyperlora_jax.models.config import ModelConfig
+from hyperlora_jax.models.tokenizer import load_tokenizer
 
 
-# ----------------------------------------------------------------------------- context encoder
-def encoder_layers(cfg: D2LConfig, ctx_config: ModelConfig) -> int:
-    """How many decoder layers of the context model run: L-1 (l2l) or the early-exit depth."""
-    if cfg.layer_to_layer:
-        last = cfg.ctx_encoder_last_layer or ctx_config.num_layers
-        k = last - 1
-        if k + 1 != cfg.num_layers:
-            raise ConfigError(
-                f"l2l context encoder gives {k + 1} activation maps but the hypernetwork has "
-                f"{cfg.num_layers} layers; set ctx_encoder_last_layer to the base model's depth"
-            )
-    else:
-        k = cfg.early_exit_layer or ctx_config.num_layers // 4
-    if not 1 <= k <= ctx_config.num_layers:
-        raise ConfigError(f"context encoder depth {k} is outside [1, {ctx_config.num_layers}]")
-    return k
-
-
-def encode_context(
-    ctx_params: dict,
-    ctx_config: ModelConfig,
-    cfg: D2LConfig,
-    tokens: jax.Array,
-    mask: jax.Array,
-    dtype=jnp.float32,
-) -> jax.Array:
-    """Chunks [N, T] (mask: True = real token) -> l2l [N, L, T, H] or early-exit [N, T, H].
-
-    Each chunk is encoded on its own (positions from 0, padding is segment 0). l2l: entry l is
-    the residual stream entering layer l, the last entry is final-normed (HF hidden_states of the
-    model truncated to L-1 layers). Padded positions are zeroed (they are masked downstream).
-    """
-    k = encoder_layers(cfg, ctx_config)
-    out = transformer.forward(
-        ctx_params,
-        ctx_config,
-        tokens,
-        segment_ids=mask.astype(jnp.int32),
-        num_layers=k,
-        return_hidden_states=True,
-        return_logits=False,
-        dtype=dtype,
-    )
-    hs = out.hidden_states  # [N, k+1, T, H]
-    if cfg.layer_to_layer:
-        return jnp.where(mask[:, None, :, None], hs, 0).astype(jnp.float32)
-    return jnp.where(mask[:, :, None], hs[:, -1], 0).astype(jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "ctx_config", "iterative", "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "ctx_config", "iterative", "dtype"))
 def chunk_loras(
     hyper_params: dict,
     ctx_params: dict,
     tokens: jax.Array,
     mask: jax.Array,
     *,
-    cfg: D2LConfig,
+    config: D2LConfig,
     ctx_config: ModelConfig,
     iterative: bool = False,
     dtype=jnp.float32,
 ):
-    """Token chunks -> per-chunk (A, B) dicts, [N, L, r, d]. One compiled program per shape."""
-    feats = encode_context(ctx_params, ctx_config, cfg, tokens, mask, dtype)
-    return generate_chunk_loras(hyper_params, cfg, feats, mask, iterative=iterative, dtype=dtype)
+    """Token chunks [N, T] -> per-chunk (A, B) dicts, [N, L, r, d]. One program per shape."""
+    feats = context_features(ctx_params, ctx_config, config, tokens, mask, dtype=dtype)
+    return generate_chunk_loras(hyper_params, config, feats, mask, iterative=iterative, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- chunks & compose
@@ -172,50 +125,39 @@ def compose(
     return Adapter(out_a, out_b, float(scale))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "ctx_config", "n_chunks", "iterative", "dtype"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "ctx_config", "n_chunks", "iterative", "dtype")
+)
 def _internalize(
-    hyper_params, ctx_params, tokens, mask, scalers, bias_scaler, *, cfg, ctx_config, n_chunks,
+    hyper_params, ctx_params, tokens, mask, scalers, bias_scaler, *, config, ctx_config, n_chunks,
     iterative, dtype,
 ) -> Adapter:  # fmt: skip
     """chunk_loras + bias LoRA + compose as ONE compiled program (no eager ops per call)."""
     a, b = chunk_loras(
-        hyper_params, ctx_params, tokens, mask, cfg=cfg, ctx_config=ctx_config,
+        hyper_params, ctx_params, tokens, mask, config=config, ctx_config=ctx_config,
         iterative=iterative, dtype=dtype,
     )  # fmt: skip
-    bias = bias_lora(hyper_params, cfg) if cfg.use_bias else None
-    return compose(a, b, n_chunks, cfg.lora_alpha, bias, scalers, bias_scaler)
+    bias = bias_lora(hyper_params, config) if config.use_bias else None
+    return compose(a, b, n_chunks, config.lora_alpha, bias, scalers, bias_scaler)
 
 
 # ----------------------------------------------------------------------------- API
-def _load_base(path: str | Path, dtype=None):
+def _resolve_model(given, name: str | None, roots: Sequence[Path], what: str):
+    """(config, params, folder or None) from (config, params), a model (what fetch_model
+    takes), or the name the checkpoint records (a folder relative to it, or a known model)."""
+    from hyperlora_jax.models.fetch import HUB_ALIASES, KNOWN_MODELS, fetch_model
     from hyperlora_jax.models.hf import load_hf_model
 
-    return load_hf_model(path, dtype=dtype)
-
-
-def _load_tokenizer(path: str | Path):
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # noqa: BLE001 - transformers raises many types
-        raise ConfigError(f"cannot load a tokenizer from {path}: {e}") from e
-
-
-def _resolve_model(given, name: str | None, roots: Sequence[Path], what: str):
-    """(config, params, folder or None) from (config, params), a folder, or a checkpoint name."""
     if isinstance(given, tuple):
         return given[0], given[1], None
     if given is not None:
-        cfg, params = _load_base(given)
-        return cfg, params, Path(given)
+        found = fetch_model(str(given))
+        return (*load_hf_model(found), found)
     if not name:
         raise CheckpointError(f"the checkpoint names no {what}; pass it explicitly")
     cands = [Path(name)] + [r / name for r in roots]
     found = next((c for c in cands if (c / "config.json").is_file()), None)
     if found is None:
-        from hyperlora_jax.models.fetch import HUB_ALIASES, KNOWN_MODELS, fetch_model
-
         if name in KNOWN_MODELS or name in HUB_ALIASES:  # obtainable offline: fetch it
             found = fetch_model(name)
     if found is None:
@@ -223,22 +165,7 @@ def _resolve_model(given, name: str | None, roots: Sequence[Path], what: str):
             f"{what} {name!r} named by the checkpoint is not a local folder; download it "
             "(hyperlora-jax fetch-model) and pass it explicitly"
         )
-    cfg, params = _load_base(found)
-    return cfg, params, found
-
-
-def check_base_compatible(cfg: D2LConfig, base_config: ModelConfig, where: str) -> None:
-    """A hypernetwork is tied to its base model's depth and module shapes."""
-    want = base_dims_of_config(cfg)
-    got = {
-        "num_layers": base_config.num_layers,
-        "modules": {m: list(base_config.module_dims(m)) for m in cfg.target_modules},
-    }
-    if want != got:
-        raise CheckpointError(
-            f"{where} was trained for a base model with {want} but the loaded base model has "
-            f"{got}; load the base model named in the checkpoint"
-        )
+    return (*load_hf_model(found), found)
 
 
 class DocToLoRA:
@@ -250,8 +177,8 @@ class DocToLoRA:
 
     def __init__(
         self,
+        config: D2LConfig,
         params: dict,
-        cfg: D2LConfig,
         base_params: dict,
         base_config: ModelConfig,
         tokenizer: Any = None,
@@ -264,19 +191,19 @@ class DocToLoRA:
         pad_multiple: int = 64,
         meta: dict | None = None,
     ):
-        check_base_compatible(cfg, base_config, "the D2L hypernetwork")
+        check_base_model(config, base_config, "the D2L hypernetwork")
+        self.config = config
         self.params = jax.tree.map(jnp.asarray, params)
-        self.cfg = cfg
         self.base_params = base_params
         self.base_config = base_config
         self.ctx_params = base_params if ctx_params is None else ctx_params
         self.ctx_config = base_config if ctx_config is None else ctx_config
-        if self.ctx_config.hidden_size != cfg.feature_size:
+        if self.ctx_config.hidden_size != config.feature_size:
             raise CheckpointError(
-                f"the hypernetwork reads {cfg.feature_size}-d context features but the context "
-                f"encoder has hidden size {self.ctx_config.hidden_size}"
+                f"the hypernetwork reads {config.feature_size}-d context features but the "
+                f"context encoder has hidden size {self.ctx_config.hidden_size}"
             )
-        encoder_layers(cfg, self.ctx_config)
+        encoder_layers(config, self.ctx_config)
         self.tokenizer = tokenizer
         self.ctx_tokenizer = ctx_tokenizer if ctx_tokenizer is not None else tokenizer
         self.dtype = dtype
@@ -290,60 +217,69 @@ class DocToLoRA:
         cls,
         path: str | Path,
         base_model: str | Path | tuple[ModelConfig, dict] | None = None,
+        **kw,
+    ) -> DocToLoRA:
+        """Our checkpoint folder (an official pytorch_model.bin: hyperlora_jax.api.load_d2l).
+
+        base_model and **kw: as from_params; a model the checkpoint names is also looked up
+        beside the folder it was converted from.
+        """
+        path = Path(path)
+        config, params, meta = load_checkpoint(path)
+        src = (meta.get("source") or {}).get("path")
+        root = Path(src).parent if src else path.parent
+        meta = {**meta, "ctx_encoder_model": (meta.get("ctx_encoder") or {}).get("model")}
+        return cls.from_params(
+            config, params, meta, base_model, search=[path.parent, root], where=str(path), **kw
+        )
+
+    @classmethod
+    def from_params(
+        cls,
+        config: D2LConfig,
+        params: dict,
+        meta: dict,
+        base_model: str | Path | tuple[ModelConfig, dict] | None = None,
         *,
         ctx_model: str | Path | tuple[ModelConfig, dict] | None = None,
         tokenizer: Any = None,
         dtype=jnp.float32,
+        search: Sequence[Path] = (),
+        where: str = "the D2L hypernetwork",
         **kw,
     ) -> DocToLoRA:
-        """Our checkpoint folder or an official pytorch_model.bin.
+        """A loaded hypernetwork bound to its models.
 
         base_model / ctx_model: a HF save_pretrained folder, (config, params), or None = the model
-        the checkpoint names (a local path, resolved relative to the checkpoint's folder). The
-        context encoder defaults to the base model unless the checkpoint names another one.
+        meta names ("base_model" / "ctx_encoder_model": a local path, tried as is and under each
+        `search` folder, or a fetchable name). The context encoder defaults to the base model.
         """
-        path = Path(path)
-        if path.is_file():
-            from hyperlora_jax.convert.official_d2l import read_official
-
-            params, cfg, meta = read_official(path)
-            root = path.parent
-        elif (path / CONFIG).is_file():
-            params, cfg, meta = load_checkpoint(path)
-            src = (meta.get("source") or {}).get("path")
-            root = Path(src).parent if src else path.parent
-            meta = {**meta, "ctx_encoder_model": (meta.get("ctx_encoder") or {}).get("model")}
-        else:
-            raise CheckpointError(
-                f"{path} is neither a D2L checkpoint folder (with {CONFIG}) nor a .bin file"
-            )
-        roots = [path.parent, root]
         base_config, base_params, base_dir = _resolve_model(
-            base_model, meta.get("base_model"), roots, "base model"
+            base_model, meta.get("base_model"), search, "base model"
         )
-        check_base_compatible(cfg, base_config, str(path))
+        check_base_model(config, base_config, where)
         if tokenizer is None and base_dir is not None:
-            tokenizer = _load_tokenizer(base_dir)
+            tokenizer = load_tokenizer(base_dir)
         ctx = {}
         if ctx_model is not None or meta.get("ctx_encoder_model"):
             c_cfg, c_params, c_dir = _resolve_model(
-                ctx_model, meta.get("ctx_encoder_model"), roots, "context encoder"
+                ctx_model, meta.get("ctx_encoder_model"), search, "context encoder"
             )
             ctx = {"ctx_params": c_params, "ctx_config": c_cfg}
             if c_dir is not None:
-                ctx["ctx_tokenizer"] = _load_tokenizer(c_dir)
+                ctx["ctx_tokenizer"] = load_tokenizer(c_dir)
         return cls(
-            params, cfg, base_params, base_config, tokenizer, dtype=dtype, meta=meta, **ctx, **kw
+            config, params, base_params, base_config, tokenizer, dtype=dtype, meta=meta, **ctx, **kw
         )
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
         """Write our checkpoint format (hypernetwork params + config; no base weights)."""
+        meta = {k: self.meta.get(k) for k in ("base_model", "ctx_encoder_model")}
         return save_checkpoint(
             out_dir,
+            self.config,
             jax.tree.map(np.asarray, self.params),
-            self.cfg,
-            base_model=self.meta.get("base_model"),
-            ctx_encoder_model=self.meta.get("ctx_encoder_model"),
+            meta,
             overwrite=overwrite,
         )
 
@@ -373,7 +309,7 @@ class DocToLoRA:
             self.ctx_params,
             jnp.asarray(tokens),
             jnp.asarray(mask),
-            cfg=self.cfg,
+            config=self.config,
             ctx_config=self.ctx_config,
             iterative=iterative,
             dtype=self.dtype,
@@ -399,7 +335,7 @@ class DocToLoRA:
             jnp.asarray(mask),
             None if scalers is None else jnp.asarray(scalers, jnp.float32),
             None if bias_scaler is None else jnp.asarray(bias_scaler, jnp.float32),
-            cfg=self.cfg,
+            config=self.config,
             ctx_config=self.ctx_config,
             n_chunks=tuple(len(d) for d in docs_chunks),
             iterative=iterative,

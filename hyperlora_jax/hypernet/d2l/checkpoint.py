@@ -3,21 +3,22 @@
 d2l_config.json holds everything needed to rebuild: the hypernetwork config, the base model id,
 the LoRA rank/alpha/targets, the context-encoder spec and the base-model dims the hypernetwork
 was built for (checked when a base model is attached). Base weights are never stored here.
+Mirrors hypernet/t2l/checkpoint.py: save_checkpoint, load_checkpoint, check_base_model.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from hyperlora_jax.errors import CheckpointError, ConfigError
 from hyperlora_jax.hypernet.d2l.model import D2LConfig, init_params
-from hyperlora_jax.lora.storage import atomic_dir, load_safetensors, save_safetensors
+from hyperlora_jax.lora.storage import flatten_tree, load_tree, read_json, save_tree
+from hyperlora_jax.models.config import ModelConfig
 
 FORMAT = "hyperlora_jax.d2l"
 VERSION = 1
@@ -25,47 +26,21 @@ WEIGHTS = "params.safetensors"
 CONFIG = "d2l_config.json"
 
 
-def flatten(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in params.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "/"))
-        else:
-            out[key] = np.asarray(v)
-    return out
+class D2LCheckpoint(NamedTuple):
+    config: D2LConfig
+    params: dict  # nested dict of f32 numpy arrays
+    meta: dict[str, Any]  # the d2l_config.json document (or an official file's provenance)
 
 
-def unflatten(flat: dict[str, Any]) -> dict:
-    out: dict = {}
-    for key, v in flat.items():
-        node = out
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
-def expected_shapes(cfg: D2LConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: D2LConfig) -> dict[str, tuple[int, ...]]:
     """Flat key -> shape of every hypernetwork parameter (nothing allocated)."""
-    tree = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
-    return {k: tuple(v.shape) for k, v in flatten_shapes(tree).items()}
+    tree = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
+    return {k: tuple(v.shape) for k, v in flatten_tree(tree).items()}
 
 
-def flatten_shapes(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten_shapes(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_params(flat: dict[str, np.ndarray], cfg: D2LConfig, where: str) -> None:
-    """Strict key/shape check against the architecture `cfg` describes."""
-    want = expected_shapes(cfg)
+def check_params(flat: dict[str, np.ndarray], config: D2LConfig, where: str) -> None:
+    """Strict key/shape check against the architecture `config` describes."""
+    want = expected_shapes(config)
     missing = sorted(set(want) - set(flat))
     extra = sorted(set(flat) - set(want))
     if missing or extra:
@@ -83,75 +58,88 @@ def check_params(flat: dict[str, np.ndarray], cfg: D2LConfig, where: str) -> Non
 
 def save_checkpoint(
     out_dir: str | Path,
+    config: D2LConfig,
     params: dict,
-    cfg: D2LConfig,
+    meta: dict[str, Any] | None = None,
     *,
-    base_model: str | None,
-    base_dims: dict[str, Any] | None = None,
-    ctx_encoder_model: str | None = None,
-    extra: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write params + config atomically (a temp folder renamed into place)."""
-    flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
-    check_params(flat, cfg, "save_checkpoint")
-    meta = {
+    """Write params + config atomically (a temp folder renamed into place).
+
+    meta: "base_model", "ctx_encoder_model" (stored as ctx_encoder.model), "base_dims" (default:
+    the config's); any other key is stored as is (e.g. "source", "training").
+    """
+    extra = dict(meta or {})
+    base_model = extra.pop("base_model", None)
+    ctx_encoder_model = extra.pop("ctx_encoder_model", None)
+    base_dims = extra.pop("base_dims", None)
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten_tree(params).items()}
+    check_params(flat, config, "save_checkpoint")
+    doc = {
         "format": FORMAT,
         "version": VERSION,
-        "hypernet": cfg.to_json(),
+        "hypernet": config.to_json(),
         "base_model": base_model,
-        "base_dims": base_dims or base_dims_of_config(cfg),
+        "base_dims": base_dims or base_dims_of_config(config),
         "lora": {
-            "r": cfg.lora_r,
-            "alpha": cfg.lora_alpha,
-            "target_modules": list(cfg.target_modules),
+            "r": config.lora_r,
+            "alpha": config.lora_alpha,
+            "target_modules": list(config.target_modules),
         },
         "ctx_encoder": {
-            "type": cfg.ctx_encoder_type,
+            "type": config.ctx_encoder_type,
             "model": ctx_encoder_model,
-            "early_exit_layer": cfg.early_exit_layer,
-            "last_layer": cfg.ctx_encoder_last_layer,
+            "early_exit_layer": config.early_exit_layer,
+            "last_layer": config.ctx_encoder_last_layer,
         },
         "num_params": int(sum(math.prod(v.shape) for v in flat.values())),
-        **(extra or {}),
+        **extra,
     }
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        save_safetensors(flat, tmp / WEIGHTS, {"format": FORMAT})
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
-    return Path(out_dir)
+    return save_tree(out_dir, {WEIGHTS: flat}, CONFIG, doc, overwrite=overwrite)
 
 
-def base_dims_of_config(cfg: D2LConfig) -> dict[str, Any]:
+def base_dims_of_config(config: D2LConfig) -> dict[str, Any]:
     """What the hypernetwork assumes about its base model: L and (d_in, d_out) per module."""
     return {
-        "num_layers": cfg.num_layers,
-        "modules": {m: [i, o] for m, i, o in cfg.module_dims},
+        "num_layers": config.num_layers,
+        "modules": {m: [i, o] for m, i, o in config.module_dims},
     }
+
+
+def check_base_model(config: D2LConfig, base_config: ModelConfig, where: str) -> None:
+    """A hypernetwork is tied to its base model's depth and module shapes."""
+    want = base_dims_of_config(config)
+    got = {
+        "num_layers": base_config.num_layers,
+        "modules": {m: list(base_config.module_dims(m)) for m in config.target_modules},
+    }
+    if want != got:
+        raise CheckpointError(
+            f"{where} was trained for a base model with {want} but the loaded base model has "
+            f"{got}; load the base model named in the checkpoint"
+        )
 
 
 def read_config(ckpt_dir: str | Path) -> tuple[D2LConfig, dict[str, Any]]:
+    """(config, the d2l_config.json document) of our checkpoint folder."""
     p = Path(ckpt_dir) / CONFIG
-    if not p.is_file():
-        raise CheckpointError(
-            f"no {CONFIG} in {ckpt_dir}; pass a folder written by save_checkpoint or "
-            "`hyperlora-jax convert official-d2l`, or an official pytorch_model.bin"
+    hint = "pass a folder written by save_checkpoint or `hyperlora-jax convert official-d2l`"
+    if Path(ckpt_dir).is_file():
+        hint = (
+            f"an official .bin converts with `hyperlora-jax convert official-d2l {ckpt_dir} OUT` "
+            "or loads with hyperlora_jax.api.load_d2l"
         )
+    meta = read_json(p, FORMAT, hint)
     try:
-        meta = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p} is not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{p} is not a {FORMAT} config (format={meta.get('format')!r})")
-    try:
-        cfg = D2LConfig.from_json(meta["hypernet"])
+        config = D2LConfig.from_json(meta["hypernet"])
     except (ConfigError, KeyError, TypeError) as e:
         raise CheckpointError(f"{p}: bad hypernet config ({e})") from e
-    return cfg, meta
+    return config, meta
 
 
-def load_checkpoint(ckpt_dir: str | Path) -> tuple[dict, D2LConfig, dict[str, Any]]:
-    """(params as a nested dict of numpy f32 arrays, config, metadata) from our folder."""
-    cfg, meta = read_config(ckpt_dir)
-    flat = load_safetensors(Path(ckpt_dir) / WEIGHTS)
-    check_params(flat, cfg, str(Path(ckpt_dir) / WEIGHTS))
-    return unflatten(flat), cfg, meta
+def load_checkpoint(ckpt_dir: str | Path) -> D2LCheckpoint:
+    """(config, params as a nested dict of numpy f32 arrays, metadata) from our folder."""
+    config, meta = read_config(ckpt_dir)
+    params = load_tree(Path(ckpt_dir) / WEIGHTS)
+    check_params(flatten_tree(params), config, str(Path(ckpt_dir) / WEIGHTS))
+    return D2LCheckpoint(config, params, meta)

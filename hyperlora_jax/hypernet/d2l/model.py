@@ -4,7 +4,7 @@ One latent vector per (layer, module, rank row) goes through per-layer residual 
 normalised (no epsilon), and a per-layer bias-free head turns it into one row of A and one row of
 B for each target module (modules in sorted name order). Learned per-(layer, rank) scalers
 multiply A and B; a learned, context-independent rank-r "bias LoRA" is appended once per document
-when chunk LoRAs are composed (doc_to_lora.py). With the official init (scaler_B = bias_B = 0)
+when chunk LoRAs are composed (api.py). With the official init (scaler_B = bias_B = 0)
 the adapted model equals the base model exactly.
 """
 
@@ -20,7 +20,8 @@ from flax import linen as nn
 
 from hyperlora_jax.errors import ConfigError
 from hyperlora_jax.hypernet.d2l.perceiver import Perceiver, PerceiverConfig, torch_linear_init
-from hyperlora_jax.models.config import TARGET_MODULES
+from hyperlora_jax.models import transformer
+from hyperlora_jax.models.config import TARGET_MODULES, ModelConfig
 
 CTX_ENCODER_TYPES = ("per_layer_activations", "early_exit")
 
@@ -218,11 +219,11 @@ class HyperLoRA(nn.Module):
     Returns per-chunk (A, B) dicts: A[m] [N, L, r, d_in], B[m] [N, L, r, d_out].
     """
 
-    cfg: D2LConfig
+    config: D2LConfig
     dtype: jnp.dtype = jnp.float32  # Perceiver compute dtype (official: bf16 autocast)
 
     def setup(self):
-        c = self.cfg
+        c = self.config
         self.aggregator = Perceiver(c.perceiver_config(), self.dtype)
         if c.per_layer_processing:
             self.pre_head = [
@@ -269,7 +270,7 @@ class HyperLoRA(nn.Module):
 
         features: l2l [N, L, T, H] or early-exit [N, T, H]; projected=True: they are already
         `project`ed (last axis latent_size)."""
-        c = self.cfg
+        c = self.config
         x = features if projected else self.project(features)
         n = x.shape[0]
         if c.layer_to_layer:
@@ -287,7 +288,7 @@ class HyperLoRA(nn.Module):
     ) -> jax.Array:
         """Perceiver on one layer's activations [N, T, H] (or projected [N, T, latent_size])
         -> [N, M, r, d] (iterative mode)."""
-        c = self.cfg
+        c = self.config
         x = features_l if projected else self.project(features_l)
         out = self.aggregator.resample(x, mask)
         return out.reshape(x.shape[0], len(c.module_dims), c.lora_r, c.latent_size)
@@ -312,7 +313,7 @@ class HyperLoRA(nn.Module):
         """Raw head output -> (A, B) dicts with the per-(layer, rank) scalers applied."""
         sa, sb = self.scaler_A(), self.scaler_B()
         a, b = {}, {}
-        for j, (m, i, o) in enumerate(self.cfg.module_dims):
+        for j, (m, i, o) in enumerate(self.config.module_dims):
             a[m] = flat[:, :, j, :, :i] * sa[m][None, :, :, None]
             b[m] = flat[:, :, j, :, i : i + o] * sb[m][None, :, :, None]
         return a, b
@@ -325,35 +326,89 @@ class HyperLoRA(nn.Module):
         return self.bias_A(), self.bias_B()
 
 
-def init_params(cfg: D2LConfig, rng: jax.Array) -> dict:
-    """Official-init hypernetwork params (f32) for `cfg`."""
-    if cfg.layer_to_layer:
-        feats = jnp.zeros((1, cfg.num_layers, 1, cfg.feature_size), jnp.float32)
+def encoder_layers(config: D2LConfig, ctx_config: ModelConfig) -> int:
+    """How many decoder layers of the context model run: L-1 (l2l) or the early-exit depth."""
+    if config.layer_to_layer:
+        last = config.ctx_encoder_last_layer or ctx_config.num_layers
+        k = last - 1
+        if k + 1 != config.num_layers:
+            raise ConfigError(
+                f"l2l context encoder gives {k + 1} activation maps but the hypernetwork has "
+                f"{config.num_layers} layers; set ctx_encoder_last_layer to the base model's depth"
+            )
     else:
-        feats = jnp.zeros((1, 1, cfg.feature_size), jnp.float32)
+        k = config.early_exit_layer or ctx_config.num_layers // 4
+    if not 1 <= k <= ctx_config.num_layers:
+        raise ConfigError(f"context encoder depth {k} is outside [1, {ctx_config.num_layers}]")
+    return k
+
+
+def context_features(
+    ctx_params: dict,
+    ctx_config: ModelConfig,
+    config: D2LConfig,
+    tokens: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array | None = None,
+    *,
+    dtype=jnp.float32,
+    remat_policy: str | None = None,
+) -> jax.Array:
+    """The frozen context encoder: tokens [N, T] -> f32 l2l [N, L, T, H] or early exit [N, T, H].
+
+    segment_ids [N, T]: 0 = padding (a bool mask works); a row may pack several chunks with
+    their own segment numbers and positions (training), or hold one chunk (inference). l2l:
+    entry l is the residual stream entering layer l, the last entry is final-normed (HF
+    hidden_states of the model truncated to L-1 layers). Padded positions are zeroed.
+    """
+    segment_ids = segment_ids.astype(jnp.int32)
+    hs = transformer.forward(
+        ctx_params,
+        ctx_config,
+        tokens,
+        segment_ids=segment_ids,
+        positions=positions,
+        num_layers=encoder_layers(config, ctx_config),
+        return_hidden_states=True,
+        return_logits=False,
+        dtype=dtype,
+        remat_policy=remat_policy,
+    ).hidden_states  # [N, k+1, T, H]
+    real = segment_ids > 0
+    if config.layer_to_layer:
+        return jnp.where(real[:, None, :, None], hs, 0).astype(jnp.float32)
+    return jnp.where(real[:, :, None], hs[:, -1], 0).astype(jnp.float32)
+
+
+def init_params(config: D2LConfig, rng: jax.Array) -> dict:
+    """Official-init hypernetwork params (f32) for `config`."""
+    if config.layer_to_layer:
+        feats = jnp.zeros((1, config.num_layers, 1, config.feature_size), jnp.float32)
+    else:
+        feats = jnp.zeros((1, 1, config.feature_size), jnp.float32)
     mask = jnp.ones((1, 1), bool)
-    return HyperLoRA(cfg).init(rng, feats, mask, method=HyperLoRA.init_all)["params"]
+    return HyperLoRA(config).init(rng, feats, mask, method=HyperLoRA.init_all)["params"]
 
 
-def count_params(cfg: D2LConfig) -> int:
+def count_params(config: D2LConfig) -> int:
     """Number of hypernetwork parameters, from shapes only (jax.eval_shape, nothing allocated)."""
-    shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+    shapes = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
-def project_features(params: dict, cfg: D2LConfig, features: jax.Array, *, dtype=jnp.float32):
+def project_features(params: dict, config: D2LConfig, features: jax.Array, *, dtype=jnp.float32):
     """The Perceiver's token-wise input projection alone: [..., T, H] -> [..., T, latent_size].
 
     Training runs it on the packed context features [B, (L,) Tc, H], before chunk rows are cut
     out (far fewer tokens than padded chunk rows), then generate_chunk_loras(projected=True).
     """
-    model = HyperLoRA(cfg, dtype)
+    model = HyperLoRA(config, dtype)
     return model.apply({"params": params}, features, method=HyperLoRA.project)
 
 
 def generate_chunk_loras(
     params: dict,
-    cfg: D2LConfig,
+    config: D2LConfig,
     features: jax.Array,
     mask: jax.Array,
     *,
@@ -368,9 +423,9 @@ def generate_chunk_loras(
     iterative=True runs the Perceiver layer by layer with lax.map (l2l only), so only one layer's
     Perceiver activations are alive at a time; the result equals the batched one.
     """
-    model = HyperLoRA(cfg, dtype)
+    model = HyperLoRA(config, dtype)
     v = {"params": params}
-    if iterative and cfg.layer_to_layer:
+    if iterative and config.layer_to_layer:
         per_layer = jax.lax.map(
             lambda f: model.apply(v, f, mask, projected, method=HyperLoRA.aggregate_one_layer),
             jnp.swapaxes(features, 0, 1),
@@ -381,5 +436,5 @@ def generate_chunk_loras(
     return model.apply(v, latents, method=HyperLoRA.loras_from_latents)
 
 
-def bias_lora(params: dict, cfg: D2LConfig):
-    return HyperLoRA(cfg).apply({"params": params}, method=HyperLoRA.bias_lora)
+def bias_lora(params: dict, config: D2LConfig):
+    return HyperLoRA(config).apply({"params": params}, method=HyperLoRA.bias_lora)

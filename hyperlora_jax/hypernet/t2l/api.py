@@ -1,10 +1,6 @@
 """`TextToLoRA`: load a T2L hypernetwork checkpoint and turn task descriptions into adapters.
 
-Checkpoint folder (ours; written by `save_t2l_checkpoint`, e.g. by `convert official-t2l`):
-  t2l.json            format/version, hypernet config (T2LConfig), base model id, LoRA r/alpha/
-                      rsLoRA/targets (module order = layer-type index order), task-encoder spec
-  params.safetensors  hypernetwork params, keys = '/'-joined Flax param paths, f32
-  constants.safetensors  (optional) non-zero AB_offset / recon mean / std, our layout [L, r, d]
+Checkpoint folder: hypernet/t2l/checkpoint.py (written by save_checkpoint / `convert official-t2l`).
 
     t2l = TextToLoRA.from_checkpoint("ckpt", encoder=PrecomputedEncoder("embs.jsonl"))
     adapter = t2l.generate(["Solve grade-school math word problems."])  # a[m]: [1, L, r, d_in]
@@ -12,17 +8,16 @@ Checkpoint folder (ours; written by `save_t2l_checkpoint`, e.g. by `convert offi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 
-from hyperlora_jax.errors import CheckpointError, ConfigError, InputError
+from hyperlora_jax.errors import ConfigError, InputError
 from hyperlora_jax.hypernet.t2l import task_encoder
+from hyperlora_jax.hypernet.t2l.checkpoint import check_base_model, load_checkpoint
 from hyperlora_jax.hypernet.t2l.model import T2LConfig, generate_adapter
 from hyperlora_jax.hypernet.t2l.task_encoder import (
     GTE_RECIPE,
@@ -31,144 +26,8 @@ from hyperlora_jax.hypernet.t2l.task_encoder import (
     check_descriptions,
 )
 from hyperlora_jax.lora.adapter import Adapter
-from hyperlora_jax.lora.storage import atomic_dir, load_safetensors, save_safetensors
-
-FORMAT = "hyperlora_jax.t2l"
-VERSION = 1
-CONFIG_FILE = "t2l.json"
-PARAMS_FILE = "params.safetensors"
-CONSTANTS_FILE = "constants.safetensors"
-
-
-def encoder_spec_for(emb_model: str | None) -> dict:
-    """How the official code embeds descriptions for a given `--emb_model` (None = base LM)."""
-    if not emb_model:
-        return {
-            "kind": "base_lm",
-            "pooling": "last_token",
-            "normalization": "l2_sqrt_dim",
-            "format": "add_full_stop",
-        }
-    return {
-        "kind": "sentence_encoder",
-        "model": emb_model,
-        "pooling": "last_token" if "SFR" in emb_model else "cls",
-        "normalization": "l2_sqrt_dim",
-        "format": "sfr_instruct" if "SFR" in emb_model else "add_full_stop",
-        "max_length": 8192,
-    }
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = np.asarray(v, np.float32)
-    return out
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict[str, Any] = {}
-    for k, v in flat.items():
-        node = tree
-        *parents, leaf = k.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
-
-
-def save_t2l_checkpoint(
-    out: str | Path,
-    config: T2LConfig,
-    params: dict,
-    constants: dict[str, np.ndarray] | None = None,
-    meta: dict | None = None,
-    *,
-    overwrite: bool = False,
-) -> Path:
-    """Write a T2L checkpoint folder atomically (see the module docstring for the layout)."""
-    meta = dict(meta or {})
-    doc = {
-        "format": FORMAT,
-        "version": VERSION,
-        "hypernet": config.to_json(),
-        "base_model": meta.pop("base_model", None),
-        "lora": meta.pop(
-            "lora",
-            {
-                "r": config.rank,
-                "lora_alpha": config.lora_alpha,
-                "use_rslora": config.use_rslora,
-                "target_modules": list(config.modules),
-            },
-        ),
-        "encoder": meta.pop("encoder", encoder_spec_for(None)),
-        **meta,
-    }
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_safetensors(_flatten(params), tmp / PARAMS_FILE, {"format": FORMAT})
-        if constants:
-            save_safetensors(
-                {k: np.asarray(v, np.float32) for k, v in constants.items()},
-                tmp / CONSTANTS_FILE,
-                {"format": FORMAT},
-            )
-        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
-    return Path(out)
-
-
-def load_t2l_checkpoint(path: str | Path) -> tuple[T2LConfig, dict, dict, dict]:
-    """(config, params, constants, metadata) of a folder written by save_t2l_checkpoint."""
-    d = Path(path)
-    cfg_file = d / CONFIG_FILE
-    if not cfg_file.is_file():
-        hint = ""
-        if (d / "hypermod.pt").is_file():
-            hint = (
-                f"; this is an official release: run `hyperlora-jax convert official-t2l {d} OUT`"
-            )
-        raise CheckpointError(f"no {CONFIG_FILE} in {d}: not a T2L checkpoint{hint}")
-    try:
-        doc = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
-    if doc.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_file} has format {doc.get('format')!r}, expected {FORMAT!r}")
-    if int(doc.get("version", 0)) > VERSION:
-        raise CheckpointError(
-            f"{cfg_file} is version {doc['version']}; this library reads {VERSION}"
-        )
-    try:
-        config = T2LConfig.from_json(doc["hypernet"])
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{cfg_file}: malformed hypernet config ({e})") from e
-    params = _unflatten(load_safetensors(d / PARAMS_FILE))
-    constants = load_safetensors(d / CONSTANTS_FILE) if (d / CONSTANTS_FILE).is_file() else {}
-    _check_params(config, params, d / PARAMS_FILE)
-    return config, params, constants, doc
-
-
-def _check_params(config: T2LConfig, params: dict, path: Path) -> None:
-    from hyperlora_jax.hypernet.t2l.model import init_params
-
-    want = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
-    flat_w = {
-        "/".join(str(getattr(p, "key", p)) for p in k): v.shape
-        for k, v in jax.tree_util.tree_flatten_with_path(want)[0]
-    }
-    flat_h = {k: v.shape for k, v in _flatten(params).items()}
-    if flat_w.keys() != flat_h.keys():
-        raise CheckpointError(
-            f"{path} does not match its config: missing {sorted(flat_w.keys() - flat_h.keys())}, "
-            f"unexpected {sorted(flat_h.keys() - flat_w.keys())}"
-        )
-    bad = {k: (flat_h[k], flat_w[k]) for k in flat_w if tuple(flat_h[k]) != tuple(flat_w[k])}
-    if bad:
-        raise CheckpointError(f"{path}: param shapes differ from the config (got, want): {bad}")
+from hyperlora_jax.models.config import load_hf_config
+from hyperlora_jax.models.hf import config_from_hf
 
 
 @partial(jax.jit, static_argnums=(0, 4))
@@ -205,12 +64,8 @@ class TextToLoRA:
         """Load our checkpoint folder. `encoder`: a TaskEncoder, an embeddings file
         (.jsonl/.npz/.npy), or a local sentence-encoder folder; otherwise the checkpoint's
         encoder spec decides (base-LM checkpoints need `base_model`)."""
-        config, params, constants, meta = load_t2l_checkpoint(path)
+        config, params, meta, constants = load_checkpoint(path)
         if base_model is not None:
-            from hyperlora_jax.convert.official_t2l import check_base_model
-            from hyperlora_jax.models.config import load_hf_config
-            from hyperlora_jax.models.hf import config_from_hf
-
             check_base_model(
                 config, config_from_hf(load_hf_config(base_model)), str(meta.get("base_model"))
             )

@@ -1,6 +1,6 @@
 """Text-to-LoRA HyperModulator: task embedding -> LoRA A/B for every layer and target module.
 
-A faithful Flax port of the official `hyper_llm_modulator.HyperModulator` (reference/t2l.md §1):
+A faithful Flax port of SakanaAI/text-to-lora `src/hyper_llm_modulator/hyper_modulator.py`:
 task encoder (Linear + LN), layer-depth and layer-type embeddings (Embedding + LN), a mixer MLP,
 two pre-LN residual MLP blocks, an output MLP and one linear head per target module. Three head
 sizes: "L" emits A and B at once (width r*(in+out)), "M" is one head shared by A and B (width

@@ -295,12 +295,9 @@ class BaseLMEncoder:
     def __init__(
         self, model_dir: str | Path, normalization: str = "l2_sqrt_dim", format_fn=add_full_stop
     ):
-        from transformers import AutoTokenizer
+        from hyperlora_jax.models.load import load_base
 
-        from hyperlora_jax.models.hf import load_hf_model
-
-        self.config, self.params = load_hf_model(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.config, self.params, self.tokenizer, _ = load_base(model_dir)
         self.normalization, self.format_fn = normalization, format_fn
         self.dim = self.config.hidden_size
         self._fwd = jax.jit(self._forward)
@@ -417,6 +414,25 @@ def _local_sentence_encoder(model: str) -> Path | None:
     if model.endswith("all-MiniLM-L6-v2") and pip and pip.submodule_search_locations:
         return Path(pip.submodule_search_locations[0]) / "model"
     return None
+
+
+def encoder_spec_for(emb_model: str | None) -> dict:
+    """How the official code embeds descriptions for a given `--emb_model` (None = base LM)."""
+    if not emb_model:
+        return {
+            "kind": "base_lm",
+            "pooling": "last_token",
+            "normalization": "l2_sqrt_dim",
+            "format": "add_full_stop",
+        }
+    return {
+        "kind": "sentence_encoder",
+        "model": emb_model,
+        "pooling": "last_token" if "SFR" in emb_model else "cls",
+        "normalization": "l2_sqrt_dim",
+        "format": "sfr_instruct" if "SFR" in emb_model else "add_full_stop",
+        "max_length": 8192,
+    }
 
 
 def from_spec(spec: dict, base_model: str | Path | None = None, *, required: bool = True):
