@@ -97,7 +97,9 @@ def _train(**kw) -> mlc.ConfigDict:
         log_every=1,
         save_every=1000,
         max_to_keep=3,
-        max_bad_steps=10,
+        max_bad_steps=10,  # stop after this many skipped steps in a row
+        # divergence guard: skip an update larger than this x the param norm (0 = off)
+        max_update_ratio=1.0,
         time_budget_s=0.0,  # wall-clock seconds for a run, 0 = none (trainer.TrainOptions)
         lr_time_decay=False,  # cosine-decay the lr over time_budget_s instead of over steps
     )

@@ -80,7 +80,9 @@ def _loop(t: dict, over: dict) -> ml_collections.ConfigDict:
         log_every=1,
         save_every=1000,
         max_to_keep=3,
-        max_bad_steps=10,
+        max_bad_steps=10,  # stop after this many skipped steps in a row
+        # divergence guard: skip an update larger than this x the param norm (0 = off)
+        max_update_ratio=1.0,
         time_budget_s=0.0,
         lr_time_decay=False,
     )

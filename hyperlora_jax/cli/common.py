@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
-from hyperlora_jax.errors import ConfigError
+from hyperlora_jax.errors import ConfigError, InputError
 
 # Base models are loaded by hyperlora_jax.models.load.load_base, which takes all of these.
 MODEL_HELP = "known model name (see fetch-model), model folder, .gguf file or hub id"
@@ -32,8 +32,45 @@ def name_value_pairs(specs: Iterable[str], flag: str, example: str) -> dict[str,
     return out
 
 
+def check_output_dir(path: str | Path) -> Path:
+    """Refuse an output folder that is a file before the work starts, not after."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output folder {out} is a file; give a folder path")
+    return out
+
+
 def output_dir(path: str | Path) -> Path:
     """The results folder of a command, created if missing (files in it are replaced)."""
-    out = Path(path)
+    out = check_output_dir(path)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _number(kind, text: str, ok, need: str):
+    import argparse
+
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
+    return value
+
+
+# argparse `type=`s: a bad number is one usage line naming the flag, before any model loads.
+def positive_int(text: str) -> int:
+    return _number(int, text, lambda v: v > 0, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 0, "an integer >= 0")
+
+
+def non_negative_float(text: str) -> float:
+    return _number(float, text, lambda v: v >= 0, "a number >= 0")
+
+
+def probability(text: str) -> float:
+    return _number(float, text, lambda v: 0 < v <= 1, "a number in (0, 1]")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hyperlora_jax.cli.common import MODEL_HELP
+from hyperlora_jax.cli.common import MODEL_HELP, positive_int
 from hyperlora_jax.errors import InputError
 
 
@@ -33,9 +33,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output adapter folder")
     p.add_argument(
         "--chunk-size",
-        type=int,
+        type=positive_int,
         default=None,
-        help="max tokens per chunk (official split rule); default: no chunking",
+        help="max tokens per chunk (official split rule; > 0); default: no chunking, so the "
+        "document must fit the context model's window",
     )
     p.add_argument(
         "--iterative",
@@ -43,6 +44,11 @@ def register(subparsers) -> None:
         help="run the Perceiver layer by layer (lower peak memory, same result)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="use a base model whose fingerprint differs from the one the checkpoint records",
+    )
     p.set_defaults(func=_internalize)
 
 
@@ -64,12 +70,15 @@ def _internalize(args) -> int:
     from hyperlora_jax.embedded import EMBEDDED_D2L
 
     args.hypernet = args.hypernet or str(EMBEDDED_D2L)
-    d2l = load_d2l(args.hypernet, base_model=args.base_model)
+    d2l = load_d2l(
+        args.hypernet, base_model=args.base_model, allow_other_base=args.allow_other_base
+    )
     adapter = d2l.internalize(
         texts[0] if len(texts) == 1 else texts, args.chunk_size, iterative=args.iterative
     )
     meta = {
         "base_model": args.base_model or d2l.meta.get("base_model"),
+        "base_fingerprint": d2l.base_fingerprint,
         "source": {
             "kind": "doc-to-lora",
             "hypernet": str(args.hypernet),

@@ -9,7 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-from hyperlora_jax.cli.common import MODEL_HELP
+from hyperlora_jax.cli.common import MODEL_HELP, check_output_dir, non_negative_int, positive_int
 from hyperlora_jax.errors import ConfigError, InputError
 
 
@@ -38,12 +38,14 @@ def register(subparsers) -> None:
         default="32-128,128-256",
         help="token bins LO-HI,LO-HI,... or 'official' (32 .. 128K)",
     )
-    n.add_argument("--n-train", type=int, default=320_000, help="training examples per bin")
-    n.add_argument("--n-val", type=int, default=1000)
-    n.add_argument("--n-test", type=int, default=1000)
+    n.add_argument(
+        "--n-train", type=non_negative_int, default=320_000, help="training examples per bin"
+    )
+    n.add_argument("--n-val", type=non_negative_int, default=1000)
+    n.add_argument("--n-test", type=non_negative_int, default=1000)
     n.add_argument(
         "--train-max-hi",
-        type=int,
+        type=positive_int,
         default=1024,
         help="only bins with hi <= this get training data (official: 1024)",
     )
@@ -56,7 +58,10 @@ def register(subparsers) -> None:
     )
     _shard_args(n)
     n.add_argument(
-        "--workers", type=int, default=None, help="--format tokens: processes building shards"
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="--format tokens: processes building shards",
     )
     n.set_defaults(func=_niah)
 
@@ -83,7 +88,7 @@ def register(subparsers) -> None:
     s.add_argument("--text-field", default="text")
     s.add_argument(
         "--max-chars",
-        type=int,
+        type=positive_int,
         default=2000,
         help="keep documents of at most this many characters (official 2000)",
     )
@@ -97,7 +102,7 @@ def register(subparsers) -> None:
         default=None,
         help="use questions stored in this field of each record instead of generating",
     )
-    s.add_argument("--n-qa-pairs", type=int, default=5)
+    s.add_argument("--n-qa-pairs", type=positive_int, default=5)
     s.add_argument("--no-repeat-round", action="store_true", help="only the level-0 questions")
     s.add_argument(
         "--qg-prompt",
@@ -106,13 +111,18 @@ def register(subparsers) -> None:
         help="compact: a short prompt small instruct models (SmolLM2-135M) can follow",
     )
     s.add_argument(
-        "--q-max-new-tokens", type=int, default=None, help="default 2048 (official), 256 (compact)"
+        "--q-max-new-tokens",
+        type=positive_int,
+        default=None,
+        help="default 2048 (official), 256 (compact)",
     )
-    s.add_argument("--max-new-tokens", type=int, default=256)
-    s.add_argument("--top-k", type=int, default=16)
+    s.add_argument("--max-new-tokens", type=positive_int, default=256)
+    s.add_argument("--top-k", type=positive_int, default=16)
     s.add_argument("--logprob-dtype", default="float32", choices=("float32", "float16"))
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--limit", type=int, default=None, help="use only the first N documents")
+    s.add_argument("--batch-size", type=positive_int, default=8)
+    s.add_argument(
+        "--limit", type=positive_int, default=None, help="use only the first N documents"
+    )
     s.add_argument("--on-error", default="raise", choices=("raise", "skip"))
     s.set_defaults(func=_selfgen)
 
@@ -133,10 +143,14 @@ def register(subparsers) -> None:
     f.add_argument(
         "--tokenizer", help="base model folder (or known model name) for --format tokens"
     )
-    f.add_argument("--n-train", type=int, default=2000, help="training documents")
-    f.add_argument("--n-test", type=int, default=100, help="held-out test documents")
-    f.add_argument("--qa-per-doc", type=int, default=2, help="held-out questions per document")
-    f.add_argument("--train-qa-per-doc", type=int, default=3, help="questions per training doc")
+    f.add_argument("--n-train", type=non_negative_int, default=2000, help="training documents")
+    f.add_argument("--n-test", type=non_negative_int, default=100, help="held-out test documents")
+    f.add_argument(
+        "--qa-per-doc", type=positive_int, default=2, help="held-out questions per document"
+    )
+    f.add_argument(
+        "--train-qa-per-doc", type=positive_int, default=3, help="questions per training doc"
+    )
     f.add_argument("--seed", type=int, default=0)
     _shard_args(f)
     f.set_defaults(func=_facts)
@@ -145,9 +159,11 @@ def register(subparsers) -> None:
         "task-suite", help="the synthetic T2L task suite in the Lots-of-LoRAs layout"
     )
     ts.add_argument("--out", required=True, help="output folder (one sub-folder per task)")
-    ts.add_argument("--n-train", type=int, default=400, help="training examples per task")
-    ts.add_argument("--n-valid", type=int, default=50)
-    ts.add_argument("--n-test", type=int, default=100)
+    ts.add_argument(
+        "--n-train", type=non_negative_int, default=400, help="training examples per task"
+    )
+    ts.add_argument("--n-valid", type=non_negative_int, default=50)
+    ts.add_argument("--n-test", type=non_negative_int, default=100)
     ts.add_argument("--seed", type=int, default=0)
     ts.set_defaults(func=_task_suite)
 
@@ -158,7 +174,10 @@ def register(subparsers) -> None:
 
 def _shard_args(p) -> None:
     p.add_argument(
-        "--shard-size", type=int, default=None, help="--format tokens: records per shard (50000)"
+        "--shard-size",
+        type=positive_int,
+        default=None,
+        help="--format tokens: records per shard (50000)",
     )
     p.add_argument(
         "--no-compress",
@@ -320,7 +339,7 @@ def _facts(args: argparse.Namespace) -> int:
     _check_token_flags(args, ("tokenizer", "shard-size", "no-compress"))
     if args.format == "tokens" and not args.tokenizer:
         raise ConfigError("data facts --format tokens needs --tokenizer (the base model)")
-    out = Path(args.out)
+    out = check_output_dir(args.out)
     train = facts.generate_fact_documents(args.n_train, "train", args.seed)
     rows = facts.training_records(train, args.seed, QA_INSTRUCTION, args.train_qa_per_doc)
     if args.format == "tokens":
@@ -365,6 +384,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from hyperlora_jax.data import storage, token_shards
 
     p = Path(args.path)
+    if not p.exists():
+        raise InputError(f"no dataset file or folder at {p}; check the path")
     files = storage.expand_paths(p) if p.is_dir() else [p]
     files += sorted(p.rglob("*.array_record")) + sorted(p.rglob("*.npz")) if p.is_dir() else []
     info = {}
@@ -378,4 +399,12 @@ def _inspect(args: argparse.Namespace) -> int:
             n = f"unreadable: {e}"
         info[str(f)] = {"records": n, "bytes": storage.dir_size(f)}
     print(json.dumps(info, indent=2))
+    bad = [f for f, v in info.items() if isinstance(v["records"], str)]
+    if bad:  # the table above still lists the readable ones; the exit code must not say "fine"
+        raise InputError(
+            f"{len(bad)} of {len(info)} file(s) unreadable, first {bad[0]}: "
+            f"{info[bad[0]]['records'].removeprefix('unreadable: ')}"
+        )
+    if not info:
+        raise InputError(f"no dataset files in {p} (.jsonl, .parquet, .array_record, .npz)")
     return 0

@@ -19,13 +19,54 @@ import time
 from pathlib import Path
 
 from hyperlora_jax.embedded import DEFAULT_MODEL, EMBEDDED_D2L, EMBEDDED_T2L, EXAMPLES
+from hyperlora_jax.errors import InputError
+
+
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise InputError(f"no {what} file at {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e}); the {what} file must be JSON") from e
 
 
 def load_questions(path: Path) -> list[dict]:
-    rows = json.loads(path.read_text())
-    if not rows or not all("question" in r for r in rows):
-        raise ValueError(f"{path}: expected a JSON list of {{question, answer}} objects")
+    rows = _read_json(path, "questions")
+    if (
+        not isinstance(rows, list)
+        or not rows
+        or not all(isinstance(r, dict) and isinstance(r.get("question"), str) for r in rows)
+    ):
+        raise InputError(f"{path}: expected a JSON list of {{question, answer}} objects")
     return rows
+
+
+def load_t2l_task(path: Path, description: str | None = None) -> dict:
+    spec = _read_json(path, "T2L task")
+    lists = isinstance(spec, dict) and all(
+        isinstance(spec.get(k), list) for k in ("inputs", "answers")
+    )
+    if not lists or len(spec["inputs"]) != len(spec["answers"]) or not spec["inputs"]:
+        raise InputError(
+            f"{path}: expected JSON {{description, inputs: [...], answers: [...]}} with as many "
+            "answers as inputs"
+        )
+    if not (description or spec.get("description") or "").strip():
+        raise InputError(f"{path} has no description; add one or pass --task")
+    return spec
+
+
+def load_document(path: Path) -> str:
+    if not path.is_file():
+        raise InputError(f"no document file at {path}")
+    try:
+        doc = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text ({e})") from e
+    if not doc:
+        raise InputError(f"document {path} is empty; give it some text")
+    return doc
 
 
 def run_demo(
@@ -40,11 +81,10 @@ def run_demo(
     from hyperlora_jax.eval.qa import adapter_bytes, kv_cache_bytes
     from hyperlora_jax.hypernet.d2l.api import DocToLoRA
 
+    doc, qas = load_document(document), load_questions(questions)  # before the model loads
     t0 = time.perf_counter()
     d2l = DocToLoRA.from_checkpoint(checkpoint, model)
     print(f"loaded {model} + D2L hypernetwork {checkpoint.name} ({time.perf_counter() - t0:.1f} s)")
-    doc = document.read_text().strip()
-    qas = load_questions(questions)
     print(f"\nDocument ({document.name}, never in the prompt of the adapter answers):\n  {doc}\n")
 
     t0 = time.perf_counter()
@@ -114,7 +154,7 @@ def run_t2l_demo(
     from hyperlora_jax.models import decoding
     from hyperlora_jax.models.load import load_base
 
-    spec = json.loads(task.read_text())
+    spec = load_t2l_task(task, description)
     description = description or spec["description"]
     config, params, tok, _ = load_base(model)
     t2l = TextToLoRA.from_checkpoint(checkpoint)
@@ -153,6 +193,11 @@ def run_t2l_demo(
 
 
 def _demo(args) -> int:
+    # all inputs checked first: a bad T2L task file must not fail after the D2L part ran
+    load_document(Path(args.document))
+    load_questions(Path(args.questions))
+    if not args.skip_t2l:
+        load_t2l_task(Path(args.t2l_task), args.task)
     run_demo(Path(args.document), Path(args.questions), Path(args.checkpoint), args.model)
     if not args.skip_t2l:
         run_t2l_demo(Path(args.t2l_task), args.task, Path(args.t2l_checkpoint), args.model)

@@ -15,10 +15,19 @@ import json
 import time
 from typing import Any
 
-from hyperlora_jax.cli.common import MODEL_HELP, choice_list, name_value_pairs, output_dir
+from hyperlora_jax.cli.common import (
+    MODEL_HELP,
+    check_output_dir,
+    choice_list,
+    name_value_pairs,
+    non_negative_int,
+    output_dir,
+    positive_int,
+)
 from hyperlora_jax.errors import ConfigError
 
 MiB = 2**20
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ------------------------------------------------------------------------------------------ D2L
@@ -28,6 +37,7 @@ def run_d2l(args: argparse.Namespace) -> int:
     from hyperlora_jax.eval import baselines, niah, plots, qa
     from hyperlora_jax.models.load import load_base
 
+    check_output_dir(args.out)
     methods = choice_list(args.methods, qa.METHODS)
     if "d2l" in methods and not args.checkpoint:
         raise ConfigError(
@@ -189,6 +199,7 @@ def run_t2l(args: argparse.Namespace) -> int:
     from hyperlora_jax.eval.trackers import StageTracker
     from hyperlora_jax.models.load import load_base
 
+    check_output_dir(args.out)
     modes = choice_list(args.modes, tasks.T2L_MODES, "mode")
     if not args.task:
         raise ConfigError("give at least one --task NAME=FILE (e.g. arc_easy=arc_easy_test.jsonl)")
@@ -247,6 +258,7 @@ def run_t2l_suite(args: argparse.Namespace) -> int:
     from hyperlora_jax.hypernet.t2l.api import TextToLoRA
     from hyperlora_jax.models.load import load_base
 
+    check_output_dir(args.out)
     train, held = S.suite_splits(args.suite)
     seen = (
         train[:: max(1, len(train) // args.seen_tasks)][: args.seen_tasks]
@@ -307,21 +319,21 @@ def register(subparsers) -> None:
     d.add_argument("--checkpoint", help="D2L checkpoint folder or official pytorch_model.bin")
     d.add_argument("--niah", nargs="+", help="NIAH folders/files from `hyperlora-jax data niah`")
     d.add_argument("--niah-bins", help="generate NIAH test examples in these bins, e.g. 256-512")
-    d.add_argument("--niah-per-bin", type=int, default=10)
+    d.add_argument("--niah-per-bin", type=positive_int, default=10)
     d.add_argument("--qa", help="QA file (JSONL / JSON list)")
     d.add_argument(
         "--qa-format", default="squad", help="squad, drop, ropes, longbench, qasper, plain"
     )
     d.add_argument("--methods", default="d2l,full_context,no_context")
     d.add_argument("--chunk-size", type=int, default=1024, help="<= 0: one chunk per document")
-    d.add_argument("--max-new-tokens", type=int, default=256)
-    d.add_argument("--window", type=int, help="base context window (default: the model's)")
+    d.add_argument("--max-new-tokens", type=positive_int, default=256)
+    d.add_argument("--window", type=positive_int, help="base context window (default: the model's)")
     d.add_argument("--iterative", action="store_true", help="layer-by-layer Perceiver")
-    d.add_argument("--cd-iterations", type=int, default=300)
+    d.add_argument("--cd-iterations", type=non_negative_int, default=300)
     d.add_argument("--cd-lr", type=float, default=1e-4)
-    d.add_argument("--limit", type=int, help="examples per file / bin")
+    d.add_argument("--limit", type=positive_int, help="examples per file / bin")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--dtype", default="float32")
+    d.add_argument("--dtype", default="float32", choices=DTYPES)
     d.add_argument("--out", required=True)
     d.set_defaults(func=run_d2l)
 
@@ -336,10 +348,10 @@ def register(subparsers) -> None:
         action="store_true",
         help="README parity: official parser quirks, scale alpha/r, double BOS, 512 tok",
     )
-    t.add_argument("--max-new-tokens", type=int)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--limit", type=int)
-    t.add_argument("--dtype", default="float32")
+    t.add_argument("--max-new-tokens", type=positive_int)
+    t.add_argument("--batch-size", type=positive_int, default=16)
+    t.add_argument("--limit", type=positive_int)
+    t.add_argument("--dtype", default="float32", choices=DTYPES)
     t.add_argument("--out", required=True)
     t.set_defaults(func=run_t2l)
 
@@ -350,9 +362,13 @@ def register(subparsers) -> None:
     s.add_argument("--encoder", help="task encoder override for the T2L checkpoints")
     s.add_argument("--oracles", help="per-task LoRA library (export of smollm2_oracles)")
     s.add_argument("--multitask", help="multi-task LoRA (export of smollm2_multitask)")
-    s.add_argument("--seen-tasks", type=int, default=8, help="training tasks to evaluate")
-    s.add_argument("--limit", type=int, default=10, help="test examples per task")
-    s.add_argument("--descriptions", type=int, default=2, help="descriptions averaged per task")
-    s.add_argument("--batch-size", type=int, default=64, help="rows decoded together")
+    s.add_argument(
+        "--seen-tasks", type=non_negative_int, default=8, help="training tasks to evaluate"
+    )
+    s.add_argument("--limit", type=positive_int, default=10, help="test examples per task")
+    s.add_argument(
+        "--descriptions", type=positive_int, default=2, help="descriptions averaged per task"
+    )
+    s.add_argument("--batch-size", type=positive_int, default=64, help="rows decoded together")
     s.add_argument("--out", required=True)
     s.set_defaults(func=run_t2l_suite)

@@ -10,10 +10,22 @@ def _export_peft(args: argparse.Namespace) -> int:
     from hyperlora_jax.lora.peft import export_peft
     from hyperlora_jax.lora.storage import load_adapter, read_adapter_meta
     from hyperlora_jax.models.config import ModelConfig
+    from hyperlora_jax.models.load import check_fingerprint, folder_fingerprint
 
     meta = read_adapter_meta(args.adapter_dir)
     adapter = load_adapter(args.adapter_dir)
     base = args.base_model or meta.get("base_model")
+    fingerprint = meta.get("base_fingerprint")
+    if args.base_model and Path(args.base_model).is_dir():  # a hub id has no weights here
+        given = folder_fingerprint(args.base_model)
+        check_fingerprint(
+            meta,
+            given,
+            args.base_model,
+            f"the adapter {args.adapter_dir}",
+            allow_other_base=args.allow_other_base,
+        )
+        fingerprint = given
     model_config = None
     if meta.get("model_config") and not (base and Path(base).is_dir()):
         model_config = ModelConfig.from_json(meta["model_config"])
@@ -24,6 +36,7 @@ def _export_peft(args: argparse.Namespace) -> int:
         model_config=model_config,
         rslora=args.rslora,
         overwrite=args.overwrite,
+        base_fingerprint=fingerprint,
     )
     print(f"wrote PEFT adapter (rank {adapter.rank}, scale {adapter.scale:g}) to {out}")
     return 0
@@ -48,4 +61,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--rslora", action="store_true", help="write use_rslora=True (T2L style)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="use a base model whose fingerprint differs from the one the adapter records",
+    )
     p.set_defaults(func=_export_peft)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from hyperlora_jax.cli.common import MODEL_HELP
+from hyperlora_jax.cli.common import (
+    MODEL_HELP,
+    non_negative_float,
+    positive_int,
+    probability,
+)
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
@@ -31,9 +36,17 @@ def _chat(args: argparse.Namespace) -> int:
     adapter = None
     if args.adapter:
         from hyperlora_jax.lora.adapter import validate
-        from hyperlora_jax.lora.storage import load_adapter
+        from hyperlora_jax.lora.storage import load_adapter, read_adapter_meta
+        from hyperlora_jax.models.load import base_fingerprint, check_fingerprint
 
         adapter = validate(load_adapter(args.adapter), config)
+        check_fingerprint(
+            read_adapter_meta(args.adapter),
+            base_fingerprint(config, params),
+            args.model,
+            f"the adapter {args.adapter}",
+            allow_other_base=args.allow_other_base,
+        )
     kw = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -70,10 +83,15 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--adapter", default=None, help="adapter folder (hyperlora-jax format)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=probability, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
+    p.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="use a base model whose fingerprint differs from the one the adapter records",
+    )
     p.set_defaults(func=_chat)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 
@@ -12,20 +13,31 @@ def _generate(args: argparse.Namespace) -> int:
     from hyperlora_jax.errors import InputError
     from hyperlora_jax.hypernet.t2l.api import TextToLoRA
     from hyperlora_jax.lora.adapter import Adapter
-    from hyperlora_jax.lora.storage import save_adapter
+    from hyperlora_jax.lora.storage import atomic_dir, save_adapter
 
     if not args.task:
         raise InputError('give at least one --task "description"')
-    t2l = TextToLoRA.from_checkpoint(
-        args.hypernet, encoder=args.encoder, base_model=args.base_model
-    )
-    if args.embeddings:
-        embs = np.load(args.embeddings, allow_pickle=False)
-        embs = embs[None] if embs.ndim == 1 else embs
-        if embs.shape[0] != len(args.task):
+    embs = None
+    if args.embeddings:  # checked before the hypernetwork loads
+        try:
+            embs = np.load(args.embeddings, allow_pickle=False)
+        except (OSError, ValueError) as e:
             raise InputError(
-                f"{args.embeddings} holds {embs.shape[0]} embeddings for {len(args.task)} --task"
+                f"--embeddings {args.embeddings}: not a readable .npy array ({e})"
+            ) from e
+        embs = embs[None] if embs.ndim == 1 else embs
+        if embs.ndim != 2 or embs.shape[0] != len(args.task):
+            raise InputError(
+                f"{args.embeddings} holds embeddings of shape {list(embs.shape)}; expected "
+                f"[{len(args.task)}, E], one row per --task"
             )
+    t2l = TextToLoRA.from_checkpoint(
+        args.hypernet,
+        encoder=args.encoder,
+        base_model=args.base_model,
+        allow_other_base=args.allow_other_base,
+    )
+    if embs is not None:
         adapters = t2l.generate(embs, scale_mode=args.scale_mode)
     else:
         adapters = t2l.generate(args.task, scale_mode=args.scale_mode)
@@ -40,33 +52,47 @@ def _generate(args: argparse.Namespace) -> int:
             base = str(fetch_model(short))
     out = Path(args.out)
     many = len(args.task) > 1
-    for i, desc in enumerate(args.task):
-        one = Adapter(
-            {m: x[i] for m, x in adapters.a.items()},
-            {m: x[i] for m, x in adapters.b.items()},
-            adapters.scale,
-        )
-        dest = out / f"{i:03d}" if many else out
-        if args.peft:
-            from hyperlora_jax.lora.peft import export_peft
-
-            # rsLoRA as trained (PEFT reproduces alpha/sqrt(r)); vllm054 = plain alpha/r.
-            rslora = t2l.config.use_rslora and args.scale_mode == "trained"
-            export_peft(
-                one, base, dest, rslora=rslora, overwrite=args.overwrite, base_model_id=base_id
+    written = []
+    with contextlib.ExitStack() as stack:
+        # Several tasks: one folder of sub-folders, all of them written or none.
+        root = stack.enter_context(atomic_dir(out, overwrite=args.overwrite)) if many else out
+        for i, desc in enumerate(args.task):
+            one = Adapter(
+                {m: x[i] for m, x in adapters.a.items()},
+                {m: x[i] for m, x in adapters.b.items()},
+                adapters.scale,
             )
-        else:
-            meta = {
-                "base_model": base,
-                "source": {
-                    "kind": "t2l",
-                    "hypernet": str(args.hypernet),
-                    "task": desc,
-                    "scale_mode": args.scale_mode,
-                },
-            }
-            save_adapter(one, dest, meta, overwrite=args.overwrite)
-        (dest / "task_desc.txt").write_text(desc)
+            dest = root / f"{i:03d}" if many else out
+            texts = {"task_desc.txt": desc}
+            if args.peft:
+                from hyperlora_jax.lora.peft import export_peft
+
+                # rsLoRA as trained (PEFT reproduces alpha/sqrt(r)); vllm054 = plain alpha/r.
+                rslora = t2l.config.use_rslora and args.scale_mode == "trained"
+                export_peft(
+                    one,
+                    base,
+                    dest,
+                    rslora=rslora,
+                    overwrite=args.overwrite,
+                    base_model_id=base_id,
+                    base_fingerprint=t2l.base_fingerprint,
+                    texts=texts,
+                )
+            else:
+                meta = {
+                    "base_model": base,
+                    "base_fingerprint": t2l.base_fingerprint,
+                    "source": {
+                        "kind": "t2l",
+                        "hypernet": str(args.hypernet),
+                        "task": desc,
+                        "scale_mode": args.scale_mode,
+                    },
+                }
+                save_adapter(one, dest, meta, overwrite=args.overwrite, texts=texts)
+            written.append((desc, out / f"{i:03d}" if many else out))
+    for desc, dest in written:
         print(f"wrote {'PEFT ' if args.peft else ''}adapter for {desc[:60]!r} to {dest}")
     return 0
 
@@ -111,4 +137,9 @@ def register(subparsers) -> None:
         help="trained: alpha/sqrt(r) as T2L trained (default); vllm054: alpha/r as in the README",
     )
     p.add_argument("--overwrite", action="store_true", help="replace non-empty output folders")
+    p.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="use a base model whose fingerprint differs from the one the checkpoint records",
+    )
     p.set_defaults(func=_generate)

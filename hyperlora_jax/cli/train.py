@@ -22,6 +22,8 @@ Trains the hypernetwork of the config; resumes from the newest checkpoint in --w
 --data: D2L records: token shards (`data niah|facts --format tokens`: a shard or a folder of
 them), text QA records (NIAH, facts) or self-generated QA records (official columns;
 JSONL/Parquet/ArrayRecord); without it the `tiny` presets train on a built-in synthetic task.
+Exit status: 0 done; 2 an error, or training diverged (train.max_bad_steps skipped steps in a
+row; the last good checkpoint is kept); 143 stopped by SIGTERM after saving (rerun to resume).
 """
 
 PLAN_HELP = """usage: hyperlora-jax plan --config FILE.py:PRESET [--config.a.b=VALUE ...]

@@ -16,7 +16,12 @@ import numpy as np
 
 from hyperlora_jax.convert.safe_unpickle import load_torch_file, to_plain
 from hyperlora_jax.errors import CheckpointError, ConfigError
-from hyperlora_jax.hypernet.d2l.checkpoint import D2LCheckpoint, check_params, save_checkpoint
+from hyperlora_jax.hypernet.d2l.checkpoint import (
+    D2LCheckpoint,
+    check_base_model,
+    check_params,
+    save_checkpoint,
+)
 from hyperlora_jax.hypernet.d2l.model import D2LConfig
 from hyperlora_jax.lora.storage import unflatten_tree
 
@@ -174,18 +179,35 @@ def read_official(src: str | Path) -> D2LCheckpoint:
     return D2LCheckpoint(cfg, unflatten_tree(flat), meta)
 
 
-def convert(src: str | Path, out: str | Path, *, overwrite: bool = False) -> str:
+def convert(
+    src: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    base_model: str | Path | None = None,
+) -> str:
     """Convert `src` (pytorch_model.bin) into our checkpoint folder `out`; returns its path.
 
     Nothing is written unless everything parsed and checked (temp folder + rename).
+    `base_model` (optional): a HF model folder checked against the hypernetwork's shapes; its
+    fingerprint is recorded, so loading with another base model is refused later.
     """
     config, params, meta = read_official(src)
+    fingerprint = None
+    if base_model is not None:
+        from hyperlora_jax.models.config import load_hf_config
+        from hyperlora_jax.models.hf import config_from_hf
+        from hyperlora_jax.models.load import folder_fingerprint
+
+        check_base_model(config, config_from_hf(load_hf_config(base_model)), str(base_model))
+        fingerprint = folder_fingerprint(base_model)
     save_checkpoint(
         out,
         config,
         params,
         {
             "base_model": meta["base_model"],
+            "base_fingerprint": fingerprint,
             "ctx_encoder_model": meta["ctx_encoder_model"],
             "source": {"kind": "official-d2l", "path": str(src), **meta},
         },

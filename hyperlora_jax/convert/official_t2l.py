@@ -24,6 +24,7 @@ from hyperlora_jax.hypernet.t2l.model import T2LConfig
 from hyperlora_jax.hypernet.t2l.task_encoder import encoder_spec_for
 from hyperlora_jax.models.config import load_hf_config
 from hyperlora_jax.models.hf import config_from_hf
+from hyperlora_jax.models.load import folder_fingerprint
 
 
 class _PlainLoader(yaml.SafeLoader):
@@ -44,6 +45,10 @@ _PlainLoader.add_multi_constructor("!", _plain_tag)
 _PlainLoader.add_multi_constructor("tag:yaml.org,2002:python/", _plain_tag)
 
 
+# Keys every official args.yaml holds that the config is built from (the rest default as there).
+REQUIRED_ARGS = ("hypernet_latent_size", "shared_AB_head", "autoreg_gen", "model_dir")
+
+
 def read_args_yaml(path: str | Path) -> dict:
     """args.yaml as a dict; python-specific tags become {"__tag__", "value"} records."""
     p = Path(path)
@@ -55,6 +60,12 @@ def read_args_yaml(path: str | Path) -> dict:
         raise CheckpointError(f"{p} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{p} should hold a mapping of training arguments")
+    missing = [k for k in REQUIRED_ARGS if k not in data]
+    if missing:
+        raise CheckpointError(
+            f"{p} is missing {', '.join(missing)}: not the args.yaml of a T2L training run "
+            "(the release folder's args.yaml is written by the official train script)"
+        )
     return data
 
 
@@ -233,7 +244,8 @@ def map_state_dict(sd: dict, cfg: T2LConfig) -> tuple[dict, dict[str, np.ndarray
 def convert(src: str | Path, out: str | Path, base_model: str | Path | None = None) -> str:
     """Convert an official T2L release folder into our checkpoint folder; returns its path.
 
-    `base_model` (optional): a HF model folder to check the hypernetwork's shapes against.
+    `base_model` (optional): a HF model folder to check the hypernetwork's shapes against; its
+    fingerprint is recorded, so loading with another base model is refused later.
     """
     src = Path(src)
     if src.is_file():
@@ -257,6 +269,7 @@ def convert(src: str | Path, out: str | Path, base_model: str | Path | None = No
         check_base_model(cfg, config_from_hf(load_hf_config(base_model)), base_name)
     meta = {
         "base_model": base_name.rstrip("/"),
+        "base_fingerprint": None if base_model is None else folder_fingerprint(base_model),
         "lora": {
             "r": cfg.rank,
             "lora_alpha": cfg.lora_alpha,

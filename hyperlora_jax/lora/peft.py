@@ -28,6 +28,9 @@ from hyperlora_jax.models.config import TARGET_MODULES, ModelConfig
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 WEIGHTS_BIN = "adapter_model.bin"
+# Our side file: the base model's fingerprint (models/load.py). Not in adapter_config.json,
+# whose unknown keys some PEFT / vLLM versions reject.
+BASE = "hyperlora_base.json"
 
 _KEY = re.compile(
     r"^(?P<prefix>.*?)(?:^|\.)layers\.(?P<layer>\d+)\.(?P<group>self_attn|mlp)\."
@@ -86,12 +89,16 @@ def export_peft(
     overwrite: bool = False,
     dtype: Any = None,
     base_model_id: str | None = None,
+    base_fingerprint: str | None = None,
+    texts: dict[str, str] | None = None,
 ) -> Path:
     """Write `adapter` as a PEFT LoRA folder that PeftModel.from_pretrained and vLLM load.
 
     base_model: a local model folder (its config.json is copied beside the adapter, as vLLM
     wants, and it provides the model config) or a hub id (recorded only). base_model_id: what
-    to record as base_model_name_or_path instead (e.g. the hub id of a local copy). Ranks of the
+    to record as base_model_name_or_path instead (e.g. the hub id of a local copy).
+    base_fingerprint: the base model's fingerprint, written to hyperlora_base.json. texts:
+    extra text files of the folder (e.g. task_desc.txt). Ranks of the
     modules are zero-padded to the largest (exact). The folder appears atomically or not at all.
     """
     cfg_path, cfg_dict = _base_model_config(base_model)
@@ -140,6 +147,12 @@ def export_peft(
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
         if cfg_path is not None:
             shutil.copyfile(cfg_path, tmp / "config.json")
+        if base_fingerprint:
+            base = {"base_model": config["base_model_name_or_path"]}
+            base["base_fingerprint"] = base_fingerprint
+            (tmp / BASE).write_text(json.dumps(base, indent=2))
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text)
     return Path(out_dir)
 
 

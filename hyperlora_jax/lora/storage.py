@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,39 +30,93 @@ WEIGHTS = "adapter.safetensors"
 META = "adapter.json"
 
 
+def umask() -> int:
+    """The process umask. Linux shows it in /proc (no window where it is 0 for other threads);
+    elsewhere set-and-restore is the only way to read it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_umask_allows(path: Path, mode: int) -> None:
+    """mkdtemp / mkstemp (and safetensors' own temp file) create 0700 / 0600 whatever the umask;
+    give `path` the mode a plain mkdir / open would, so other users (a server) can read it."""
+    os.chmod(path, mode & ~umask())
+
+
+def _named(e: OSError, path: Path, tmp: Path | None = None) -> OSError:
+    """`e` naming `path` when it names no file or only our temp folder (meaningless to a user)."""
+    if e.filename is None or (tmp is not None and str(e.filename).startswith(str(tmp))):
+        new = OSError(e.errno, e.strerror or str(e), str(path))  # same subclass, by errno
+        new.__cause__ = e
+        return new
+    return e
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `out_dir`; on success it replaces `out_dir`, on error it vanishes.
 
-    Nothing half-written is ever visible at `out_dir`. An existing non-empty `out_dir` is only
-    replaced with overwrite=True.
+    Nothing half-written is ever visible at `out_dir` and a replaced folder is restored if the
+    swap fails. An existing non-empty `out_dir` is only replaced with overwrite=True. OS errors
+    (no space, read-only, no permission) propagate as OSError naming `out_dir` or its parent.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{out} is not empty; choose a new folder or pass overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise _named(e, out.parent, out.parent / f".{out.name}.tmp-") from e
+    try:
+        _as_umask_allows(tmp, 0o777)
         yield tmp
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:
+                os.replace(old, out)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise _named(e, out, tmp) from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_safetensors(arrays: dict[str, np.ndarray], path: Path, metadata: dict | None = None):
-    """Write numpy arrays (bf16 via ml_dtypes included) to a safetensors file."""
+    """Write numpy arrays (bf16 via ml_dtypes included) to a safetensors file (mode per umask).
+
+    safetensors reports I/O failures as SafetensorError "... (os error N) ..."; they are raised
+    as the OSError they are, naming `path`, so callers see one kind of I/O error.
+    """
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata)
+    except SafetensorError as e:
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
+    _as_umask_allows(path, 0o666)
 
 
 def load_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -109,14 +164,18 @@ def save_tree(
     meta: dict[str, Any],
     *,
     overwrite: bool = False,
+    texts: dict[str, str] | None = None,
 ) -> Path:
     """Write a folder atomically: each arrays[file] (a nested dict of numpy arrays) as a
-    safetensors file with "/"-joined keys, and `meta` (which names its "format") as JSON."""
+    safetensors file with "/"-joined keys, `meta` (which names its "format") as JSON, and
+    texts[file] as text files."""
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for name, tree in arrays.items():
             flat = {k: np.asarray(v) for k, v in flatten_tree(tree).items()}
             save_safetensors(flat, tmp / name, {"format": meta["format"]})
         (tmp / meta_file).write_text(json.dumps(meta, indent=2, default=_json_default))
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text)
     return Path(out_dir)
 
 
@@ -146,8 +205,10 @@ def save_adapter(
     metadata: dict[str, Any] | None = None,
     *,
     overwrite: bool = False,
+    texts: dict[str, str] | None = None,
 ) -> Path:
-    """Write `adapter` to `out_dir` atomically; metadata e.g. base_model, source, model_config."""
+    """Write `adapter` to `out_dir` atomically; metadata e.g. base_model, base_fingerprint
+    (models/load.py), source, model_config; texts: extra text files of the folder."""
     validate(adapter)
     a, b = to_numpy(adapter)
     arrays = {f"a.{m}": x for m, x in a.items()} | {f"b.{m}": x for m, x in b.items()}
@@ -160,7 +221,7 @@ def save_adapter(
         "dtype": str(adapter.dtype),
         **(metadata or {}),
     }
-    return save_tree(out_dir, {WEIGHTS: arrays}, META, meta, overwrite=overwrite)
+    return save_tree(out_dir, {WEIGHTS: arrays}, META, meta, overwrite=overwrite, texts=texts)
 
 
 def _json_default(o):

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hyperlora_jax.models.config import ModelConfig
+from hyperlora_jax.models.config import ATTN_MODULES, MLP_MODULES, ModelConfig
 from hyperlora_jax.models.fetch import fetch_model
 from hyperlora_jax.models.hf import load_hf_model
 from hyperlora_jax.models.tokenizer import load_tokenizer
@@ -36,3 +36,103 @@ def load_base_tokenizer(name_or_path: str | os.PathLike) -> Any:
     if p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return load_tokenizer(p)
     return load_tokenizer(fetch_model(str(name_or_path)))
+
+
+# ----------------------------------------------------------------------------- fingerprint
+# A base model's identity beyond its shapes: checkpoints and adapters record it, loaders compare.
+# "<config hash>-<weights hash>", 8 hex digits each: sha256 of the architecture fields of
+# ModelConfig (token ids and max_position_embeddings left out) and of a few weight rows -- the
+# first FINGERPRINT_ROWS rows of the embedding and input rows of every attention / MLP kernel of
+# the first and last layer -- rounded to bf16 (a bf16 and an f32 load agree), as f32 bytes.
+FINGERPRINT_ROWS = 4
+_NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+
+
+def _fingerprint(config: ModelConfig, rows: list[Any]) -> str:
+    import hashlib
+    import json
+
+    import ml_dtypes
+    import numpy as np
+
+    arch = {k: v for k, v in config.to_json().items() if k not in _NOT_ARCHITECTURE}
+    c = hashlib.sha256(json.dumps(arch, sort_keys=True, default=list).encode()).hexdigest()
+    w = hashlib.sha256()
+    for x in rows:
+        x = np.asarray(x).astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+        w.update(np.ascontiguousarray(x).tobytes())
+    return f"{c[:8]}-{w.hexdigest()[:8]}"
+
+
+def base_fingerprint(config: ModelConfig, params: dict) -> str:
+    """Fingerprint of a loaded base model (reads a few rows; nothing large is copied)."""
+    n, layers = FINGERPRINT_ROWS, params["layers"]
+    rows = [params["embedding"][:n]]
+    for i in (0, config.num_layers - 1):
+        for group, modules in (("attn", ATTN_MODULES), ("mlp", MLP_MODULES)):
+            rows += [layers[group][m]["kernel"][i, :n] for m in modules]  # kernel [L, in, out]
+    return _fingerprint(config, rows)
+
+
+def folder_fingerprint(name_or_path: str | os.PathLike) -> str:
+    """Fingerprint of a base model on disk (what load_base takes), reading only those rows."""
+    import json
+
+    from safetensors import safe_open
+
+    from hyperlora_jax.errors import CheckpointError
+    from hyperlora_jax.models.config import load_hf_config
+    from hyperlora_jax.models.hf import _normalize_key, config_from_hf
+
+    folder = fetch_model(str(name_or_path))
+    config = config_from_hf(load_hf_config(folder))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    owner = {}
+    for f in files:
+        try:
+            h = safe_open(str(folder / f), framework="numpy")
+        except Exception as e:  # SafetensorError / OSError: a missing or corrupt file
+            raise CheckpointError(f"cannot read {folder / f}: {e}") from e
+        owner.update({_normalize_key(k): (h, k) for k in h.keys()})
+
+    def rows(key: str, index: Any) -> Any:
+        if key not in owner:
+            raise CheckpointError(f"{folder}: no tensor {key!r} to fingerprint")
+        h, k = owner[key]
+        return h.get_slice(k)[index]
+
+    n = FINGERPRINT_ROWS
+    found = [rows("model.embed_tokens.weight", slice(0, n))]
+    for i in (0, config.num_layers - 1):
+        for group, modules in (("self_attn", ATTN_MODULES), ("mlp", MLP_MODULES)):
+            # HF weights are [out, in]: our kernels' input rows are their columns
+            found += [
+                rows(f"model.layers.{i}.{group}.{m}.weight", (slice(None), slice(0, n))).T
+                for m in modules
+            ]
+    return _fingerprint(config, found)
+
+
+def check_fingerprint(
+    recorded: dict, given: str, given_name: Any, what: str, *, allow_other_base: bool = False
+) -> None:
+    """Refuse a base model whose fingerprint differs from the one `recorded` (a checkpoint's or
+    adapter's metadata: "base_model", "base_fingerprint") unless allow_other_base."""
+    want = recorded.get("base_fingerprint")
+    # Files written before fingerprints were recorded have none: there is nothing to check.
+    if not want or want == given or allow_other_base:
+        return
+    from hyperlora_jax.errors import CheckpointError
+
+    same_arch = want.split("-")[0] == given.split("-")[0]
+    raise CheckpointError(
+        f"{what} was made for base model {recorded.get('base_model')!r} (fingerprint {want}) "
+        f"but the given base model {str(given_name)!r} has fingerprint {given} ("
+        f"{'same shapes, different weights' if same_arch else 'a different architecture'}); "
+        "use the base model it was made for, or pass --allow-other-base "
+        "(allow_other_base=True) to use this one anyway"
+    )

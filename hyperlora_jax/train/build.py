@@ -160,6 +160,7 @@ def train_options(config, d: Derived, workdir: str, **extra) -> TrainOptions:
         save_every=t.save_every,
         max_to_keep=t.max_to_keep,
         max_bad_steps=t.max_bad_steps,
+        max_update_ratio=t.max_update_ratio,
         time_budget_s=t.time_budget_s or None,
         lr_time_decay=t.lr_time_decay,
         min_lr_ratio=t.min_learning_rate / t.learning_rate,

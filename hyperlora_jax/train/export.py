@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import jax
@@ -9,24 +10,52 @@ import numpy as np
 
 from hyperlora_jax.data.feeds import RECON_STATS
 
+log = logging.getLogger(__name__)
+
+
+def _newest_good_params(root: Path, step: int | None):
+    """(step, numpy params) of `step`, else of the newest complete step whose files match their
+    checksums and restore; damaged steps are skipped with a warning (left in place: the next
+    `train` moves them aside). (None, what was asked) when there is none."""
+    import orbax.checkpoint as ocp
+
+    from hyperlora_jax.train.trainer import (
+        _complete_steps,
+        quiet_closed_loop_callbacks,
+        step_damage,
+    )
+
+    steps = _complete_steps(root)
+    quiet_closed_loop_callbacks()
+    for s in [step] if step is not None else steps:
+        if s not in steps:
+            break
+        why = step_damage(root / str(s))
+        if why is None:
+            try:
+                with ocp.CheckpointManager(root) as mgr:
+                    args = ocp.args.Composite(state=ocp.args.StandardRestore())
+                    restored = mgr.restore(s, args=args)
+            except Exception as e:  # noqa: BLE001 - any damage: fall back
+                why = f"unreadable: {' '.join(str(e).split())[:200]}"
+        if why is not None:
+            log.warning("checkpoint step %d is corrupt (%s); skipping it", s, why)
+            continue
+        return s, jax.tree_util.tree_map(np.asarray, restored["state"]["params"])
+    return None, step
+
 
 def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False):
     """A training run's hypernetwork (newest complete checkpoint, or `step`) -> the shippable
     checkpoint folder that DocToLoRA / TextToLoRA load (params only, f32 safetensors + config)."""
-    import orbax.checkpoint as ocp
-
     from hyperlora_jax.errors import CheckpointError
-    from hyperlora_jax.train.trainer import _complete_steps, load_rebuild_info
+    from hyperlora_jax.train.trainer import load_rebuild_info
 
     info = load_rebuild_info(workdir)
     root = (Path(workdir) / "checkpoints").absolute()
-    steps = _complete_steps(root)
-    if not steps or (step is not None and step not in steps):
-        raise CheckpointError(f"no complete checkpoint {step or ''} in {root} (have {steps})")
-    step = step if step is not None else steps[0]
-    with ocp.CheckpointManager(root) as mgr:
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    params = jax.tree_util.tree_map(np.asarray, restored["state"]["params"])
+    step, params = _newest_good_params(root, step)
+    if step is None:
+        raise CheckpointError(f"no good checkpoint {params or ''} in {root}")
     training = {"workdir": str(workdir), "step": step, "config": info.get("config")}
     if info["kind"] == "d2l":
         from hyperlora_jax.hypernet.d2l.checkpoint import save_checkpoint

@@ -91,6 +91,11 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
         k, _, v = part.partition("=")
         if k not in out or not v.lstrip("-").isdigit():
             raise ConfigError(f"bad mesh spec {spec!r}; expected e.g. data=2,fsdp=4,tensor=1")
+        if int(v) < 1 and int(v) != -1:  # 0 or -2 would reach jax as a device-count traceback
+            raise ConfigError(
+                f"bad mesh spec {spec!r}: {k}={v}; each axis size must be >= 1 (or -1 for "
+                "'the remaining devices'), e.g. data=2,fsdp=4,tensor=1"
+            )
         out[k] = int(v)
     return out
 

@@ -1,7 +1,10 @@
 """Training loop: sharded jitted step, Orbax checkpoints (async) with the grain iterator state and a
-JSON to rebuild everything, automatic resume, save on SIGTERM (then a non-zero exit), a wall-clock
-budget, NaN guard, TensorBoard + JSONL metrics, tqdm progress, periodic eval hook, and the step at
-which the loss first leaves the data's context-blind floor (`hyperlora_jax/data/floor.py`).
+JSON to rebuild everything and sha256 checksums per step (a damaged step is moved aside and the
+run falls back to the previous one), automatic resume, save on SIGTERM (then exit 143), a
+wall-clock budget, a divergence guard (skipped steps are never saved; too many in a row stop the
+run), TensorBoard + JSONL metrics (whole lines; a torn last one is repaired on resume), tqdm
+progress, periodic eval hook, and the step at which the loss first leaves the data's
+context-blind floor (`hyperlora_jax/data/floor.py`).
 
 The loop is model-agnostic: it takes a loss function (see steps.py), the frozen base params, an
 initializer for the trainable params and a checkpointable host-local batch iterator.
@@ -11,10 +14,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,12 +41,17 @@ from hyperlora_jax.train.update import TrainState, all_finite, make_train_step
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(HyperLoraError):
-    """Training stopped: too many consecutive non-finite losses or gradients."""
+class Diverged(HyperLoraError):
+    """Training stopped: too many consecutive steps skipped by the divergence guard."""
 
 
 class Interrupted(HyperLoraError):
     """Training stopped by SIGTERM after saving a checkpoint (rerun the command to resume)."""
+
+    exit_code = 128 + signal.SIGTERM  # what a shell reports for a SIGTERM-killed process
+
+
+CHECKSUMS = "sha256.json"  # in each step folder, written once Orbax has committed the step
 
 
 FLOOR_WINDOW = 10  # steps averaged when comparing the loss with the context-blind floor
@@ -60,7 +70,9 @@ class TrainOptions:
     save_every: int = 1000
     eval_every: int = 0
     max_to_keep: int = 3
-    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
+    max_bad_steps: int = 10  # stop after this many skipped (diverging) steps in a row
+    # Divergence guard (train/update.py): skip an update larger than this x the param norm.
+    max_update_ratio: float = 1.0
     async_checkpointing: bool = True
     progress: bool = True
     inject_nan_at: int | None = None  # tests: poison the gradient of this step
@@ -83,6 +95,74 @@ def _abstract(tree, shardings):
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings
     )
+
+
+def _step_files(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file of a step folder but the checksum file itself."""
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != CHECKSUMS:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            out[str(f.relative_to(folder))] = h.hexdigest()
+    return out
+
+
+def write_checksums(folder: Path) -> None:
+    """Record the committed step's files; written to a temporary name then renamed, so a crash
+    leaves either no checksum file or a whole one."""
+    tmp = folder / f"{CHECKSUMS}.tmp"
+    tmp.write_text(json.dumps(_step_files(folder), indent=0))
+    tmp.replace(folder / CHECKSUMS)
+
+
+def step_damage(folder: Path) -> str | None:
+    """Why a committed step folder cannot be trusted (None: its files match its checksums; a
+    step without checksums, e.g. killed between Orbax's commit and their write, is left to the
+    restore to judge)."""
+    sums = folder / CHECKSUMS
+    if not sums.exists():
+        return None
+    try:
+        want = json.loads(sums.read_text())
+    except ValueError:
+        return f"{CHECKSUMS} is not valid JSON"
+    have = _step_files(folder)
+    bad = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    return f"{len(bad)} file(s) differ from {CHECKSUMS}, e.g. {bad[0]}" if bad else None
+
+
+def quiet_closed_loop_callbacks() -> None:
+    """Call before restoring a step that may be damaged. When a restore fails, the reads it
+    still has in flight finish after Orbax closed its event loop, and each tensorstore callback
+    prints a "RuntimeError: Event loop is closed" traceback through sys.unraisablehook (~100
+    per damaged step). Nothing awaits those reads: drop exactly that error, pass on the rest."""
+    prev = sys.unraisablehook
+    if getattr(prev, "_drops_closed_loop", False):
+        return
+
+    def hook(u):
+        if not (
+            isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+        ):
+            prev(u)
+
+    hook._drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
+def move_aside(folder: Path) -> Path:
+    """Rename a damaged step folder to <step>.corrupt[-N]: kept for inspection, out of the
+    step listing (so the step can be saved again)."""
+    dest = folder.with_name(f"{folder.name}.corrupt")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = folder.with_name(f"{folder.name}.corrupt-{n}")
+    folder.rename(dest)
+    return dest
 
 
 def _complete_steps(root: Path) -> list[int]:
@@ -160,6 +240,7 @@ class Trainer:
             grad_accum_steps=options.grad_accum_steps,
             schedule=schedule,
             inject_nan_at=options.inject_nan_at,
+            max_update_ratio=options.max_update_ratio,
             micro_batch_axes=tuple(a for a in ("data", "fsdp") if self.mesh.shape[a] > 1) or None,
         )
         self._step_fn = step
@@ -212,13 +293,21 @@ class Trainer:
         return {"data": grain.checkpoint.CheckpointRestore(self.data)}
 
     def save(self, force: bool = False) -> bool:
-        """Save the state at its current step (skipped if any param is non-finite)."""
+        """Save the state at its current step; never while the divergence guard is skipping
+        steps (nor with non-finite params), so every saved step is a good one and Orbax's
+        max_to_keep rotation can only drop older good steps."""
         import orbax.checkpoint as ocp
 
-        if not bool(jax.device_get(all_finite(self.state.params))):
-            log.error("not saving step %d: non-finite parameters", int(self.state.step))
-            return False
         step = int(jax.device_get(self.state.step))
+        bad = int(jax.device_get(self.state.bad_in_a_row))
+        if bad:
+            log.warning(
+                "not saving step %d: the last %d step(s) were skipped (diverging)", step, bad
+            )
+            return False
+        if not bool(jax.device_get(all_finite(self.state.params))):
+            log.error("not saving step %d: non-finite parameters", step)
+            return False
         if step in self.manager.all_steps():
             return False
         meta = {**self.rebuild_info, "step": step}
@@ -231,29 +320,47 @@ class Trainer:
         return True
 
     def restore_latest(self) -> int | None:
-        """Restore the newest complete checkpoint (params, optimizer, step, RNG, data position)."""
+        """Restore the newest good checkpoint (params, optimizer, step, RNG, data position). A
+        step whose files do not match their checksums, or that fails to restore, is moved aside
+        (<step>.corrupt) with a warning and the previous one is tried; the loop then saves that
+        step again when it gets there."""
         import orbax.checkpoint as ocp
 
+        found = None
+        quiet_closed_loop_callbacks()
         for step in _complete_steps(self.ckpt_dir):
-            target = _abstract(
-                serialization.to_state_dict(self.state),
-                serialization.to_state_dict(self.state_shardings),
-            )
-            try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(target),
-                        meta=ocp.args.JsonRestore(),
-                        **self._data_args(False),
-                    ),
+            folder = self.ckpt_dir / str(step)
+            why = step_damage(folder)
+            if why is None:
+                target = _abstract(
+                    serialization.to_state_dict(self.state),
+                    serialization.to_state_dict(self.state_shardings),
                 )
-            except Exception as e:  # a damaged step: fall back to the previous one
-                log.warning("checkpoint step %d unreadable (%s); trying an older one", step, e)
+                try:
+                    restored = self.manager.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(target),
+                            meta=ocp.args.JsonRestore(),
+                            **self._data_args(False),
+                        ),
+                    )
+                except Exception as e:  # noqa: BLE001 - any damage: fall back
+                    why = f"unreadable: {' '.join(str(e).split())[:200]}"
+            if why is not None:
+                if jax.process_index() == 0:
+                    dest = move_aside(folder)
+                    log.warning("checkpoint step %d is corrupt (%s); moved to %s", step, why, dest)
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+
+                    multihost_utils.sync_global_devices("hyperlora_move_aside")
                 continue
             self.state = serialization.from_state_dict(self.state, restored["state"])
-            return step
-        return None
+            found = step
+            break
+        self.manager.reload()  # forget the steps moved aside
+        return found
 
     # ------------------------------------------------------------------ loop
     def _on_sigterm(self, signum, frame):
@@ -281,6 +388,7 @@ class Trainer:
         main = jax.process_index() == 0
         writer = jsonl = None
         if main:
+            repair_jsonl(self.workdir / "metrics.jsonl")
             jsonl = open(self.workdir / "metrics.jsonl", "a")
             try:
                 from tensorboardX import SummaryWriter
@@ -309,8 +417,7 @@ class Trainer:
 
         if main and o.context_blind_floor is not None:
             log.info("context-blind floor of the data: %.4f (main loss)", o.context_blind_floor)
-            jsonl.write(json.dumps({"step": start, "context_blind_floor": o.context_blind_floor}))
-            jsonl.write("\n")
+            _write_line(jsonl, {"step": start, "context_blind_floor": o.context_blind_floor})
         try:
             step = start
             while step < o.steps:
@@ -345,8 +452,7 @@ class Trainer:
                 self._track_floor(step, row, recent_main)
                 rows.append(row)
                 if main and (step % o.log_every == 0 or not row["finite"]):
-                    jsonl.write(json.dumps(row) + "\n")
-                    jsonl.flush()
+                    _write_line(jsonl, row)
                     if writer is not None:
                         for k, v in row.items():
                             if k != "step":
@@ -355,15 +461,18 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row.get('lr', 0):.2e}")
                 if bad_row >= o.max_bad_steps:
-                    raise NonFiniteError(
-                        f"{bad_row} non-finite steps in a row at step {step}; lower the learning "
-                        "rate or check the data. The last saved checkpoint is finite."
+                    self.manager.wait_until_finished()
+                    good = _complete_steps(self.ckpt_dir)
+                    last = f"step {good[0]} in {self.ckpt_dir}" if good else "none saved yet"
+                    raise Diverged(
+                        f"training diverged: {bad_row} steps in a row skipped at step {step} "
+                        f"({_why_skipped(row, o.max_update_ratio)}); nothing saved since; last "
+                        f"good checkpoint: {last}. Lower train.learning_rate or check the data."
                     )
                 if self.eval_fn is not None and o.eval_every and step % o.eval_every == 0:
                     ev = {f"eval/{k}": float(v) for k, v in self.eval_fn(self.state).items()}
                     if main:
-                        jsonl.write(json.dumps({"step": step, **ev}) + "\n")
-                        jsonl.flush()
+                        _write_line(jsonl, {"step": step, **ev})
                         if writer is not None:
                             for k, v in ev.items():
                                 writer.add_scalar(k, v, step)
@@ -396,8 +505,8 @@ class Trainer:
                 jsonl.close()
         if self.stopped_by == "sigterm":
             raise Interrupted(
-                f"stopped by SIGTERM after step {step} (checkpoint saved); run the same command "
-                "again to resume"
+                f"interrupted by SIGTERM at step {step} (checkpoint saved in {self.ckpt_dir}); "
+                "run the same command again to resume"
             )
         return rows
 
@@ -412,10 +521,12 @@ class Trainer:
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def _timed_save(self) -> float:
-        """save(), waiting until it is on disk; returns the seconds it took."""
+        """save(), waiting until it is on disk, then its checksums; returns the seconds."""
         t0 = time.perf_counter()
-        self.save()
+        saved = self.save()
         self.manager.wait_until_finished()
+        if saved and jax.process_index() == 0:
+            write_checksums(self.ckpt_dir / str(int(jax.device_get(self.state.step))))
         return time.perf_counter() - t0
 
     def _track_floor(self, step: int, row: dict, recent: collections.deque) -> None:
@@ -473,6 +584,44 @@ def _count_tokens(batch: dict) -> int:
     if n == 0 and "tokens" in batch:
         n = int(np.size(batch["tokens"]))
     return n
+
+
+def _why_skipped(row: dict, max_update_ratio: float) -> str:
+    """Which rule of the divergence guard (train/update.py) skipped the step of a metrics row."""
+    if not math.isfinite(row["loss"]):
+        return f"loss {row['loss']}"
+    if not math.isfinite(row["grad_norm"]):
+        return f"gradient norm {row['grad_norm']}"
+    if not math.isfinite(row["update_ratio"]) or row["update_ratio"] > max_update_ratio:
+        return (
+            f"update {row['update_ratio']:.3g} x the param norm > "
+            f"train.max_update_ratio={max_update_ratio:g}"
+        )
+    return "non-finite update"
+
+
+def _write_line(f, record: dict) -> None:
+    """One JSONL record in one write, flushed: a crash leaves whole lines or a torn last one."""
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+
+
+def repair_jsonl(path: Path) -> None:
+    """Truncate a torn last line (no newline, or not JSON: a crash mid-write) with a warning, so
+    the appended file still parses line by line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    cut = data.rfind(b"\n", 0, len(data) - 1) + 1  # start of the last line
+    last = data[cut:]
+    try:
+        whole = last.endswith(b"\n") and isinstance(json.loads(last), dict)
+    except ValueError:
+        whole = False
+    if last and not whole:
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        log.warning("%s: dropped a torn last line (%d bytes)", path, len(last))
 
 
 def load_rebuild_info(workdir: str | Path) -> dict:

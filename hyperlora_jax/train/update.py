@@ -1,6 +1,6 @@
-"""One optimizer step for any objective: gradients w.r.t. the hypernetwork params only, a NaN/Inf
-guard, optional gradient accumulation. The frozen base params are an argument and never get a
-gradient.
+"""One optimizer step for any objective: gradients w.r.t. the hypernetwork params only, a
+divergence guard (non-finite or oversized updates are skipped), optional gradient accumulation.
+The frozen base params are an argument and never get a gradient.
 
 A loss function (train/d2l_loss.py, train/t2l_loss.py) has the signature
     loss_fn(params, base_params, batch, rng, num_items) -> (loss, aux: dict of scalars)
@@ -29,8 +29,8 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32 key data [2]
-    bad_in_a_row: jax.Array  # int32, consecutive non-finite steps
-    bad_total: jax.Array  # int32, non-finite steps skipped so far
+    bad_in_a_row: jax.Array  # int32, consecutive skipped (non-finite or diverging) steps
+    bad_total: jax.Array  # int32, steps skipped so far
 
     @classmethod
     def create(cls, params, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
@@ -53,14 +53,20 @@ def make_train_step(
     schedule: optax.Schedule | None = None,
     inject_nan_at: int | None = None,
     micro_batch_axes=None,
+    max_update_ratio: float = 0.0,
 ):
     """step(state, base_params, batch, lr_scale=1.0) -> (state, metrics).
 
     With grad_accum_steps = k the batch's leading axis is split into k micro-batches whose
     gradients are summed; every loss sum is divided by the count of the whole batch, so the
     result equals one big batch (the official per-context normalisation across accumulation).
-    A non-finite loss or gradient skips the update (params and optimizer state unchanged) and
-    is counted. `inject_nan_at` (tests only) poisons the gradient at that step.
+    The divergence guard skips the update (params and optimizer state unchanged) and counts it
+    when the loss or the gradient is non-finite, or when the update would move the parameters
+    by more than `max_update_ratio` x their norm (global L2 norms; 0 = off; all-zero params are
+    exempt). A healthy step moves them by a small fraction (Adam: about lr / rms(param)); a
+    runaway learning rate or an exploding update moves them by orders of magnitude more, and
+    rejecting it before it lands keeps the params at the last good values (nothing diverged
+    can be saved). `inject_nan_at` (tests only) poisons the gradient at that step.
     micro_batch_axes: mesh axes of the batch (e.g. ("data", "fsdp")), to keep accumulation
     micro-batches sharded (run under jax.set_mesh).
     lr_scale (a traced scalar): multiplies the update, i.e. the learning rate, weight decay
@@ -119,18 +125,22 @@ def make_train_step(
             poison = jnp.where(state.step == inject_nan_at, jnp.nan, 0.0)
             grads = jax.tree_util.tree_map(lambda g: g + poison.astype(g.dtype), grads)
         gnorm = optax.global_norm(grads)
-        # One scalar decides: a NaN or inf anywhere makes the gradient's global norm non-finite
-        # (so does an f32 overflow of its square, a step clipping could not rescue either). A
-        # cond rather than a per-leaf select keeps the compiled step small (fewer kernels).
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-
-        def update(_):
-            updates, new_opt = tx.update(grads, state.opt_state, state.params)
-            updates = jax.tree_util.tree_map(lambda u: u * lr_scale, updates)
-            return optax.apply_updates(state.params, updates), new_opt
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        updates = jax.tree_util.tree_map(lambda u: u * lr_scale, updates)
+        unorm = optax.global_norm(updates)
+        pnorm = optax.global_norm(state.params)
+        # Scalars decide: a NaN or inf anywhere makes a global norm non-finite (so does an f32
+        # overflow of its square, which clipping could not rescue either). A cond rather than a
+        # per-leaf select keeps the compiled step small (fewer kernels).
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(unorm)
+        if max_update_ratio > 0:
+            ok &= (unorm <= max_update_ratio * pnorm) | (pnorm == 0)
 
         new_params, new_opt = jax.lax.cond(
-            ok, update, lambda _: (state.params, state.opt_state), None
+            ok,
+            lambda _: (optax.apply_updates(state.params, updates), new_opt),
+            lambda _: (state.params, state.opt_state),
+            None,
         )
         new_state = state.replace(
             step=state.step + 1,
@@ -140,7 +150,14 @@ def make_train_step(
             bad_in_a_row=jnp.where(ok, 0, state.bad_in_a_row + 1),
             bad_total=state.bad_total + jnp.where(ok, 0, 1),
         )
-        metrics = {"loss": loss, "grad_norm": gnorm, "finite": ok, "num_items": num_items, **aux}
+        metrics = {
+            "loss": loss,
+            "grad_norm": gnorm,
+            "update_ratio": unorm / jnp.maximum(pnorm, jnp.finfo(jnp.float32).tiny),
+            "finite": ok,  # the step was applied (finite and within the divergence guard)
+            "num_items": num_items,
+            **aux,
+        }
         if schedule is not None:
             metrics["lr"] = schedule(optax_count(state.opt_state)) * lr_scale
         return new_state, metrics

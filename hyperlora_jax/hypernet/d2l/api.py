@@ -7,6 +7,12 @@ document text --chat template--> ids --official split + affixes--> chunks [N, T]
 Composition is the official `combine_lora`: per document, chunk ranks in chunk order, then the
 learned bias LoRA once, then zero rows up to the longest document. No 1/K averaging; the scale is
 alpha used directly. Per-document `scalers` multiply A only; `bias_scaler` multiplies both.
+
+Any document length in bounded memory: chunks run CHUNK_GROUP at a time through one compiled
+program and each group's LoRAs are written straight into the composed adapter's slots, so the
+activations stay those of one group; only the adapter grows (rank (K+1) r by design).
+Limits: at most MAX_DOC_CHUNKS chunks per document, and no chunk longer than the context model's
+window (max_position_embeddings) -- both InputErrors that name the chunk size that would fit.
 """
 
 from __future__ import annotations
@@ -34,11 +40,22 @@ from hyperlora_jax.models import transformer
 from hyperlora_jax.models.chat import (
     ctx_affixes,
     format_user_turn,
+    num_chunks,
     split_ctx_ids,
     tokenize_ctx_text,
 )
 from hyperlora_jax.models.config import ModelConfig
+from hyperlora_jax.models.load import base_fingerprint, check_fingerprint
 from hyperlora_jax.models.tokenizer import load_tokenizer
+
+# Chunks per compiled call: every document runs as groups of [CHUNK_GROUP, T] (the last group
+# padded), so a new chunk count compiles nothing and peak activations do not grow with the document.
+CHUNK_GROUP = 8
+# Chunks per document: the composed rank is (K + 1) r, so the adapter grows with K (SmolLM2-135M
+# down_proj: 2 MB of f32 per chunk, 4 GB at the limit). 2,048 takes a 2 MB text at chunk size 1,024
+# even with a byte-level tokenizer and refuses runaway ones (2 MB at 64: ~10,700); past it, larger
+# chunks or a split document.
+MAX_DOC_CHUNKS = 2048
 
 
 @functools.partial(jax.jit, static_argnames=("config", "ctx_config", "iterative", "dtype"))
@@ -60,12 +77,13 @@ def chunk_loras(
 
 # ----------------------------------------------------------------------------- chunks & compose
 def pad_chunks(
-    chunks: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1
+    chunks: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1, length: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad chunks to a common length (rounded up to `multiple`): tokens, mask [N, T]."""
+    """Right-pad chunks to a common length, at least `length`, rounded up to `multiple`:
+    tokens, mask [N, T]."""
     if not chunks or any(len(c) == 0 for c in chunks):
         raise InputError("every chunk needs at least one token")
-    t = max(len(c) for c in chunks)
+    t = max(length, *(len(c) for c in chunks))
     t = -(-t // multiple) * multiple
     tokens = np.full((len(chunks), t), pad_id, np.int32)
     mask = np.zeros((len(chunks), t), bool)
@@ -125,20 +143,51 @@ def compose(
     return Adapter(out_a, out_b, float(scale))
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "ctx_config", "n_chunks", "iterative", "dtype")
-)
-def _internalize(
-    hyper_params, ctx_params, tokens, mask, scalers, bias_scaler, *, config, ctx_config, n_chunks,
-    iterative, dtype,
-) -> Adapter:  # fmt: skip
-    """chunk_loras + bias LoRA + compose as ONE compiled program (no eager ops per call)."""
-    a, b = chunk_loras(
-        hyper_params, ctx_params, tokens, mask, config=config, ctx_config=ctx_config,
-        iterative=iterative, dtype=dtype,
-    )  # fmt: skip
-    bias = bias_lora(hyper_params, config) if config.use_bias else None
-    return compose(a, b, n_chunks, config.lora_alpha, bias, scalers, bias_scaler)
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_slots(out, loras, doc: jax.Array, slot: jax.Array):
+    """out[doc[i], :, slot[i]] = loras[i] for (A, B) dicts [G, L, S, r, d], in place (donated);
+    rows with doc == G (a padded group's filler) are dropped."""
+    return jax.tree.map(lambda o, x: o.at[doc, :, slot].set(x, mode="drop"), out, loras)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _finish_slots(out, bias, a_scale, bias_scale, bias_slot):
+    """Official combine_lora on the slot arrays, in place: A of chunk slots times `a_scale`
+    [G, S] (None: 1), the bias LoRA (times bias_scale) at slot bias_slot[g], then
+    [G, L, S, r, d] -> [G, L, S * r, d]."""
+    a, b = out
+    if a_scale is not None:
+        a = {m: x * a_scale.astype(x.dtype)[:, None, :, None, None] for m, x in a.items()}
+    g = jnp.arange(bias_slot.shape[0])
+
+    def put(o, x):
+        return o.at[g, :, bias_slot].set(
+            jnp.broadcast_to(x.astype(o.dtype) * bias_scale, o[:, :, 0].shape)
+        )
+
+    if bias is not None:
+        a = {m: put(x, bias[0][m]) for m, x in a.items()}
+        b = {m: put(x, bias[1][m]) for m, x in b.items()}
+    return jax.tree.map(lambda x: x.reshape(*x.shape[:2], -1, x.shape[-1]), (a, b))
+
+
+def check_chunks(
+    docs_chunks: Sequence[Sequence[Sequence[int]]], window: int, max_chunks: int = MAX_DOC_CHUNKS
+) -> None:
+    """InputError when a document has more than `max_chunks` chunks or a chunk is longer than the
+    context model's `window` (its positions past the window are untrained)."""
+    for i, d in enumerate(docs_chunks):
+        if len(d) > max_chunks:
+            raise InputError(
+                f"document {i} has {len(d):,} chunks, over the limit of {max_chunks:,} per "
+                "document (MAX_DOC_CHUNKS); use longer chunks or split the document"
+            )
+        longest = max(len(c) for c in d)
+        if longest > window:
+            raise InputError(
+                f"document {i} has a chunk of {longest:,} tokens, longer than the context model's "
+                f"window of {window:,}; use shorter chunks"
+            )
 
 
 # ----------------------------------------------------------------------------- API
@@ -246,6 +295,7 @@ class DocToLoRA:
         dtype=jnp.float32,
         search: Sequence[Path] = (),
         where: str = "the D2L hypernetwork",
+        allow_other_base: bool = False,
         **kw,
     ) -> DocToLoRA:
         """A loaded hypernetwork bound to its models.
@@ -253,11 +303,21 @@ class DocToLoRA:
         base_model / ctx_model: a HF save_pretrained folder, (config, params), or None = the model
         meta names ("base_model" / "ctx_encoder_model": a local path, tried as is and under each
         `search` folder, or a fetchable name). The context encoder defaults to the base model.
+        A base model whose fingerprint differs from the one meta records is refused unless
+        allow_other_base.
         """
         base_config, base_params, base_dir = _resolve_model(
             base_model, meta.get("base_model"), search, "base model"
         )
         check_base_model(config, base_config, where)
+        given = "(config, params)" if isinstance(base_model, tuple) else base_dir or base_model
+        check_fingerprint(
+            meta,
+            base_fingerprint(base_config, base_params),
+            given,
+            where,
+            allow_other_base=allow_other_base,
+        )
         if tokenizer is None and base_dir is not None:
             tokenizer = load_tokenizer(base_dir)
         ctx = {}
@@ -272,9 +332,15 @@ class DocToLoRA:
             config, params, base_params, base_config, tokenizer, dtype=dtype, meta=meta, **ctx, **kw
         )
 
+    @functools.cached_property
+    def base_fingerprint(self) -> str:
+        """Fingerprint of the bound base model (models/load.py), recorded in what we write."""
+        return base_fingerprint(self.base_config, self.base_params)
+
     def save(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
         """Write our checkpoint format (hypernetwork params + config; no base weights)."""
         meta = {k: self.meta.get(k) for k in ("base_model", "ctx_encoder_model")}
+        meta["base_fingerprint"] = self.meta.get("base_fingerprint") or self.base_fingerprint
         return save_checkpoint(
             out_dir,
             self.config,
@@ -289,12 +355,40 @@ class DocToLoRA:
             raise ConfigError("this DocToLoRA has no tokenizer; pass tokenizer= or use *_ids APIs")
         return self.tokenizer
 
-    def chunk_document(self, text: str, chunk_size: int | None = None) -> list[list[int]]:
-        """Templated ids of `text` split by the official rule (chunk_size None/<=0: one chunk)."""
+    def chunk_document(
+        self, text: str, chunk_size: int | None = None, *, max_chunks: int = MAX_DOC_CHUNKS
+    ) -> list[list[int]]:
+        """Templated ids of `text` split by the official rule (chunk_size None/<=0: one chunk).
+
+        InputError (naming the chunk size that fits) past `max_chunks` chunks or when a chunk
+        would be longer than the context model's window: no silent truncation.
+        """
         tok = self.ctx_tokenizer or self._need_tokenizer()
         ids = tokenize_ctx_text(text, tok, self.template_kind)
         prefix, suffix = ctx_affixes(tok, self.template_kind)
-        return split_ctx_ids(ids, chunk_size, prefix, suffix)
+        window = self.ctx_config.max_position_embeddings
+        fit = window - len(prefix) - len(suffix)  # a chunk is at most chunk_size + affixes
+        n, k = len(ids), num_chunks(len(ids), chunk_size)
+        need = -(-n // max_chunks)
+        if need > fit:
+            raise InputError(
+                f"the document has {n:,} tokens, over the {max_chunks * fit:,} one adapter takes "
+                f"({max_chunks:,} chunks (MAX_DOC_CHUNKS) of {fit:,} tokens); split the document"
+            )
+        fix = f"use a chunk size (--chunk-size) of {need:,} to {fit:,}"
+        if k > max_chunks:
+            raise InputError(
+                f"the document has {n:,} tokens: {k:,} chunks of {chunk_size:,}, over the limit "
+                f"of {max_chunks:,} chunks per document (MAX_DOC_CHUNKS); {fix}"
+            )
+        chunks = split_ctx_ids(ids, chunk_size, prefix, suffix)
+        longest = max(len(c) for c in chunks)
+        if longest > window:
+            raise InputError(
+                f"the document has {n:,} tokens: a chunk of {longest:,} is longer than the "
+                f"context model's window of {window:,}; {fix}"
+            )
+        return chunks
 
     def query_ids(self, question: str) -> list[int]:
         """A question as a user turn (repo template, empty system message)."""
@@ -322,25 +416,59 @@ class DocToLoRA:
         iterative: bool = False,
         scalers: Sequence[float] | None = None,
         bias_scaler: float | None = None,
+        max_chunks: int = MAX_DOC_CHUNKS,
+        group: int = CHUNK_GROUP,
+        pad_to: int = 0,
     ) -> Adapter:
-        """Already-chunked documents (lists of token-id chunks) -> Adapter [n_docs, L, R, d]."""
+        """Already-chunked documents (lists of token-id chunks) -> Adapter [n_docs, L, R, d].
+
+        Runs `group` chunks per call of one compiled program (all chunks padded to one length,
+        at least `pad_to`) and writes each chunk's LoRA into its rank slot of the composed
+        adapter: the same adapter as `compose` of all chunk LoRAs at once, with one group's
+        activations alive.
+        """
         if not docs_chunks or any(len(d) == 0 for d in docs_chunks):
             raise InputError("every document needs at least one chunk")
-        flat = [list(c) for d in docs_chunks for c in d]
-        tokens, mask = pad_chunks(flat, multiple=self.pad_multiple)
-        return _internalize(
-            self.params,
-            self.ctx_params,
-            jnp.asarray(tokens),
-            jnp.asarray(mask),
-            None if scalers is None else jnp.asarray(scalers, jnp.float32),
-            None if bias_scaler is None else jnp.asarray(bias_scaler, jnp.float32),
-            config=self.config,
-            ctx_config=self.ctx_config,
-            n_chunks=tuple(len(d) for d in docs_chunks),
-            iterative=iterative,
-            dtype=self.dtype,
-        )
+        check_chunks(docs_chunks, self.ctx_config.max_position_embeddings, max_chunks)
+        n_chunks = [len(d) for d in docs_chunks]
+        flat = [c for d in docs_chunks for c in d]
+        slot = [(g, j) for g, k in enumerate(n_chunks) for j in range(k)]
+        tokens, mask = pad_chunks(flat, multiple=self.pad_multiple, length=pad_to)
+        kw = dict(config=self.config, ctx_config=self.ctx_config, iterative=iterative)
+
+        def run(start: int):
+            # the last group repeats its last chunk: one shape; _write_slots drops those rows
+            rows = np.minimum(np.arange(start, start + group), len(flat) - 1)
+            return chunk_loras(
+                self.params, self.ctx_params, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]),
+                dtype=self.dtype, **kw,
+            )  # fmt: skip
+
+        n_docs, slots = len(n_chunks), max(n_chunks) + 1
+        doc = np.array([g for g, _ in slot] + [n_docs] * group, np.int32)  # filler rows: dropped
+        idx = np.array([j for _, j in slot] + [0] * group, np.int32)
+        out, prev = None, None
+        for start in range(0, len(flat), group):
+            loras = run(start)
+            if out is None:  # [n_docs, L, Kmax + 1 slots, r, d]; unused slots stay exact zeros
+                out = jax.tree.map(
+                    lambda x: jnp.zeros((n_docs, x.shape[1], slots, *x.shape[2:]), x.dtype), loras
+                )
+            out = _write_slots(out, loras, doc[start : start + group], idx[start : start + group])
+            if prev is not None:  # at most two groups in flight: activations stay bounded
+                jax.block_until_ready(prev)
+            prev = loras
+        a_scale = None
+        if scalers is not None:  # A of each document's chunk slots only (official combine_lora)
+            a_scale = np.ones((n_docs, slots))
+            for g, k in enumerate(n_chunks):
+                a_scale[g, :k] = scalers[g]
+        bias = bias_lora(self.params, self.config) if self.config.use_bias else None
+        a, b = _finish_slots(
+            out, bias, a_scale, 1.0 if bias_scaler is None else bias_scaler,
+            np.asarray(n_chunks, np.int32),
+        )  # fmt: skip
+        return Adapter(a, b, float(self.config.lora_alpha))
 
     def internalize(
         self,
@@ -351,21 +479,33 @@ class DocToLoRA:
         scalers: Sequence[float] | None = None,
         bias_scaler: float | None = None,
         combine: bool = False,
+        max_chunks: int = MAX_DOC_CHUNKS,
     ) -> Adapter:
         """Documents -> one composed Adapter. A single str gives an unbatched adapter
         [L, (K+1) r, d]; a list gives [n_docs, L, (Kmax+1) r, d] (zero-padded ranks).
         combine=True composes all documents into ONE unbatched adapter: every chunk of every
-        document in order, then the bias LoRA once (as if they were one chunked document)."""
+        document in order, then the bias LoRA once (as if they were one chunked document).
+        Limits (InputError): `max_chunks` chunks per document, chunks within the context
+        model's window (see chunk_document)."""
         single = isinstance(texts, str)
         docs = [texts] if single else list(texts)
         if not docs:
             raise InputError("no documents to internalize")
-        chunks = [self.chunk_document(t, chunk_size) for t in docs]
+        chunks = [self.chunk_document(t, chunk_size, max_chunks=max_chunks) for t in docs]
+        pad_to = 0
+        if any(len(d) > 1 for d in chunks):
+            # chunked: pad to the longest chunk the size allows, not this document's longest,
+            # so every document at this chunk size runs the same compiled program
+            prefix, suffix = ctx_affixes(self.ctx_tokenizer, self.template_kind)
+            pad_to = min(
+                chunk_size + len(prefix) + len(suffix), self.ctx_config.max_position_embeddings
+            )
         if combine:
             chunks, single = [[c for d in chunks for c in d]], True
         ad = self.internalize_chunks(
-            chunks, iterative=iterative, scalers=scalers, bias_scaler=bias_scaler
-        )
+            chunks, iterative=iterative, scalers=scalers, bias_scaler=bias_scaler,
+            max_chunks=max_chunks, pad_to=pad_to,
+        )  # fmt: skip
         if single:
             ad = Adapter(
                 {m: x[0] for m, x in ad.a.items()}, {m: x[0] for m, x in ad.b.items()}, ad.scale

@@ -66,11 +66,13 @@ def save_checkpoint(
 ) -> Path:
     """Write params + config atomically (a temp folder renamed into place).
 
-    meta: "base_model", "ctx_encoder_model" (stored as ctx_encoder.model), "base_dims" (default:
-    the config's); any other key is stored as is (e.g. "source", "training").
+    meta: "base_model", "base_fingerprint" (models/load.py; checked when a base model is
+    attached), "ctx_encoder_model" (stored as ctx_encoder.model), "base_dims" (default: the
+    config's); any other key is stored as is (e.g. "source", "training").
     """
     extra = dict(meta or {})
     base_model = extra.pop("base_model", None)
+    base_fingerprint = extra.pop("base_fingerprint", None)
     ctx_encoder_model = extra.pop("ctx_encoder_model", None)
     base_dims = extra.pop("base_dims", None)
     flat = {k: np.asarray(v, np.float32) for k, v in flatten_tree(params).items()}
@@ -80,6 +82,7 @@ def save_checkpoint(
         "version": VERSION,
         "hypernet": config.to_json(),
         "base_model": base_model,
+        "base_fingerprint": base_fingerprint,
         "base_dims": base_dims or base_dims_of_config(config),
         "lora": {
             "r": config.lora_r,

@@ -28,6 +28,7 @@ from hyperlora_jax.hypernet.t2l.task_encoder import (
 from hyperlora_jax.lora.adapter import Adapter
 from hyperlora_jax.models.config import load_hf_config
 from hyperlora_jax.models.hf import config_from_hf
+from hyperlora_jax.models.load import check_fingerprint, folder_fingerprint
 
 
 @partial(jax.jit, static_argnums=(0, 4))
@@ -46,12 +47,15 @@ class TextToLoRA:
         constants: dict | None = None,
         meta: dict | None = None,
         encoder: TaskEncoder | None = None,
+        base_fingerprint: str | None = None,
     ):
         self.config = config
         self.params = jax.tree.map(jax.numpy.asarray, params)
         self.constants = {k: jax.numpy.asarray(v) for k, v in (constants or {}).items()}
         self.meta = meta or {}
         self.encoder = encoder
+        # The base model the adapters are for: the one given at load time, else the recorded one.
+        self.base_fingerprint = base_fingerprint or self.meta.get("base_fingerprint")
 
     @classmethod
     def from_checkpoint(
@@ -60,14 +64,21 @@ class TextToLoRA:
         *,
         encoder: TaskEncoder | str | Path | None = None,
         base_model: str | Path | None = None,
+        allow_other_base: bool = False,
     ) -> TextToLoRA:
         """Load our checkpoint folder. `encoder`: a TaskEncoder, an embeddings file
         (.jsonl/.npz/.npy), or a local sentence-encoder folder; otherwise the checkpoint's
-        encoder spec decides (base-LM checkpoints need `base_model`)."""
+        encoder spec decides (base-LM checkpoints need `base_model`). A `base_model` whose
+        fingerprint differs from the recorded one is refused unless allow_other_base."""
         config, params, meta, constants = load_checkpoint(path)
+        fingerprint = None
         if base_model is not None:
             check_base_model(
                 config, config_from_hf(load_hf_config(base_model)), str(meta.get("base_model"))
+            )
+            fingerprint = folder_fingerprint(base_model)
+            check_fingerprint(
+                meta, fingerprint, base_model, str(path), allow_other_base=allow_other_base
             )
         spec = meta.get("encoder") or {}
         if isinstance(encoder, str | Path):
@@ -80,7 +91,14 @@ class TextToLoRA:
                 encoder = PrecomputedEncoder(p)
         elif encoder is None:
             encoder = task_encoder.from_spec(spec, base_model, required=False)
-        return cls(config, params, constants=constants, meta=meta, encoder=encoder)
+        return cls(
+            config,
+            params,
+            constants=constants,
+            meta=meta,
+            encoder=encoder,
+            base_fingerprint=fingerprint,
+        )
 
     @property
     def base_model(self) -> str | None:

@@ -1,7 +1,8 @@
 """Our T2L checkpoint folder (written by save_checkpoint, e.g. by `convert official-t2l`):
 
-  t2l.json               format/version, hypernet config (T2LConfig), base model id, LoRA r/alpha/
-                         rsLoRA/targets (module order = layer-type index order), task-encoder spec
+  t2l.json               format/version, hypernet config (T2LConfig), base model id and
+                         fingerprint (models/load.py), LoRA r/alpha/rsLoRA/targets (module
+                         order = layer-type index order), task-encoder spec
   params.safetensors     hypernetwork params, keys = '/'-joined Flax param paths, f32
   constants.safetensors  (optional) non-zero AB_offset / recon mean / std, our layout [L, r, d]
 
@@ -53,8 +54,9 @@ def save_checkpoint(
 ) -> Path:
     """Write a T2L checkpoint folder atomically (see the module docstring for the layout).
 
-    meta: "base_model", "lora" and "encoder" (defaults from the config / the base-LM encoder);
-    any other key is stored as is (e.g. "source", "training").
+    meta: "base_model", "base_fingerprint" (models/load.py; checked when a base model is given),
+    "lora" and "encoder" (defaults from the config / the base-LM encoder); any other key is
+    stored as is (e.g. "source", "training").
     """
     meta = dict(meta or {})
     doc = {
@@ -62,6 +64,7 @@ def save_checkpoint(
         "version": VERSION,
         "hypernet": config.to_json(),
         "base_model": meta.pop("base_model", None),
+        "base_fingerprint": meta.pop("base_fingerprint", None),
         "lora": meta.pop(
             "lora",
             {
