@@ -13,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import make_tiny_hf  # noqa: E402
 
 from hyperlora_jax.cli import main  # noqa: E402
+from hyperlora_jax.hypernet.d2l.checkpoint import load_checkpoint as load_d2l_ckpt  # noqa: E402
+from hyperlora_jax.hypernet.t2l.checkpoint import load_checkpoint as load_t2l_ckpt  # noqa: E402
+from hyperlora_jax.models.load import folder_fingerprint  # noqa: E402
 from hyperlora_jax.models.testing import tiny_config  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -66,6 +69,9 @@ def test_t2l_trains_on_a_task_folder_and_exports(tmp_path):
     rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
     assert main(["export-run", f"--workdir={work}", f"--out={tmp_path / 'ckpt'}"]) == 0
+    # the export records the base it trained against; loading checks it
+    meta = load_t2l_ckpt(tmp_path / "ckpt").meta
+    assert meta["base_fingerprint"] == folder_fingerprint(base)
     t2l = TextToLoRA.from_checkpoint(tmp_path / "ckpt", base_model=base)
     ad = t2l.generate(["Reverse the order of the words."])
     assert ad.a["q_proj"].shape[-3:] == (3, 8, 64)
@@ -108,6 +114,8 @@ def test_d2l_trains_on_text_records_and_exports(tmp_path):
     ]
     assert main(args) == 0
     assert main(["export-run", f"--workdir={work}", f"--out={tmp_path / 'ckpt'}"]) == 0
+    meta = load_d2l_ckpt(tmp_path / "ckpt").meta
+    assert meta["base_fingerprint"] == folder_fingerprint(base)
     d2l = DocToLoRA.from_checkpoint(tmp_path / "ckpt", base_model=base)
     ad = d2l.internalize("The special magic number is 4242.")
     assert ad.a["down_proj"].shape[0] == 2

@@ -57,12 +57,14 @@ def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bo
     if step is None:
         raise CheckpointError(f"no good checkpoint {params or ''} in {root}")
     training = {"workdir": str(workdir), "step": step, "config": info.get("config")}
+    # the base the run trained against; a run on the random tiny base has no fingerprint
+    base = {k: info[k] for k in ("base_model", "base_fingerprint") if info.get(k)}
     if info["kind"] == "d2l":
         from hyperlora_jax.hypernet.d2l.checkpoint import save_checkpoint
         from hyperlora_jax.hypernet.d2l.model import D2LConfig
 
         cfg = D2LConfig.from_json(info["hypernet_config"])
-        meta = {"base_model": info.get("base_model"), "training": training}
+        meta = {**base, "training": training}
         return save_checkpoint(out, cfg, params, meta, overwrite=overwrite)
     from hyperlora_jax.hypernet.t2l.checkpoint import save_checkpoint
     from hyperlora_jax.hypernet.t2l.model import T2LConfig
@@ -75,13 +77,13 @@ def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bo
 
         lib = Adapter(params["a"], params["b"], cfg.scale())
         meta = {
-            "base_model": info.get("base_model"),
+            **base,
             "tasks": info.get("tasks") or [],
             "training": training,
         }
         return save_adapter(lib, out, meta, overwrite=overwrite)
     encoder = dict((info.get("config") or {}).get("encoder") or {})
-    meta = {"base_model": info.get("base_model"), "encoder": encoder, "training": training}
+    meta = {**base, "encoder": encoder, "training": training}
     stats = Path(workdir) / RECON_STATS
     constants = load_safetensors(stats) if cfg.pred_z_score and stats.is_file() else None
     if cfg.pred_z_score and constants is None:

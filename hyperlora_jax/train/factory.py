@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 
 def _base(config, parts, base_model: str | None):
-    """(params, tokenizer or None, folder or None) of the base model: --base_model (any name
-    `load_base` takes), else the random `base_model_config` model of the tiny presets."""
+    """(params, tokenizer or None, folder or None, fingerprint or None) of the base model:
+    --base_model (any name `load_base` takes), else the random `base_model_config` model of the
+    tiny presets."""
     from hyperlora_jax.models import transformer
 
     if not base_model:
@@ -38,8 +39,8 @@ def _base(config, parts, base_model: str | None):
                 f"config {config.name!r} needs its base model weights: pass --base_model "
                 f"{config.base_model or 'NAME_OR_DIR'}"
             )
-        return transformer.init_params(parts.base_cfg, jax.random.key(0)), None, None
-    from hyperlora_jax.models.load import load_base
+        return transformer.init_params(parts.base_cfg, jax.random.key(0)), None, None, None
+    from hyperlora_jax.models.load import base_fingerprint, load_base
 
     dtype = np.float32 if parts.hp.dtype == np.float32 else None
     cfg, params, tok, path = load_base(base_model, dtype=dtype)
@@ -49,7 +50,7 @@ def _base(config, parts, base_model: str | None):
             f"H={cfg.hidden_size})"
             f" does not match the config's base model {config.base_model!r}"
         )
-    return params, tok, str(path)
+    return params, tok, str(path), base_fingerprint(cfg, params)
 
 
 def build_trainer(
@@ -64,7 +65,9 @@ def build_trainer(
     hp = parts.hp
     t = config.train
     seed = t.seed
-    base, tok, base_model = _base(config, parts, base_model)
+    base, tok, base_model, fingerprint = _base(config, parts, base_model)
+    if fingerprint:  # export-run records it: the hypernetwork is checked against its base
+        parts.rebuild_info["base_fingerprint"] = fingerprint
     names = floor = None
     if hp.kind == "d2l":
         from hyperlora_jax.data.floor import items_floor
