@@ -136,3 +136,37 @@ def check_fingerprint(
         "use the base model it was made for, or pass --allow-other-base "
         "(allow_other_base=True) to use this one anyway"
     )
+
+
+# Name fragments that give away a model's family ("google/gemma-2-2b-it", "tiny-gemma2", ...).
+_FAMILY_NAMES = (
+    (("gemma-3", "gemma3"), "gemma3"),
+    (("gemma-2", "gemma2"), "gemma2"),
+    (("mistral",), "mistral"),
+    (("qwen3",), "qwen3"),
+    (("qwen2",), "qwen2"),
+    (("llama", "smollm"), "llama"),
+)
+
+
+def family_from_name(name: Any) -> str | None:
+    """The family a model name says it is, or None when the name does not tell."""
+    low = str(name or "").lower()
+    return next((fam for keys, fam in _FAMILY_NAMES if any(k in low for k in keys)), None)
+
+
+def check_family(
+    recorded: dict, given_family: str, given_name: Any, what: str, *, allow_other_base: bool = False
+) -> None:
+    """Without a fingerprint (official checkpoints), at least refuse a base of another family
+    than the recorded base model's name says: same shapes would otherwise pass silently."""
+    want = family_from_name(recorded.get("base_model"))
+    if want is None or want == given_family or allow_other_base:
+        return
+    from hyperlora_jax.errors import CheckpointError
+
+    raise CheckpointError(
+        f"{what} was made for base model {recorded.get('base_model')!r} ({want} family) but the "
+        f"given base model {str(given_name)!r} is {given_family}; use the base model it was made "
+        "for, or pass --allow-other-base (allow_other_base=True) to use this one anyway"
+    )

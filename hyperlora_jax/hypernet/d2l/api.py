@@ -45,7 +45,7 @@ from hyperlora_jax.models.chat import (
     tokenize_ctx_text,
 )
 from hyperlora_jax.models.config import ModelConfig
-from hyperlora_jax.models.load import base_fingerprint, check_fingerprint
+from hyperlora_jax.models.load import base_fingerprint, check_family, check_fingerprint
 from hyperlora_jax.models.tokenizer import load_tokenizer
 
 # Chunks per compiled call: every document runs as groups of [CHUNK_GROUP, T] (the last group
@@ -318,6 +318,7 @@ class DocToLoRA:
             where,
             allow_other_base=allow_other_base,
         )
+        check_family(meta, base_config.family, given, where, allow_other_base=allow_other_base)
         if tokenizer is None and base_dir is not None:
             tokenizer = load_tokenizer(base_dir)
         ctx = {}
