@@ -8,6 +8,7 @@ get a built-in synthetic task.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from pathlib import Path
@@ -16,7 +17,14 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from hyperlora_jax.data import packing, pipeline, sni, token_shards
+from hyperlora_jax.data.packing import check_label_budget
+from hyperlora_jax.data.storage import ErrorLog, iter_raw_records
 from hyperlora_jax.errors import ConfigError
+from hyperlora_jax.hypernet.t2l import task_encoder as te
+from hyperlora_jax.lora.storage import load_adapter, read_adapter_meta
+from hyperlora_jax.models.chat import ctx_affixes
+from hyperlora_jax.models.load import load_base_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +50,6 @@ def synthetic_d2l_items(vocab: int, n: int, seed: int) -> list[dict]:
 def _token_shard_items(files, opts, parts, seed: int, tokenizer=None):
     """Token shards -> `token_shards.ShardItems`: the items the text path would build for the
     same records (same chunk draws per record index), held as numpy arrays, built per row."""
-    import dataclasses
-
-    from hyperlora_jax.data import token_shards
-    from hyperlora_jax.models.chat import ctx_affixes
 
     if parts.hp.objective != "ce":
         raise ConfigError("token shards carry no teacher log-probs: use train.loss=ce")
@@ -74,8 +78,6 @@ def _token_shard_items(files, opts, parts, seed: int, tokenizer=None):
 
 def _record_items(paths, opts, hp, seed: int, tokenizer=None) -> list[dict]:
     """Text QA records (NIAH, facts: tokenized here) or self-gen records -> D2L items."""
-    from hyperlora_jax.data import pipeline
-    from hyperlora_jax.data.storage import ErrorLog, iter_raw_records
 
     chunk = opts.chunk
     records = [rec for _, _, rec in iter_raw_records(paths, errors=ErrorLog("raise"))]
@@ -116,8 +118,6 @@ def d2l_data(config, parts, paths: list[str], seed: int, tokenizer=None):
 def pack_d2l_items(parts, items, pc, seed: int):
     """An endless, checkpointable iterator of this process's batches of packed rows, each
     checked against the LM head's label budget (train.max_label_len)."""
-    from hyperlora_jax.data import pipeline
-    from hyperlora_jax.data.packing import check_label_budget
 
     per_process = parts.hp.global_batch // jax.process_count()
     loader = pipeline.LoaderConfig(
@@ -148,7 +148,6 @@ class D2LFeed(NamedTuple):
 
 
 def d2l_feed(config, parts) -> D2LFeed:
-    from hyperlora_jax.data import packing, pipeline
 
     t = config.train
     probs = t.num_chunk_probs
@@ -173,7 +172,6 @@ def d2l_feed(config, parts) -> D2LFeed:
 
 def d2l_items(config, parts, paths: list[str], seed: int, tokenizer=None):
     """(items, PackConfig) of the D2L training data (see d2l_data)."""
-    from hyperlora_jax.data import packing, token_shards
 
     hp = parts.hp
     opts = d2l_feed(config, parts)
@@ -272,10 +270,6 @@ def t2l_data(config, parts, paths: list[str], seed: int, base_model: str | None)
     task_index is the task's position in that list (the adapter of a LoRA library)."""
     import grain
 
-    from hyperlora_jax.data import sni
-    from hyperlora_jax.hypernet.t2l import task_encoder as te
-    from hyperlora_jax.models.load import load_base_tokenizer
-
     if len(paths) != 1 or not Path(paths[0]).is_dir():
         raise ConfigError("T2L training takes one --data folder of tasks (Lots-of-LoRAs layout)")
     if not base_model:
@@ -338,10 +332,6 @@ def recon_data(config, parts, seed: int, suite: str | None, workdir: str):
     (torch's unbiased std + 1e-10, as the official code); the mean and std go to
     `workdir/recon_stats.safetensors`, from which generation un-normalises."""
     import grain
-
-    from hyperlora_jax.data import sni
-    from hyperlora_jax.hypernet.t2l import task_encoder as te
-    from hyperlora_jax.lora.storage import load_adapter, read_adapter_meta
 
     opts = t2l_feed(config, parts)
     library = opts.oracle_library

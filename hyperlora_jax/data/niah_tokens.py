@@ -39,8 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from hyperlora_jax.data import niah, storage, token_shards
+from hyperlora_jax.data import niah, selfgen, storage, token_shards
 from hyperlora_jax.errors import ConfigError, InputError
+from hyperlora_jax.models import chat
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,6 @@ class NiahPieces:
         cls, tokenizer: Any, bins: Sequence[tuple[int, int]] = ((32, 128), (128, 256))
     ) -> NiahPieces:
         """Derive the pieces (seconds) and prove them exact, or raise CompositionError."""
-        from hyperlora_jax.data import selfgen
-        from hyperlora_jax.models import chat
 
         def enc(texts: list[str]) -> list[Ids]:
             return [tuple(x) for x in chat.encode_batch(tokenizer, texts)]
@@ -218,7 +217,6 @@ class NiahPieces:
     def check_contexts(self, tokenizer: Any) -> None:
         """Composed chat and raw ids == the tokenizer's on probe contexts: every needle position
         of haystacks of 1-5 blocks and some of a 40-block one, several numbers."""
-        from hyperlora_jax.models import chat
 
         probes = [
             (k, i, m) for k in (1, 2, 3, 5) for i in range(k) for m in ("0000", "9999", "4096")

@@ -23,6 +23,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax.errors import ConfigError, InputError
@@ -291,7 +292,6 @@ def global_indices(batch: Mapping, cfg: PackConfig):
 
 
 def _jnp():
-    import jax.numpy as jnp
 
     return jnp
 
@@ -303,7 +303,6 @@ def check_label_budget(batch, max_label_len: int | None) -> None:
     batch: numpy rows with "labels" [B, T] (D2L; -100 = no loss) or "loss_mask" [B, T] (T2L).
     Raises InputError naming the row; call it where batches are made (the loss cannot raise).
     """
-    from hyperlora_jax.errors import InputError
 
     if not max_label_len:
         return

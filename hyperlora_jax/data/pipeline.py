@@ -19,8 +19,11 @@ import grain
 import numpy as np
 
 from hyperlora_jax.data import packing
+from hyperlora_jax.data.selfgen import context_ids, qa_ids_and_labels, qa_ids_and_labels_batch
+from hyperlora_jax.data.sni import HierarchicalSource
 from hyperlora_jax.data.storage import ErrorLog
 from hyperlora_jax.errors import ConfigError, InputError
+from hyperlora_jax.models.chat import ctx_affixes, tokenize_ctx_texts
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,6 @@ class ChunkConfig:
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, **kw: Any) -> ChunkConfig:
         """Affixes from the tokenizer's chat format (hyperlora_jax.models.chat.ctx_affixes)."""
-        from hyperlora_jax.models.chat import ctx_affixes
 
         prefix, suffix = ctx_affixes(tokenizer)
         return cls(prefix=tuple(prefix), suffix=tuple(suffix), **kw)
@@ -255,8 +257,6 @@ def text_qa_tokens(
 ) -> list[tuple[list[int], list[tuple[list[int], list[int]]]]]:
     """What `text_qa_item` tokenizes, for many records with batched tokenizer calls (same ids):
     per record (context ids, [(input_ids, labels) per QA]); no chunking."""
-    from hyperlora_jax.data.selfgen import qa_ids_and_labels_batch
-    from hyperlora_jax.models.chat import tokenize_ctx_texts
 
     fields = [text_qa_fields(r) for r in records]
     ctx_ids = tokenize_ctx_texts([f[0] for f in fields], tokenizer)
@@ -280,7 +280,6 @@ def text_qa_item(
 ) -> dict:
     """A text record {context, prompt(s), response(s)} (e.g. NIAH) -> an item with gold-response
     labels (cross-entropy training, as the official NIAH runs)."""
-    from hyperlora_jax.data.selfgen import context_ids, qa_ids_and_labels
 
     ctx, prompts, responses = text_qa_fields(rec)
     ids = context_ids(tokenizer, ctx, chat_template)
@@ -316,7 +315,6 @@ def make_sni_dataset(
     tasks_per_step / process_count; the processes' batches together form the global step. The
     order is a function of cfg.seed alone (cfg.shuffle is not used); num_epochs=None is endless.
     """
-    from hyperlora_jax.data.sni import HierarchicalSource
 
     if tasks_per_step % cfg.process_count:
         raise ConfigError(

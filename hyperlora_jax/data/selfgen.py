@@ -25,11 +25,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax.data.prompts import QA_PROMPT_TEMPLATE, SELF_QA_INTX
+from hyperlora_jax.data.storage import ErrorLog
 from hyperlora_jax.errors import InputError
-from hyperlora_jax.models import chat
+from hyperlora_jax.models import chat, decoding
+from hyperlora_jax.models.tokenizer import stop_token_ids
+from hyperlora_jax.models.transformer import forward
 
 log = logging.getLogger(__name__)
 
@@ -349,10 +354,6 @@ def make_jax_generate(
     pad_to_multiple: int = 64,
 ) -> GenerateFn:
     """Greedy batched generation through hyperlora_jax.models.decoding (left padding)."""
-    import jax.numpy as jnp
-
-    from hyperlora_jax.models import decoding
-    from hyperlora_jax.models.tokenizer import stop_token_ids
 
     stops = set(stop_token_ids(tokenizer, config.eos_token_id))
     dtype = dtype or jnp.float32
@@ -388,10 +389,6 @@ def make_jax_topk(
 ) -> TopKFn:
     """topk(sequences, n_prompt) -> per sequence (vals [n_resp, k], idx [n_resp, k]): the teacher's
     top-k log-probs at every response token (the distribution the token was drawn from)."""
-    import jax
-    import jax.numpy as jnp
-
-    from hyperlora_jax.models.transformer import forward
 
     dtype = dtype or jnp.float32
 
@@ -510,7 +507,6 @@ def teacher_records(
     sources: Sequence[tuple[str, int]] | None = None,
 ) -> tuple[list[dict], dict]:
     """Teacher responses + top-k log-probs + student views -> one record per document."""
-    from hyperlora_jax.data.storage import ErrorLog
 
     errors = ErrorLog(on_error)
     prompts: list[TeacherPrompt] = []

@@ -8,6 +8,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import json
+
 import matplotlib.pyplot as plt  # noqa: E402
 
 
@@ -69,7 +71,6 @@ def plot_memory_vs_length(
 
 def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path, title: str = "Training loss"):
     """The trainer's metrics.jsonl -> loss per step (raw and a 10-step moving average)."""
-    import json
 
     rows = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
     by_step = {r["step"]: r["loss"] for r in rows if "loss" in r}  # a resumed run's rows win

@@ -24,6 +24,8 @@ from hyperlora_jax.data.prompts import QA_INSTRUCTION, QA_PROMPT_TEMPLATE, QASPE
 from hyperlora_jax.errors import ConfigError, InputError
 from hyperlora_jax.eval import baselines, metrics
 from hyperlora_jax.eval.trackers import StageTracker
+from hyperlora_jax.hypernet.d2l import api as dl
+from hyperlora_jax.hypernet.d2l.model import bias_lora, context_features, generate_chunk_loras
 from hyperlora_jax.models import decoding
 from hyperlora_jax.models.chat import format_user_turn
 
@@ -159,12 +161,6 @@ class D2LEvaluator:
     def internalize(self, context: str, example: int = 0):
         """D2L adapter for one document, with context encoding, hypernetwork and composition
         tracked as separate stages (each its own compiled program)."""
-        from hyperlora_jax.hypernet.d2l import api as dl
-        from hyperlora_jax.hypernet.d2l.model import (
-            bias_lora,
-            context_features,
-            generate_chunk_loras,
-        )
 
         d = self.d2l
         if d is None:

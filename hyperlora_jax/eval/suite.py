@@ -17,10 +17,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from hyperlora_jax.data import sni, task_suite
 from hyperlora_jax.errors import InputError
+from hyperlora_jax.lora import adapter as lora
+from hyperlora_jax.lora.adapter import Adapter
+from hyperlora_jax.lora.storage import load_adapter, read_adapter_meta
+from hyperlora_jax.models import decoding
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +44,6 @@ def suite_splits(suite: str | Path) -> tuple[list[str], list[str]]:
 def prompt_and_answer(meta: dict, example: dict, tokenizer, description: str | None = None):
     """(prompt ids up to the answer, answer text) for one test example, rendered like training:
     the SNI prompt (the description, if any, as task definition) + the response's opening."""
-    from hyperlora_jax.data import sni
 
     ex = dict(example)
     if description is not None:
@@ -53,14 +58,12 @@ class LibraryAdapters:
     """A LoRA library folder (export of an oracle / multi-task run): adapter of a task by name."""
 
     def __init__(self, folder: str | Path):
-        from hyperlora_jax.lora.storage import load_adapter, read_adapter_meta
 
         self.tasks = list(read_adapter_meta(folder).get("tasks") or [])
         self.lib = load_adapter(folder)
         self.n = next(iter(self.lib.a.values())).shape[0]
 
     def get(self, task: str):
-        from hyperlora_jax.lora.adapter import Adapter
 
         if self.n == 1:  # one shared (multi-task) LoRA
             i = 0
@@ -97,11 +100,6 @@ def evaluate_suite(
     All (mode, description, example) rows of a task decode together in fixed-size batches with
     one adapter per row (no adapter = zeros): decoding is memory-bound on CPU, so one wide batch
     costs about what one narrow pass does."""
-    import jax.numpy as jnp
-
-    from hyperlora_jax.data import sni, task_suite
-    from hyperlora_jax.lora import adapter as lora
-    from hyperlora_jax.models import decoding
 
     t2ls = t2ls or {}
     root = Path(suite)

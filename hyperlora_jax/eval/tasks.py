@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
+
 from hyperlora_jax.errors import InputError
 from hyperlora_jax.eval import metrics
 from hyperlora_jax.lora.adapter import unstack
+from hyperlora_jax.models import decoding
 
 ARC_TEMPLATE = (
     "Answer the question below by choosing the correct choice.\n\n"
@@ -307,9 +310,6 @@ def evaluate_t2l(
     """Accuracy of each mode on each task. "t2l" averages the 3 LoRAs generated from the task's 3
     eval descriptions (the README's T2L row). parity=True is README-parity: official parsers and
     GSM8K bug, LoRA scale alpha/r (vLLM 0.5.4 ignored rsLoRA), double BOS, 512 new tokens."""
-    import jax.numpy as jnp
-
-    from hyperlora_jax.models import decoding
 
     if "t2l" in modes and t2l is None:
         raise InputError("mode 't2l' needs a T2L checkpoint (--checkpoint)")

@@ -24,6 +24,7 @@ from hyperlora_jax.errors import CheckpointError, ConfigError, InputError
 from hyperlora_jax.lora.adapter import Adapter, module_path, pad_rank, to_numpy, validate
 from hyperlora_jax.lora.storage import atomic_dir, load_safetensors, save_safetensors
 from hyperlora_jax.models.config import TARGET_MODULES, ModelConfig
+from hyperlora_jax.models.hf import config_from_hf
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -74,7 +75,6 @@ def _base_model_config(base_model: str | Path | None) -> tuple[Path | None, dict
 
 
 def _config_from_hf(d: dict) -> ModelConfig:
-    from hyperlora_jax.models.hf import config_from_hf
 
     return config_from_hf(d)
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax.errors import CheckpointError, InputError
@@ -244,7 +245,6 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
 
 def load_adapter(adapter_dir: str | Path) -> Adapter:
     """Read a folder written by save_adapter; a corrupt file is a CheckpointError naming it."""
-    import jax.numpy as jnp
 
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_meta(adapter_dir)

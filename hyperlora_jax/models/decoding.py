@@ -20,6 +20,7 @@ import numpy as np
 
 from hyperlora_jax.errors import InputError
 from hyperlora_jax.models.config import ModelConfig
+from hyperlora_jax.models.tokenizer import apply_chat, stop_token_ids
 from hyperlora_jax.models.transformer import forward, init_cache
 
 if TYPE_CHECKING:  # hints only: models sit below lora (forward reads .a, .b, .scale)
@@ -152,7 +153,6 @@ def generate(
     stop_ids default: the tokenizer's EOS and end-of-turn tokens plus config.eos_token_id.
     seed: an int or a jax.random key; the same seed gives the same samples.
     """
-    from hyperlora_jax.models.tokenizer import stop_token_ids
 
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -204,7 +204,6 @@ def chat(
     **kwargs: Any,
 ) -> GenerationOutput:
     """`generate` on chat-formatted prompts: each a user message string or a message list."""
-    from hyperlora_jax.models.tokenizer import apply_chat
 
     ids = [
         apply_chat(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p)

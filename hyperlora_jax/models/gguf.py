@@ -14,9 +14,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax.errors import CheckpointError, ConfigError
+from hyperlora_jax.models import hf
 
 SUPPORTED_ARCHS = ("llama", "gemma3")
 
@@ -192,9 +194,6 @@ def gguf_state_dict(reader, dtype=np.float32) -> dict[str, np.ndarray]:
 
 def load_gguf(path: str | os.PathLike, dtype=None):
     """(ModelConfig, params) straight from a GGUF file (dequantized; no folder written)."""
-    import jax.numpy as jnp
-
-    from hyperlora_jax.models import hf
 
     reader = read_gguf(path)
     hf_cfg = hf_config_from_gguf(reader)

@@ -17,6 +17,7 @@ import numpy as np
 
 from hyperlora_jax.errors import CheckpointError, ConfigError
 from hyperlora_jax.models.config import ModelConfig, load_hf_config
+from hyperlora_jax.models.transformer import init_params
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
 _FAMILY = {"gemma3_text": "gemma3"}
@@ -178,7 +179,6 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def _expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    from hyperlora_jax.models.transformer import init_params
 
     tree = jax.eval_shape(lambda r: init_params(config, r), jax.random.key(0))
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hyperlora_jax.errors import ConfigError
 from hyperlora_jax.models.config import ModelConfig
 
 F32 = jnp.float32
@@ -70,7 +71,6 @@ def rope_inv_freq(config: ModelConfig, theta: float, scaled: bool) -> np.ndarray
         smoothed = (1 - smooth) * out / factor + smooth * out
         medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
         return np.where(medium, smoothed, out).astype(np.float32)
-    from hyperlora_jax.errors import ConfigError
 
     raise ConfigError(f"unsupported rope_type {kind!r}; supported: default, linear, llama3")
 

@@ -4,13 +4,18 @@ any of these into a ready folder (names, GGUFs: converted once into the cache)."
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hyperlora_jax.models.config import ATTN_MODULES, MLP_MODULES, ModelConfig
+import numpy as np
+
+from hyperlora_jax.errors import CheckpointError
+from hyperlora_jax.models.config import ATTN_MODULES, MLP_MODULES, ModelConfig, load_hf_config
 from hyperlora_jax.models.fetch import fetch_model
-from hyperlora_jax.models.hf import load_hf_model
+from hyperlora_jax.models.hf import _normalize_key, config_from_hf, load_hf_model
 from hyperlora_jax.models.tokenizer import load_tokenizer
 
 
@@ -49,11 +54,8 @@ _NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "max_positi
 
 
 def _fingerprint(config: ModelConfig, rows: list[Any]) -> str:
-    import hashlib
-    import json
 
     import ml_dtypes
-    import numpy as np
 
     arch = {k: v for k, v in config.to_json().items() if k not in _NOT_ARCHITECTURE}
     c = hashlib.sha256(json.dumps(arch, sort_keys=True, default=list).encode()).hexdigest()
@@ -76,13 +78,8 @@ def base_fingerprint(config: ModelConfig, params: dict) -> str:
 
 def folder_fingerprint(name_or_path: str | os.PathLike) -> str:
     """Fingerprint of a base model on disk (what load_base takes), reading only those rows."""
-    import json
 
     from safetensors import safe_open
-
-    from hyperlora_jax.errors import CheckpointError
-    from hyperlora_jax.models.config import load_hf_config
-    from hyperlora_jax.models.hf import _normalize_key, config_from_hf
 
     folder = fetch_model(str(name_or_path))
     config = config_from_hf(load_hf_config(folder))
@@ -126,7 +123,6 @@ def check_fingerprint(
     # Files written before fingerprints were recorded have none: there is nothing to check.
     if not want or want == given or allow_other_base:
         return
-    from hyperlora_jax.errors import CheckpointError
 
     same_arch = want.split("-")[0] == given.split("-")[0]
     raise CheckpointError(
@@ -163,7 +159,6 @@ def check_family(
     want = family_from_name(recorded.get("base_model"))
     if want is None or want == given_family or allow_other_base:
         return
-    from hyperlora_jax.errors import CheckpointError
 
     raise CheckpointError(
         f"{what} was made for base model {recorded.get('base_model')!r} ({want} family) but the "

@@ -15,8 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyperlora_jax.errors import ConfigError
+from hyperlora_jax.errors import CheckpointError, ConfigError
+from hyperlora_jax.hypernet.t2l.model import T2LConfig
+from hyperlora_jax.lora import adapter as lora
+from hyperlora_jax.models.config import ModelConfig, get_preset
 from hyperlora_jax.train import d2l_loss, optim, t2l_loss
+from hyperlora_jax.train import sharding as shd
 from hyperlora_jax.train.trainer import TrainOptions
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -170,7 +174,6 @@ def train_options(config, d: Derived, workdir: str, **extra) -> TrainOptions:
 
 def mesh_spec(config, flag: str = "") -> dict[str, int]:
     """{data, fsdp, tensor} sizes: the --mesh flag, else train.mesh (-1 = the rest)."""
-    from hyperlora_jax.train import sharding as shd
 
     spec = shd.parse_mesh_spec(flag) if flag else dict(config.train.mesh)
     return {k: int(spec.get(k, 1)) for k in ("data", "fsdp", "tensor")}
@@ -190,8 +193,6 @@ class Parts:
 def t2l_configs(config) -> tuple[Any, Any]:
     """(base ModelConfig, T2LConfig) of a configs/t2l.py experiment: per-module sizes and layer
     count from the base model."""
-    from hyperlora_jax.hypernet.t2l.model import T2LConfig
-    from hyperlora_jax.models.config import ModelConfig, get_preset
 
     if config.base_preset:
         base = get_preset(config.base_preset)
@@ -249,7 +250,6 @@ def experiment(config) -> Parts:
 
 def _params_from_checkpoint(path: str, kind: str, init_params):
     """An initializer returning an exported checkpoint's params (shapes checked against ours)."""
-    from hyperlora_jax.errors import CheckpointError
 
     if kind == "d2l":
         from hyperlora_jax.hypernet.d2l.checkpoint import load_checkpoint
@@ -271,7 +271,6 @@ def lora_library_init(hcfg, base_cfg, n: int, rng) -> dict:
     A ~ U(+-1/sqrt(d_in)), as n separate official runs with the same seed would start. A shared
     start also keeps what reconstruction must learn in A task-dependent only through training
     (independent random A's would be noise for a T2L to memorise)."""
-    from hyperlora_jax.lora import adapter as lora
 
     ad = lora.init(rng, base_cfg, hcfg.modules, hcfg.rank)
     tile = lambda x: jnp.broadcast_to(x, (n, *x.shape))  # noqa: E731

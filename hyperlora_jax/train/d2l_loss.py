@@ -14,6 +14,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from hyperlora_jax.errors import ConfigError
+from hyperlora_jax.hypernet.d2l.model import (
+    bias_lora,
+    context_features,
+    encoder_layers,
+    generate_chunk_loras,
+    project_features,
+)
+from hyperlora_jax.lora.adapter import Adapter
+from hyperlora_jax.models.transformer import forward
+from hyperlora_jax.train import losses
 from hyperlora_jax.train.losses import label_positions, take_positions
 from hyperlora_jax.train.update import LossFn
 
@@ -71,17 +82,6 @@ def make_d2l_loss(
     positions of each row (None: every position). A row with more label tokens silently loses
     the rest: the data side must refuse such rows (`check_label_budget`).
     """
-    from hyperlora_jax.errors import ConfigError
-    from hyperlora_jax.hypernet.d2l.model import (
-        bias_lora,
-        context_features,
-        encoder_layers,
-        generate_chunk_loras,
-        project_features,
-    )
-    from hyperlora_jax.lora.adapter import Adapter
-    from hyperlora_jax.models.transformer import forward
-    from hyperlora_jax.train import losses
 
     if objective not in ("distill", "ce"):
         raise ConfigError(f"D2L objective {objective!r}; expected 'distill' or 'ce'")
@@ -197,8 +197,6 @@ def make_d2l_loss(
 def _teacher_topk(base_params, base_cfg, batch, dtype, at=None, k: int = 16):
     """Teacher top-k (log-probs, token ids) [B, T, K] aligned with the student's logits (stored,
     or computed online); at [B, P]: only at those student positions, [B, P, K]."""
-    from hyperlora_jax.models.transformer import forward
-    from hyperlora_jax.train import losses
 
     if "teacher_ids" not in batch:
         vals = losses.shift_targets(batch["logprobs_vals"])

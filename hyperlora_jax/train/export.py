@@ -9,6 +9,15 @@ import jax
 import numpy as np
 
 from hyperlora_jax.data.feeds import RECON_STATS
+from hyperlora_jax.errors import CheckpointError
+from hyperlora_jax.hypernet.t2l.model import T2LConfig
+from hyperlora_jax.lora.storage import load_safetensors
+from hyperlora_jax.train.trainer import (
+    _complete_steps,
+    load_rebuild_info,
+    quiet_closed_loop_callbacks,
+    step_damage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -18,12 +27,6 @@ def _newest_good_params(root: Path, step: int | None):
     checksums and restore; damaged steps are skipped with a warning (left in place: the next
     `train` moves them aside). (None, what was asked) when there is none."""
     import orbax.checkpoint as ocp
-
-    from hyperlora_jax.train.trainer import (
-        _complete_steps,
-        quiet_closed_loop_callbacks,
-        step_damage,
-    )
 
     steps = _complete_steps(root)
     quiet_closed_loop_callbacks()
@@ -48,8 +51,6 @@ def _newest_good_params(root: Path, step: int | None):
 def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False):
     """A training run's hypernetwork (newest complete checkpoint, or `step`) -> the shippable
     checkpoint folder that DocToLoRA / TextToLoRA load (params only, f32 safetensors + config)."""
-    from hyperlora_jax.errors import CheckpointError
-    from hyperlora_jax.train.trainer import load_rebuild_info
 
     info = load_rebuild_info(workdir)
     root = (Path(workdir) / "checkpoints").absolute()
@@ -67,8 +68,6 @@ def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bo
         meta = {**base, "training": training}
         return save_checkpoint(out, cfg, params, meta, overwrite=overwrite)
     from hyperlora_jax.hypernet.t2l.checkpoint import save_checkpoint
-    from hyperlora_jax.hypernet.t2l.model import T2LConfig
-    from hyperlora_jax.lora.storage import load_safetensors
 
     cfg = T2LConfig.from_json(info["hypernet_config"])
     if (info.get("config") or {}).get("train", {}).get("objective") == "lora":

@@ -8,6 +8,7 @@ path runs on a laptop CPU.
 from __future__ import annotations
 
 import logging
+import time
 
 import jax
 import numpy as np
@@ -20,6 +21,8 @@ from hyperlora_jax.data.feeds import (
     t2l_data,
 )
 from hyperlora_jax.errors import ConfigError
+from hyperlora_jax.models import transformer
+from hyperlora_jax.models.load import base_fingerprint, load_base
 from hyperlora_jax.train import build
 from hyperlora_jax.train import sharding as shd
 from hyperlora_jax.train.trainer import Trainer
@@ -31,7 +34,6 @@ def _base(config, parts, base_model: str | None):
     """(params, tokenizer or None, folder or None, fingerprint or None) of the base model:
     --base_model (any name `load_base` takes), else the random `base_model_config` model of the
     tiny presets."""
-    from hyperlora_jax.models import transformer
 
     if not base_model:
         if "base_model_config" not in config:
@@ -40,7 +42,6 @@ def _base(config, parts, base_model: str | None):
                 f"{config.base_model or 'NAME_OR_DIR'}"
             )
         return transformer.init_params(parts.base_cfg, jax.random.key(0)), None, None, None
-    from hyperlora_jax.models.load import base_fingerprint, load_base
 
     dtype = np.float32 if parts.hp.dtype == np.float32 else None
     cfg, params, tok, path = load_base(base_model, dtype=dtype)
@@ -90,7 +91,6 @@ def build_trainer(
     if spec["data"] * spec["fsdp"] * spec["tensor"] == 1 and len(jax.devices()) > 1:
         spec["data"] = -1
     m = shd.make_mesh(**spec)
-    from hyperlora_jax.models import transformer
 
     base_sh = shd.shardings_from_logical(transformer.param_logical_axes(parts.base_cfg), base, m)
     tx, sched = build.make_tx(config, parts, jax.eval_shape(parts.init_params, jax.random.key(0)))
@@ -113,7 +113,6 @@ def build_trainer(
 
 
 def train_from_flags(fv) -> list[dict]:
-    import time
 
     started = time.perf_counter()  # train.time_budget_s counts from here
     shd.maybe_initialize_distributed(fv.coordinator, fv.num_processes, fv.process_id)

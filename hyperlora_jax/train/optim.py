@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import optax
 from flax import traverse_util
+from flax.core import meta
 
 from hyperlora_jax.errors import ConfigError
 
@@ -28,7 +29,6 @@ def decay_mask(params, no_decay: Sequence[str]) -> dict:
 
 
 def _unbox(tree):
-    from flax.core import meta
 
     return meta.unbox(tree)
 

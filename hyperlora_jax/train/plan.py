@@ -16,20 +16,22 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+
+from hyperlora_jax.models import transformer
+from hyperlora_jax.train import build
+from hyperlora_jax.train import sharding as shd
+from hyperlora_jax.train.config_file import load_config
+from hyperlora_jax.train.flops import jaxpr_flops
+from hyperlora_jax.train.trainer import state_shardings
+from hyperlora_jax.train.update import TrainState, make_train_step
+
 GiB = 1024**3
 
 
 def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
     """Compile one optimizer step of `config` on the current devices; return the measurements."""
-    import jax
-    import jax.numpy as jnp
-
-    from hyperlora_jax.models import transformer
-    from hyperlora_jax.train import build
-    from hyperlora_jax.train import sharding as shd
-    from hyperlora_jax.train.flops import jaxpr_flops
-    from hyperlora_jax.train.trainer import state_shardings
-    from hyperlora_jax.train.update import TrainState, make_train_step
 
     parts = build.experiment(config)
     hp = parts.hp
@@ -162,7 +164,6 @@ def _main(argv):
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()
-    from hyperlora_jax.train.config_file import load_config
 
     config = load_config(argv[0], argv[3:])
     mesh = json.loads(argv[1])

@@ -9,9 +9,15 @@ Recon batch: task_embs [N, E], target_a.<m> / target_b.<m> [N, L, r, d], sample_
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from hyperlora_jax.hypernet.t2l.model import HyperModulator, postprocess
+from hyperlora_jax.lora.adapter import Adapter
+from hyperlora_jax.models.transformer import forward
+from hyperlora_jax.train import losses
 from hyperlora_jax.train.losses import label_positions, take_positions
 from hyperlora_jax.train.update import LossFn
 
@@ -32,8 +38,6 @@ def make_t2l_sft_loss(
     max_label_len: int | None = None,
 ) -> LossFn:
     """T2L SFT: description -> adapter; CE with label smoothing, per-sample mean, + L2 on A/B."""
-    from hyperlora_jax.hypernet.t2l.model import HyperModulator, postprocess
-    from hyperlora_jax.lora.adapter import Adapter
 
     def adapter_fn(params, batch, rng):
         a, b = HyperModulator(tcfg).apply(
@@ -61,7 +65,6 @@ def make_lora_library_loss(tcfg, base_cfg, *, max_label_len: int | None = None, 
     """Plain LoRA fine-tuning of a library of adapters at once: params {"a": {m: [N, L, r, d]},
     "b": ...}; row i uses adapter batch["task_index"][i] (N = 1: one multi-task LoRA). The
     oracle LoRAs of T2L are this with one adapter per task, trained with the SFT loss."""
-    from hyperlora_jax.lora.adapter import Adapter
 
     def adapter_fn(params, batch, rng):
         del rng
@@ -92,8 +95,6 @@ def _adapter_sft_loss(
     max_label_len: compute the LM head only at the first that many label positions of each row
     (the data pipeline checks that no response is longer); the head is ~20% of SmolLM2's FLOPs.
     """
-    from hyperlora_jax.models.transformer import forward
-    from hyperlora_jax.train import losses
 
     def loss_fn(params, base_params, batch, rng, num_samples):
         adapter = adapter_fn(params, batch, rng)
@@ -139,10 +140,6 @@ def make_t2l_recon_loss(tcfg) -> LossFn:
     `pred_z_score`, normalised by the data stream) or dense (dW). Per-sample losses summed and
     divided by the sample count (= the official mean over equal-size samples), averaged over
     target modules."""
-    import functools
-
-    from hyperlora_jax.hypernet.t2l.model import HyperModulator
-    from hyperlora_jax.train import losses
 
     if tcfg.factorized:
         per_sample = jax.vmap(losses.recon_l1_factorized)

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import serialization
 from flax.core import meta
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from hyperlora_jax.errors import CheckpointError, HyperLoraError
@@ -370,7 +371,6 @@ class Trainer:
     def _stop_requested(self) -> bool:
         if jax.process_count() == 1:
             return self._stop
-        from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.array([self._stop]))
         return bool(np.any(flags))

@@ -45,6 +45,9 @@ from hyperlora_jax.models.chat import (
     tokenize_ctx_text,
 )
 from hyperlora_jax.models.config import ModelConfig
+from hyperlora_jax.models.decoding import generate
+from hyperlora_jax.models.fetch import HUB_ALIASES, KNOWN_MODELS, fetch_model
+from hyperlora_jax.models.hf import load_hf_model
 from hyperlora_jax.models.load import base_fingerprint, check_family, check_fingerprint
 from hyperlora_jax.models.tokenizer import load_tokenizer
 
@@ -194,8 +197,6 @@ def check_chunks(
 def _resolve_model(given, name: str | None, roots: Sequence[Path], what: str):
     """(config, params, folder or None) from (config, params), a model (what fetch_model
     takes), or the name the checkpoint records (a folder relative to it, or a known model)."""
-    from hyperlora_jax.models.fetch import HUB_ALIASES, KNOWN_MODELS, fetch_model
-    from hyperlora_jax.models.hf import load_hf_model
 
     if isinstance(given, tuple):
         return given[0], given[1], None
@@ -538,7 +539,6 @@ class DocToLoRA:
         One question: a str; a list of questions with a batched adapter: question i uses
         document i's adapter (as the official eval: one query per internalized context).
         """
-        from hyperlora_jax.models.decoding import generate
 
         tok = self._need_tokenizer()
         single = isinstance(questions, str)

@@ -21,7 +21,7 @@ from flax import linen as nn
 from hyperlora_jax.errors import ConfigError
 from hyperlora_jax.hypernet.d2l.perceiver import Perceiver, PerceiverConfig, torch_linear_init
 from hyperlora_jax.models import transformer
-from hyperlora_jax.models.config import TARGET_MODULES, ModelConfig
+from hyperlora_jax.models.config import TARGET_MODULES, ModelConfig, get_preset
 
 CTX_ENCODER_TYPES = ("per_layer_activations", "early_exit")
 
@@ -132,7 +132,6 @@ class D2LConfig:
 
 def configs_from_experiment(exp) -> tuple[Any, D2LConfig]:
     """(base ModelConfig, D2LConfig) from a configs/d2l.py experiment ConfigDict."""
-    from hyperlora_jax.models.config import ModelConfig, get_preset
 
     if exp.get("base_preset"):
         base = get_preset(exp.base_preset)

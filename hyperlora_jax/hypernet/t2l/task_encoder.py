@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax.errors import CheckpointError, ConfigError, InputError
+from hyperlora_jax.models.load import load_base
+from hyperlora_jax.models.transformer import forward
 
 NORMALIZATIONS = ("l2_sqrt_dim", "l2", "none")
 POOLINGS = ("cls", "mean", "last_token")
@@ -295,7 +297,6 @@ class BaseLMEncoder:
     def __init__(
         self, model_dir: str | Path, normalization: str = "l2_sqrt_dim", format_fn=add_full_stop
     ):
-        from hyperlora_jax.models.load import load_base
 
         self.config, self.params, self.tokenizer, _ = load_base(model_dir)
         self.normalization, self.format_fn = normalization, format_fn
@@ -303,7 +304,6 @@ class BaseLMEncoder:
         self._fwd = jax.jit(self._forward)
 
     def _forward(self, params, ids, mask):
-        from hyperlora_jax.models.transformer import forward
 
         out = forward(
             params,
