@@ -60,12 +60,6 @@ def read_args_yaml(path: str | Path) -> dict:
         raise CheckpointError(f"{p} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{p} should hold a mapping of training arguments")
-    missing = [k for k in REQUIRED_ARGS if k not in data]
-    if missing:
-        raise CheckpointError(
-            f"{p} is missing {', '.join(missing)}: not the args.yaml of a T2L training run "
-            "(the release folder's args.yaml is written by the official train script)"
-        )
     return data
 
 
@@ -106,6 +100,12 @@ def _module_order(sd: dict, path: Path) -> list[str]:
 
 def build_config(sd: dict, args: dict, adapter_cfg: dict, path: Path) -> T2LConfig:
     """The T2LConfig of an official checkpoint, cross-checked against the tensor shapes."""
+    missing = [k for k in REQUIRED_ARGS if k not in args]
+    if missing:
+        raise CheckpointError(
+            f"args.yaml is missing {', '.join(missing)}: not the args.yaml of a T2L training run "
+            "(the release folder's args.yaml is written by the official train script)"
+        )
     modules = _module_order(sd, path)
     if args.get("encoder_type", "linear") != "linear":
         raise ConfigError(

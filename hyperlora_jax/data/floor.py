@@ -8,7 +8,7 @@ whose loss sits at this floor has learned the format and the answer statistics b
 the context; only the adapter can take the loss below it (fresh NIAH data: 4 uniform digits and
 an end-of-turn token, ln(10) * 4 / 5 = 1.84 nats per label token).
 
-The floor is normalised like the D2L loss (`train/steps.py:make_d2l_loss`): mean over a QA's label
+The floor is normalised like the D2L loss (`train/d2l_loss.py`): mean over a QA's label
 tokens, mean over a context's QAs, mean over contexts.
 """
 

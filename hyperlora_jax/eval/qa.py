@@ -109,7 +109,7 @@ def adapter_bytes(adapter) -> int:
 class D2LEvaluator:
     """Answers questions about documents with each method, tracking time and memory per stage.
 
-    `d2l` is a hypernet.doc_to_lora.DocToLoRA (may be None when only baselines run); the base
+    `d2l` is a hypernet.d2l.api.DocToLoRA (may be None when only baselines run); the base
     model is given explicitly so baselines work without a hypernetwork.
     """
 

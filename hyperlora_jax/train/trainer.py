@@ -6,7 +6,7 @@ run), TensorBoard + JSONL metrics (whole lines; a torn last one is repaired on r
 progress, periodic eval hook, and the step at which the loss first leaves the data's
 context-blind floor (`hyperlora_jax/data/floor.py`).
 
-The loop is model-agnostic: it takes a loss function (see steps.py), the frozen base params, an
+The loop is model-agnostic: it takes a loss function (see update.py), the frozen base params, an
 initializer for the trainable params and a checkpointable host-local batch iterator.
 """
 
