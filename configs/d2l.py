@@ -36,8 +36,8 @@ ALPHA_R8 = 2 * 8**1.5  # official lora_alpha = 2 r^1.5, used directly (not alpha
 
 def _hypernet(**kw) -> mlc.ConfigDict:
     h = dict(
-        target_modules=("down_proj",),
-        lora_r=8,
+        modules=("down_proj",),
+        rank=8,
         lora_alpha=ALPHA_R8,
         latent_size=512,
         n_latent_queries=8,

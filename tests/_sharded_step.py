@@ -23,7 +23,7 @@ from hyperlora_jax.train.trainer import Trainer, TrainOptions  # noqa: E402
 
 assert len(jax.devices()) == 8, jax.devices()
 cfg, base = tiny_model(tie_word_embeddings=True)
-hcfg = D2LConfig.for_base(cfg, latent_size=32, n_latent_queries=4, num_blocks=1, lora_r=4)
+hcfg = D2LConfig.for_base(cfg, latent_size=32, n_latent_queries=4, num_blocks=1, rank=4)
 r = random.Random(0)
 
 

@@ -40,7 +40,7 @@ def test_config_read_from_pickle(fixtures_dir):
     _, cfg, meta, g = _official(fixtures_dir)
     assert cfg.num_layers == 3 and cfg.feature_size == 64 and cfg.latent_size == 32
     assert cfg.module_dims == (("down_proj", 128, 64),)
-    assert cfg.lora_r == 8 and cfg.lora_alpha == pytest.approx(float(g["lora_alpha"]), abs=0)
+    assert cfg.rank == 8 and cfg.lora_alpha == pytest.approx(float(g["lora_alpha"]), abs=0)
     assert cfg.num_blocks == 2 and cfg.n_latent_queries == 8 and cfg.layer_to_layer
     assert meta["base_model"] == "tiny-gemma2"
     assert count_params(cfg) == 618_672  # meta.json hypernet_float_params
@@ -178,7 +178,7 @@ def test_training_and_inference_write_the_same_chunk_loras(encoder):
 
     cfg, base = tiny_model(num_layers=3)
     hcfg = D2LConfig.for_base(
-        cfg, latent_size=16, n_latent_queries=4, num_blocks=1, lora_r=2, scaler_b_init=0.5,
+        cfg, latent_size=16, n_latent_queries=4, num_blocks=1, rank=2, scaler_b_init=0.5,
         ctx_encoder_type=encoder, early_exit_layer=2 if encoder == "early_exit" else None,
     )  # fmt: skip
     hyper = init_params(hcfg, jax.random.key(1))
@@ -205,9 +205,18 @@ def test_training_and_inference_write_the_same_chunk_loras(encoder):
     ba, bb = bias_lora(hyper, hcfg)
     n = len(chunks)
     assert list(np.asarray(row["chunk_context"][0, :n])) == [0, 0, 1]
-    for m in hcfg.target_modules:
+    for m in hcfg.modules:
         for got, want, bias in ((train_ad.a[m], a[m], ba[m]), (train_ad.b[m], b[m], bb[m])):
             np.testing.assert_allclose(got[0, :n], want, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(got[0, -1], bias, rtol=1e-5, atol=1e-6)
-    m = hcfg.target_modules[0]
+    m = hcfg.modules[0]
     assert np.abs(np.asarray(b[m])).max() > 0 and np.abs(np.asarray(bb[m])).max() > 0
+
+
+def test_config_files_written_with_the_old_rank_name_still_load():
+    """d2l_config.json files written before D2L and T2L shared one vocabulary say `lora_r`."""
+    from hyperlora_jax.models.testing import tiny_config
+
+    cfg = D2LConfig.for_base(tiny_config(), rank=4)
+    old = {("lora_r" if k == "rank" else k): v for k, v in cfg.to_json().items()}
+    assert D2LConfig.from_json(old) == cfg

@@ -63,7 +63,7 @@ def test_single_text_matches_chunk_document(d2l):
     text = _text(200, 3)
     ad = d2l.internalize(text, 16)
     k = len(d2l.chunk_document(text, 16))
-    assert ad.batch_shape == () and ad.rank == (k + 1) * d2l.config.lora_r
+    assert ad.batch_shape == () and ad.rank == (k + 1) * d2l.config.rank
 
 
 def test_many_groups_one_compiled_shape(d2l):
@@ -72,7 +72,7 @@ def test_many_groups_one_compiled_shape(d2l):
     d2l.internalize(_text(140, 5), 100)
     before = d2l_api.chunk_loras._cache_size()
     ranks = [d2l.internalize(_text(n, 5), 100).rank for n in (32, 300, 500)]
-    assert [r // d2l.config.lora_r - 1 for r in ranks] == [2, 10, 15]
+    assert [r // d2l.config.rank - 1 for r in ranks] == [2, 10, 15]
     assert d2l_api.chunk_loras._cache_size() == before
 
 
@@ -97,7 +97,7 @@ def test_chunk_longer_than_window(d2l):
         d2l.internalize(text, 4000)
     with pytest.raises(InputError, match="chunk of 2,049 tokens"):
         d2l.internalize_chunks([[[5] * 2049]])
-    assert d2l.internalize(text, 1024).rank > 2 * d2l.config.lora_r
+    assert d2l.internalize(text, 1024).rank > 2 * d2l.config.rank
 
 
 def test_cli_refuses_nonpositive_chunk_size(tmp_path, capsys):

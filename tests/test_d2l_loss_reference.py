@@ -89,7 +89,7 @@ def reference_loss(hyper, base, batch, *, hcfg, objective, l1_coef):
     )
     counts = jnp.concatenate([chunk_ctx >= 0, jnp.sum(n_chunks > 0, 1, keepdims=True)], 1)
     flat = jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), adapter)
-    l1 = losses.adapter_l1_sum(flat, counts.reshape(-1), (jnp.max(n_chunks) + 1) * hcfg.lora_r)
+    l1 = losses.adapter_l1_sum(flat, counts.reshape(-1), (jnp.max(n_chunks) + 1) * hcfg.rank)
     return (main + l1_coef * l1) / jnp.sum(n_chunks > 0)
 
 
@@ -99,7 +99,7 @@ def _hypernet(encoder: str):
         latent_size=8,
         n_latent_queries=4,
         num_blocks=1,
-        lora_r=2,
+        rank=2,
         ctx_encoder_type=encoder,
         early_exit_layer=1 if encoder == "early_exit" else None,
     )

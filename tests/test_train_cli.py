@@ -144,7 +144,7 @@ def test_init_from_returns_the_exported_params(tmp_path):
     from hyperlora_jax.train.build import _params_from_checkpoint
 
     base = tiny_config()
-    cfg = D2LConfig.for_base(base, latent_size=16, n_latent_queries=4, num_blocks=1, lora_r=2)
+    cfg = D2LConfig.for_base(base, latent_size=16, n_latent_queries=4, num_blocks=1, rank=2)
     fresh = lambda k: init_params(cfg, k)  # noqa: E731
     want = fresh(jax.random.key(1))  # what was exported, not a re-read through the same loader
     save_checkpoint(tmp_path / "ckpt", cfg, want)
@@ -152,6 +152,6 @@ def test_init_from_returns_the_exported_params(tmp_path):
     assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_array_equal(a, b)
-    other = D2LConfig.for_base(base, latent_size=8, n_latent_queries=4, num_blocks=1, lora_r=2)
+    other = D2LConfig.for_base(base, latent_size=8, n_latent_queries=4, num_blocks=1, rank=2)
     with pytest.raises(CheckpointError, match="do not fit this config"):
         _params_from_checkpoint(str(tmp_path / "ckpt"), "d2l", lambda k: init_params(other, k))

@@ -36,7 +36,7 @@ def test_d2l_learns_to_internalize_a_fact(tmp_path):
     nk = nv = 16
     k0, v0 = 8, 8 + nk
     base_cfg, base = _base(v0 + nv)
-    hcfg = D2LConfig.for_base(base_cfg, latent_size=32, n_latent_queries=4, num_blocks=1, lora_r=4)
+    hcfg = D2LConfig.for_base(base_cfg, latent_size=32, n_latent_queries=4, num_blocks=1, rank=4)
 
     def item(rng):
         k, v = k0 + rng.randrange(nk), v0 + rng.randrange(nv)

@@ -32,7 +32,7 @@ def test_packed_d2l_student_equals_inference_composition():
         latent_size=16,
         n_latent_queries=4,
         num_blocks=1,
-        lora_r=2,
+        rank=2,
         ctx_encoder_type="early_exit",
         early_exit_layer=1,
     )

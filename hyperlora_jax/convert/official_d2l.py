@@ -78,7 +78,7 @@ def parse_config(plain: dict[str, Any]) -> tuple[D2LConfig, dict[str, Any]]:
             num_layers=num_layers,
             feature_size=int(_get(ac, "feature_size")),
             module_dims=tuple((m, int(d_in[m]), int(d_out[m])) for m in targets),
-            lora_r=int(_get(lora, "r")),
+            rank=int(_get(lora, "r")),
             lora_alpha=float(_get(lora, "lora_alpha")),
             latent_size=int(_get(hc, "latent_size")),
             n_latent_queries=int(_get(ac, "n_latent_queries")),
@@ -140,7 +140,7 @@ def map_tensor(key: str, x: np.ndarray, cfg: D2LConfig) -> tuple[str, np.ndarray
     if m:
         kind, mod = m.groups()
         if kind.startswith("scaler"):
-            x = x.reshape(cfg.num_layers, cfg.lora_r)
+            x = x.reshape(cfg.num_layers, cfg.rank)
         return f"{kind}/{mod}", x
     if key == "head.weight":
         if x.ndim == 3:  # n_modules == 1: [L, d, d_lora]

@@ -181,7 +181,7 @@ def make_d2l_loss(
             vals, idx = _teacher_topk(base_params, base_cfg, batch, dtype, at)
             tok = losses.topk_distill_ce(logits, vals, idx)
         main = losses.per_context_loss_sum(tok, mask, qa_ids, ctx_ids, bsz * n_qa, n_chunks.size)
-        rank = (jnp.max(n_chunks) + 1) * hcfg.lora_r
+        rank = (jnp.max(n_chunks) + 1) * hcfg.rank
         # L1 of the composed adapters: every used chunk once, the bias once per used context
         n_ctx = jnp.sum(batch["n_ctx_chunks"] > 0, axis=1, keepdims=True)
         counts = jnp.concatenate([batch["chunk_context"] >= 0, n_ctx], axis=1)

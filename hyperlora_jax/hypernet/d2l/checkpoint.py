@@ -85,9 +85,9 @@ def save_checkpoint(
         "base_fingerprint": base_fingerprint,
         "base_dims": base_dims or base_dims_of_config(config),
         "lora": {
-            "r": config.lora_r,
+            "r": config.rank,
             "alpha": config.lora_alpha,
-            "target_modules": list(config.target_modules),
+            "target_modules": list(config.modules),
         },
         "ctx_encoder": {
             "type": config.ctx_encoder_type,
@@ -114,7 +114,7 @@ def check_base_model(config: D2LConfig, base_config: ModelConfig, where: str) ->
     want = base_dims_of_config(config)
     got = {
         "num_layers": base_config.num_layers,
-        "modules": {m: list(base_config.module_dims(m)) for m in config.target_modules},
+        "modules": {m: list(base_config.module_dims(m)) for m in config.modules},
     }
     if want != got:
         raise CheckpointError(

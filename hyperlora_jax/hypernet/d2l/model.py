@@ -33,7 +33,7 @@ class D2LConfig:
     num_layers: int  # L of the base model (one LoRA per layer)
     feature_size: int  # hidden size of the context encoder
     module_dims: tuple[tuple[str, int, int], ...]  # (module, d_in, d_out), sorted by module
-    lora_r: int = 8
+    rank: int = 8
     lora_alpha: float = 2 * 8**1.5  # used directly: delta = alpha * (x A^T) B
     latent_size: int = 512
     n_latent_queries: int = 8
@@ -71,7 +71,7 @@ class D2LConfig:
         return self.ctx_encoder_type == "per_layer_activations"
 
     @property
-    def target_modules(self) -> tuple[str, ...]:
+    def modules(self) -> tuple[str, ...]:
         return tuple(m for m, _, _ in self.module_dims)
 
     @property
@@ -88,7 +88,7 @@ class D2LConfig:
 
     @property
     def queries_per_layer(self) -> int:
-        return len(self.module_dims) * self.lora_r
+        return len(self.module_dims) * self.rank
 
     def perceiver_config(self) -> PerceiverConfig:
         n_out = self.queries_per_layer
@@ -111,6 +111,8 @@ class D2LConfig:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> D2LConfig:
         d = dict(d)
+        if "lora_r" in d:  # checkpoints written before D2L and T2L shared one vocabulary
+            d["rank"] = d.pop("lora_r")
         d["module_dims"] = tuple(tuple(x) for x in d["module_dims"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
@@ -119,9 +121,9 @@ class D2LConfig:
         return cls(**d)
 
     @classmethod
-    def for_base(cls, base, target_modules=("down_proj",), ctx_hidden_size=None, **kw) -> D2LConfig:
+    def for_base(cls, base, modules=("down_proj",), ctx_hidden_size=None, **kw) -> D2LConfig:
         """A config for a base ModelConfig (module dims from it); kw overrides the defaults."""
-        dims = tuple((m, *base.module_dims(m)) for m in sorted(target_modules))
+        dims = tuple((m, *base.module_dims(m)) for m in sorted(modules))
         return cls(
             num_layers=base.num_layers,
             feature_size=ctx_hidden_size or base.hidden_size,
@@ -138,7 +140,7 @@ def configs_from_experiment(exp) -> tuple[Any, D2LConfig]:
     else:
         base = ModelConfig(**dict(exp.base_model_config))
     h = dict(exp.hypernet)
-    h["target_modules"] = tuple(h["target_modules"])
+    h["modules"] = tuple(h["modules"])
     return base, D2LConfig.for_base(base, **h)
 
 
@@ -234,7 +236,7 @@ class HyperLoRA(nn.Module):
                 ResMLPShared(c.latent_size, name=f"layers_{j}")
                 for j in range(c.num_pre_head_layers)
             ]
-        n_mod, L, r = len(c.module_dims), c.num_layers, c.lora_r  # noqa: N806
+        n_mod, L, r = len(c.module_dims), c.num_layers, c.rank  # noqa: N806
         self.head = self.param(
             "head",
             _normal(0.5 / math.sqrt(c.latent_size + c.d_lora * r)),
@@ -246,11 +248,9 @@ class HyperLoRA(nn.Module):
         self.bias_B = PerModule(
             tuple((m, (L, r, o), nn.initializers.zeros) for m, _, o in c.module_dims)
         )
-        self.scaler_A = PerModule(
-            tuple((m, (L, r), nn.initializers.ones) for m in c.target_modules)
-        )
+        self.scaler_A = PerModule(tuple((m, (L, r), nn.initializers.ones) for m in c.modules))
         self.scaler_B = PerModule(
-            tuple((m, (L, r), nn.initializers.constant(c.scaler_b_init)) for m in c.target_modules)
+            tuple((m, (L, r), nn.initializers.constant(c.scaler_b_init)) for m in c.modules)
         )
 
     def __call__(self, features: jax.Array, mask: jax.Array):
@@ -280,7 +280,7 @@ class HyperLoRA(nn.Module):
             out = out.reshape(L, n, -1, out.shape[-1]).swapaxes(0, 1)
         else:
             out = self.aggregator.resample(x, mask)  # [N, L M r, d]
-        return out.reshape(n, c.num_layers, len(c.module_dims), c.lora_r, c.latent_size)
+        return out.reshape(n, c.num_layers, len(c.module_dims), c.rank, c.latent_size)
 
     def aggregate_one_layer(
         self, features_l: jax.Array, mask: jax.Array, projected: bool = False
@@ -290,7 +290,7 @@ class HyperLoRA(nn.Module):
         c = self.config
         x = features_l if projected else self.project(features_l)
         out = self.aggregator.resample(x, mask)
-        return out.reshape(x.shape[0], len(c.module_dims), c.lora_r, c.latent_size)
+        return out.reshape(x.shape[0], len(c.module_dims), c.rank, c.latent_size)
 
     def resmlp(self, latents: jax.Array) -> jax.Array:
         """The residual MLP blocks (f32) on latents [N, L, M, r, d]."""
