@@ -114,3 +114,23 @@ def test_cli_refuses_nonpositive_chunk_size(tmp_path, capsys):
             f"integer, got {bad}"
         ]
     assert not (tmp_path / "ad").exists()
+
+
+def test_cli_two_megabyte_document_fails_fast_with_one_line(tmp_path, capsys, fixtures_dir):
+    """The two ways a 2 MB text ran away before (no --chunk-size: one 500k-token chunk for over
+    5 minutes; --chunk-size 64: ~10k chunks in one batch, a 46.8 GB allocation) now stop before
+    any model work, with one line and nothing written."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text(_text(400_000, 9))  # ~2 MB
+    assert doc.stat().st_size > 2_000_000
+    argv = ["internalize", "--hypernet", str(fixtures_dir / D2L / "pytorch_model.bin"),
+            "--base-model", str(fixtures_dir / D2L / "tiny-gemma2"), "--doc", str(doc),
+            "--out", str(tmp_path / "ad")]  # fmt: skip
+    for extra, want in (
+        ([], "window of 2,048"),
+        (["--chunk-size", "64"], "over the limit of 2,048"),
+    ):
+        assert cli_main([*argv, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and want in err[0], err
+        assert not (tmp_path / "ad").exists()
