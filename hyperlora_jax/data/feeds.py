@@ -148,7 +148,6 @@ class D2LFeed(NamedTuple):
 
 
 def d2l_feed(config, parts) -> D2LFeed:
-
     t = config.train
     probs = t.num_chunk_probs
     return D2LFeed(

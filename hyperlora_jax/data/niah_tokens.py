@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from hyperlora_jax.data import niah, selfgen, storage, token_shards
+from hyperlora_jax.data import niah, storage, token_shards
 from hyperlora_jax.errors import ConfigError, InputError
 from hyperlora_jax.models import chat
 
@@ -151,6 +151,7 @@ class NiahPieces:
         cls, tokenizer: Any, bins: Sequence[tuple[int, int]] = ((32, 128), (128, 256))
     ) -> NiahPieces:
         """Derive the pieces (seconds) and prove them exact, or raise CompositionError."""
+        from hyperlora_jax.data import selfgen  # imports jax: only the parent derives pieces
 
         def enc(texts: list[str]) -> list[Ids]:
             return [tuple(x) for x in chat.encode_batch(tokenizer, texts)]

@@ -23,7 +23,6 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax.errors import ConfigError, InputError
@@ -273,7 +272,10 @@ def global_indices(batch: Mapping, cfg: PackConfig):
     `forward(adapter_index=...)`), qa_ids [B, T] in [0, B*max_qas), ctx_ids [B, T], and
     qa_context [B*max_qas] / chunk_context [B*max_chunks] (-1 = unused) in global numbering.
     """
-    xp = np if isinstance(batch["adapter_index"], np.ndarray) else _jnp()
+    if isinstance(batch["adapter_index"], np.ndarray):
+        xp = np
+    else:  # jax only when given jax arrays: the data workers (niah_tokens, shards) never load it
+        import jax.numpy as xp
     b = batch["adapter_index"].shape[0]
     rows = xp.arange(b)[:, None]
     ad = batch["adapter_index"] + rows * cfg.max_contexts
@@ -289,11 +291,6 @@ def global_indices(batch: Mapping, cfg: PackConfig):
         "qa_context": glob(batch["qa_context"]),
         "chunk_context": glob(batch["chunk_context"]),
     }
-
-
-def _jnp():
-
-    return jnp
 
 
 def check_label_budget(batch, max_label_len: int | None) -> None:

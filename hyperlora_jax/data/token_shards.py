@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 
 from hyperlora_jax.data import packing
-from hyperlora_jax.data.pipeline import record_rng, text_qa_tokens
 from hyperlora_jax.errors import InputError
 from hyperlora_jax.models.chat import ctx_affixes, slice_into_chunks
 
@@ -177,6 +176,7 @@ def write_text_qa_shards(
 ) -> dict[str, int]:
     """Text QA records {context, prompt(s), response(s)} -> token shards in out_dir, tokenized
     with batched tokenizer calls (`pipeline.text_qa_tokens`: the ids `text_qa_item` makes)."""
+    from hyperlora_jax.data.pipeline import text_qa_tokens  # jax + grain: not in shard workers
 
     if shard_size < 1:
         raise InputError(f"shard_size must be >= 1, got {shard_size}")
@@ -371,6 +371,8 @@ class ShardItems:
         max_qas_per_sample: int = -1,
     ):
 
+        from hyperlora_jax.data.pipeline import record_rng  # jax + grain: not in shard workers
+
         self._data, self._prefix, self._suffix = data, tuple(chunk.prefix), tuple(chunk.suffix)
         n_chunks = array.array("i")
         item_record, qa_flat, qa_count = array.array("q"), array.array("q"), array.array("q")
@@ -416,7 +418,6 @@ class ShardItems:
         return len(self._item_record)
 
     def __getitem__(self, j: int) -> dict:
-
         i = int(self._item_record[j])
         shard, r = self._data.locate(i)
         ctx = shard.context(r).tolist()

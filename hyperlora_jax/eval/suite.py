@@ -64,7 +64,6 @@ class LibraryAdapters:
         self.n = next(iter(self.lib.a.values())).shape[0]
 
     def get(self, task: str):
-
         if self.n == 1:  # one shared (multi-task) LoRA
             i = 0
         elif task in self.tasks:

@@ -74,11 +74,6 @@ def _base_model_config(base_model: str | Path | None) -> tuple[Path | None, dict
         raise ConfigError(f"{cfg} is not valid JSON: {e}") from e
 
 
-def _config_from_hf(d: dict) -> ModelConfig:
-
-    return config_from_hf(d)
-
-
 def export_peft(
     adapter: Adapter,
     base_model: str | Path | None,
@@ -103,7 +98,7 @@ def export_peft(
     """
     cfg_path, cfg_dict = _base_model_config(base_model)
     if model_config is None and cfg_dict is not None:
-        model_config = _config_from_hf(cfg_dict)
+        model_config = config_from_hf(cfg_dict)
     validate(adapter, model_config)
     if adapter.batch_shape:
         raise InputError(

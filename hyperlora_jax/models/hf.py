@@ -179,7 +179,6 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def _expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-
     tree = jax.eval_shape(lambda r: init_params(config, r), jax.random.key(0))
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {tuple(p.key for p in path): tuple(leaf.shape) for path, leaf in flat}

@@ -54,7 +54,6 @@ _NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "max_positi
 
 
 def _fingerprint(config: ModelConfig, rows: list[Any]) -> str:
-
     import ml_dtypes
 
     arch = {k: v for k, v in config.to_json().items() if k not in _NOT_ARCHITECTURE}

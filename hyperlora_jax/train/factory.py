@@ -113,7 +113,6 @@ def build_trainer(
 
 
 def train_from_flags(fv) -> list[dict]:
-
     started = time.perf_counter()  # train.time_budget_s counts from here
     shd.maybe_initialize_distributed(fv.coordinator, fv.num_processes, fv.process_id)
     workdir = fv.workdir or f"runs/{fv.config.name}"

@@ -23,14 +23,9 @@ T2L_NO_DECAY: tuple[str, ...] = ()
 def decay_mask(params, no_decay: Sequence[str]) -> dict:
     """Pytree of bools: True where weight decay applies (path matches none of `no_decay`)."""
     pats = [re.compile(p) for p in no_decay]
-    flat = traverse_util.flatten_dict(_unbox(params), sep="/")
+    flat = traverse_util.flatten_dict(meta.unbox(params), sep="/")
     mask = {k: not any(p.search(k.lower()) for p in pats) for k in flat}
     return traverse_util.unflatten_dict(mask, sep="/")
-
-
-def _unbox(tree):
-
-    return meta.unbox(tree)
 
 
 def make_schedule(

@@ -304,7 +304,6 @@ class BaseLMEncoder:
         self._fwd = jax.jit(self._forward)
 
     def _forward(self, params, ids, mask):
-
         out = forward(
             params,
             self.config,
