@@ -74,3 +74,12 @@ def non_negative_float(text: str) -> float:
 
 def probability(text: str) -> float:
     return _number(float, text, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def add_allow_other_base(parser, records: str) -> None:
+    """--allow-other-base: the escape from the base-model fingerprint check (what `records` it)."""
+    parser.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help=f"use a base model whose fingerprint differs from the one the {records} records",
+    )

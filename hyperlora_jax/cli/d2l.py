@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hyperlora_jax.cli.common import MODEL_HELP, positive_int
+from hyperlora_jax.cli.common import MODEL_HELP, add_allow_other_base, positive_int
 from hyperlora_jax.errors import InputError
 
 
@@ -44,11 +44,7 @@ def register(subparsers) -> None:
         help="run the Perceiver layer by layer (lower peak memory, same result)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.add_argument(
-        "--allow-other-base",
-        action="store_true",
-        help="use a base model whose fingerprint differs from the one the checkpoint records",
-    )
+    add_allow_other_base(p, "checkpoint")
     p.set_defaults(func=_internalize)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hyperlora_jax.cli.common import add_allow_other_base
+
 
 def _export_peft(args: argparse.Namespace) -> int:
     from hyperlora_jax.lora.peft import export_peft
@@ -61,9 +63,5 @@ def register(subparsers) -> None:
     )
     p.add_argument("--rslora", action="store_true", help="write use_rslora=True (T2L style)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-    p.add_argument(
-        "--allow-other-base",
-        action="store_true",
-        help="use a base model whose fingerprint differs from the one the adapter records",
-    )
+    add_allow_other_base(p, "adapter")
     p.set_defaults(func=_export_peft)

@@ -7,6 +7,7 @@ import time
 
 from hyperlora_jax.cli.common import (
     MODEL_HELP,
+    add_allow_other_base,
     non_negative_float,
     positive_int,
     probability,
@@ -89,9 +90,5 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
-    p.add_argument(
-        "--allow-other-base",
-        action="store_true",
-        help="use a base model whose fingerprint differs from the one the adapter records",
-    )
+    add_allow_other_base(p, "adapter")
     p.set_defaults(func=_chat)

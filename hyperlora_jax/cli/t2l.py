@@ -6,6 +6,8 @@ import argparse
 import contextlib
 from pathlib import Path
 
+from hyperlora_jax.cli.common import add_allow_other_base
+
 
 def _generate(args: argparse.Namespace) -> int:
     import numpy as np
@@ -137,9 +139,5 @@ def register(subparsers) -> None:
         help="trained: alpha/sqrt(r) as T2L trained (default); vllm054: alpha/r as in the README",
     )
     p.add_argument("--overwrite", action="store_true", help="replace non-empty output folders")
-    p.add_argument(
-        "--allow-other-base",
-        action="store_true",
-        help="use a base model whose fingerprint differs from the one the checkpoint records",
-    )
+    add_allow_other_base(p, "checkpoint")
     p.set_defaults(func=_generate)

@@ -15,8 +15,7 @@ from hyperlora_jax.lora.storage import load_safetensors
 from hyperlora_jax.train.trainer import (
     _complete_steps,
     load_rebuild_info,
-    quiet_closed_loop_callbacks,
-    step_damage,
+    restore_newest_good,
 )
 
 log = logging.getLogger(__name__)
@@ -29,23 +28,21 @@ def _newest_good_params(root: Path, step: int | None):
     import orbax.checkpoint as ocp
 
     steps = _complete_steps(root)
-    quiet_closed_loop_callbacks()
-    for s in [step] if step is not None else steps:
-        if s not in steps:
-            break
-        why = step_damage(root / str(s))
-        if why is None:
-            try:
-                with ocp.CheckpointManager(root) as mgr:
-                    args = ocp.args.Composite(state=ocp.args.StandardRestore())
-                    restored = mgr.restore(s, args=args)
-            except Exception as e:  # noqa: BLE001 - any damage: fall back
-                why = f"unreadable: {' '.join(str(e).split())[:200]}"
-        if why is not None:
-            log.warning("checkpoint step %d is corrupt (%s); skipping it", s, why)
-            continue
-        return s, jax.tree_util.tree_map(np.asarray, restored["state"]["params"])
-    return None, step
+    if step is not None and step not in steps:
+        return None, step
+
+    def restore(s):
+        with ocp.CheckpointManager(root) as mgr:
+            args = ocp.args.Composite(state=ocp.args.StandardRestore())
+            return jax.tree_util.tree_map(np.asarray, mgr.restore(s, args=args)["state"]["params"])
+
+    def damaged(s, why):
+        log.warning("checkpoint step %d is corrupt (%s); skipping it", s, why)
+
+    found, params = restore_newest_good(
+        root, [step] if step is not None else steps, restore, damaged
+    )
+    return (found, params) if found is not None else (None, step)
 
 
 def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bool = False):

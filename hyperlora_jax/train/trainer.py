@@ -154,6 +154,21 @@ def quiet_closed_loop_callbacks() -> None:
     sys.unraisablehook = hook
 
 
+def restore_newest_good(root: Path, steps, restore, on_damaged):
+    """(step, restore(step)) of the first of `steps` whose files match their checksums and that
+    restores; each damaged one goes to on_damaged(step, why) first. (None, None) if none does."""
+    quiet_closed_loop_callbacks()
+    for step in steps:
+        why = step_damage(root / str(step))
+        if why is None:
+            try:
+                return step, restore(step)
+            except Exception as e:  # noqa: BLE001 - any damage: fall back
+                why = f"unreadable: {' '.join(str(e).split())[:200]}"
+        on_damaged(step, why)
+    return None, None
+
+
 def move_aside(folder: Path) -> Path:
     """Rename a damaged step folder to <step>.corrupt[-N]: kept for inspection, out of the
     step listing (so the step can be saved again)."""
@@ -327,39 +342,34 @@ class Trainer:
         step again when it gets there."""
         import orbax.checkpoint as ocp
 
-        found = None
-        quiet_closed_loop_callbacks()
-        for step in _complete_steps(self.ckpt_dir):
-            folder = self.ckpt_dir / str(step)
-            why = step_damage(folder)
-            if why is None:
-                target = _abstract(
-                    serialization.to_state_dict(self.state),
-                    serialization.to_state_dict(self.state_shardings),
-                )
-                try:
-                    restored = self.manager.restore(
-                        step,
-                        args=ocp.args.Composite(
-                            state=ocp.args.StandardRestore(target),
-                            meta=ocp.args.JsonRestore(),
-                            **self._data_args(False),
-                        ),
-                    )
-                except Exception as e:  # noqa: BLE001 - any damage: fall back
-                    why = f"unreadable: {' '.join(str(e).split())[:200]}"
-            if why is not None:
-                if jax.process_index() == 0:
-                    dest = move_aside(folder)
-                    log.warning("checkpoint step %d is corrupt (%s); moved to %s", step, why, dest)
-                if jax.process_count() > 1:
-                    from jax.experimental import multihost_utils
+        def restore(step):
+            target = _abstract(
+                serialization.to_state_dict(self.state),
+                serialization.to_state_dict(self.state_shardings),
+            )
+            return self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target),
+                    meta=ocp.args.JsonRestore(),
+                    **self._data_args(False),
+                ),
+            )
 
-                    multihost_utils.sync_global_devices("hyperlora_move_aside")
-                continue
+        def damaged(step, why):
+            if jax.process_index() == 0:
+                dest = move_aside(self.ckpt_dir / str(step))
+                log.warning("checkpoint step %d is corrupt (%s); moved to %s", step, why, dest)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("hyperlora_move_aside")
+
+        found, restored = restore_newest_good(
+            self.ckpt_dir, _complete_steps(self.ckpt_dir), restore, damaged
+        )
+        if found is not None:
             self.state = serialization.from_state_dict(self.state, restored["state"])
-            found = step
-            break
         self.manager.reload()  # forget the steps moved aside
         return found
 
