@@ -11,6 +11,8 @@
     hyperlora-jax train --config configs/t2l.py:smollm2_multitask ...  # CPU: one shared LoRA
     hyperlora-jax train --config configs/t2l.py:smollm2_recon \
         --config.train.oracle_library=LIB --data SUITE --base_model DIR  # recon (M head)
+    hyperlora-jax train --config configs/t2l.py:smollm2_universe_sft \
+        --data UNIVERSE --base_model DIR   # CPU, ~65 min: T2L-SFT on the task universe
     hyperlora-jax train --config configs/t2l.py:tiny             # seconds on CPU, for tests
 
 Fields: `kind` ("t2l"), `base_model` (the base model's Hugging Face id: what `hyperlora-jax
@@ -41,6 +43,9 @@ PRESETS = (
     "smollm2_oracles",
     "smollm2_multitask",
     "smollm2_recon",
+    "smollm2_universe_sft",
+    "smollm2_universe_oracles",
+    "smollm2_universe_multitask",
     "tiny",
 )
 
@@ -197,6 +202,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return _base(arg, "gemma-2-2b-it", 512, 2048, _sft_train())
     if arg == "mistral7b_recon":
         return _base(arg, "mistral-7b-instruct-v0.2", 128, 512, _recon_train(), head="M")
+    if arg.startswith("smollm2_universe_"):
+        # The task universe (`data task-suite`, ~410 training tasks): the classic presets with a
+        # wall-clock budget (the LR decays over it), as a 2-core CPU affords.
+        c = get_config(arg.replace("universe_", ""))
+        c.name = arg
+        c.train.update(save_every=100, log_every=20, max_label_len=48)  # JSON answers: 34 tokens
+        if arg.endswith("_sft"):
+            c.train.update(steps=4000, time_budget_s=3900.0, lr_time_decay=True)
+        elif arg.endswith("_oracles"):  # a library over the tasks of --data (num_adapters: set)
+            c.train.update(steps=540, num_adapters=0)
+        else:
+            c.train.update(steps=300)
+        return c
     if arg in ("smollm2_sft", "smollm2_oracles", "smollm2_multitask"):
         # CPU scale (issue 10): the suite of `hyperlora-jax data task-suite`, short rows
         # (<= 64 tokens, <= 32 response tokens), lr raised for a few hundred steps.

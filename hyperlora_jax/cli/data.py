@@ -160,10 +160,30 @@ def register(subparsers) -> None:
     )
     ts.add_argument("--out", required=True, help="output folder (one sub-folder per task)")
     ts.add_argument(
-        "--n-train", type=non_negative_int, default=400, help="training examples per task"
+        "--kind",
+        choices=("universe", "classic"),
+        default="universe",
+        help="universe: ~500 parametric tasks with held-out members and families; classic: the "
+        "46-task suite the shipped T2L was trained on",
     )
-    ts.add_argument("--n-valid", type=non_negative_int, default=50)
-    ts.add_argument("--n-test", type=non_negative_int, default=100)
+    ts.add_argument(
+        "--drop",
+        default=None,
+        help="universe: tasks to leave out: a JSON list, names by line, or the results.json of "
+        "`eval t2l-suite --modes oracle` (tasks whose oracle LoRA scored under --min-oracle)",
+    )
+    ts.add_argument("--min-oracle", type=float, default=0.5, help="with --drop results.json")
+    ts.add_argument(
+        "--oracle-check",
+        action="store_true",
+        help="universe: only the tasks of the oracle check (both held-out sets, one training "
+        "task per family)",
+    )
+    ts.add_argument(
+        "--n-train", type=non_negative_int, default=200, help="training examples per task"
+    )
+    ts.add_argument("--n-valid", type=non_negative_int, default=20)
+    ts.add_argument("--n-test", type=non_negative_int, default=50)
     ts.add_argument("--seed", type=int, default=0)
     ts.set_defaults(func=_task_suite)
 
@@ -364,20 +384,46 @@ def _facts(args: argparse.Namespace) -> int:
 
 
 def _task_suite(args: argparse.Namespace) -> int:
-    from hyperlora_jax.data import task_suite
+    from hyperlora_jax.data import task_suite, task_universe
 
-    out = task_suite.write_suite(args.out, args.n_train, args.n_valid, args.n_test, args.seed)
-    print(
-        json.dumps(
-            {
-                "out": str(out),
-                "train_tasks": len(task_suite.train_tasks()),
-                "held_out_tasks": len(task_suite.held_out_tasks()),
-            },
-            indent=2,
-        )
-    )
+    sizes = (args.n_train, args.n_valid, args.n_test, args.seed)
+    if args.kind == "classic":
+        if args.drop:
+            raise InputError("--drop is for the universe; the classic suite is fixed")
+        out = task_suite.write_suite(args.out, *sizes)
+        counts = {k: len(v) for k, v in task_suite.read_splits(out).items()}
+    else:
+        names = {t.name for t in task_universe.TASKS}
+        drop = set(_task_list(args.drop, args.min_oracle)) if args.drop else set()
+        unknown = sorted(drop - names)
+        if unknown:
+            raise InputError(f"--drop names unknown tasks, first {unknown[0]!r}; check {args.drop}")
+        if args.oracle_check:
+            drop |= names - set(task_universe.oracle_check_tasks())
+        out = task_universe.write_universe(args.out, *sizes, drop=tuple(sorted(drop)))
+        counts = {k: len(v) for k, v in task_suite.read_splits(out).items()} | {
+            "dropped": len(drop)
+        }
+    print(json.dumps({"out": str(out), **counts}, indent=2))
     return 0
+
+
+def _task_list(path: str, min_oracle: float) -> list[str]:
+    """Task names from a JSON list, a text file with one name per line, or the results.json of
+    `eval t2l-suite --modes oracle` (the tasks whose oracle scored below min_oracle)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"no task list at {p}; give a JSON list, names by line or results.json")
+    text = p.read_text()
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError:
+        names = text.split()
+    if isinstance(names, dict) and isinstance(names.get("tasks"), dict):
+        names = [t for t, r in names["tasks"].items() if r.get("oracle", 0.0) < min_oracle]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InputError(f"{p} is not a list of task names nor an eval results.json")
+    return names
 
 
 def _inspect(args: argparse.Namespace) -> int:

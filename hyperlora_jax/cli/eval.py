@@ -256,16 +256,19 @@ def run_t2l(args: argparse.Namespace) -> int:
 def run_t2l_suite(args: argparse.Namespace) -> int:
     from hyperlora_jax.eval import suite as S
     from hyperlora_jax.hypernet.t2l.api import TextToLoRA
+    from hyperlora_jax.lora.storage import read_adapter_meta
     from hyperlora_jax.models.load import load_base
 
     check_output_dir(args.out)
-    train, held = S.suite_splits(args.suite)
-    seen = (
-        train[:: max(1, len(train) // args.seen_tasks)][: args.seen_tasks]
-        if args.seen_tasks
-        else []
-    )
-    tasks = {t: "held_out" for t in held} | {t: "seen" for t in seen}
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    splits = S.suite_splits(args.suite)
+    train = splits.pop("train")
+    if args.oracles:  # seen tasks with an oracle to compare against, where the library has some
+        have = set(read_adapter_meta(args.oracles).get("tasks") or [])
+        train = [t for t in train if t in have] or train
+    n = len(train) if args.seen_tasks < 0 else args.seen_tasks
+    seen = train[:: max(1, len(train) // n)][:n] if n else []
+    tasks = {t: g for g, names in splits.items() for t in names} | {t: "seen" for t in seen}
     checkpoints = name_value_pairs(args.t2l or [], "--t2l", "sft=runs/t2l/sft")
     t2ls = {
         name: TextToLoRA.from_checkpoint(path, encoder=args.encoder)
@@ -285,6 +288,7 @@ def run_t2l_suite(args: argparse.Namespace) -> int:
         n_examples=args.limit,
         n_descriptions=args.descriptions,
         batch_size=args.batch_size,
+        modes=modes,
     )
     res.update(base_model=str(base_path), wall_s=time.perf_counter() - t0, kind="t2l_suite")
     out = output_dir(args.out)
@@ -363,7 +367,13 @@ def register(subparsers) -> None:
     s.add_argument("--oracles", help="per-task LoRA library (export of smollm2_oracles)")
     s.add_argument("--multitask", help="multi-task LoRA (export of smollm2_multitask)")
     s.add_argument(
-        "--seen-tasks", type=non_negative_int, default=8, help="training tasks to evaluate"
+        "--seen-tasks", type=int, default=8, help="training tasks to evaluate (-1: all of them)"
+    )
+    s.add_argument(
+        "--modes",
+        default="base,base_desc,oracle,multitask,t2l",
+        help="comma list of base, base_desc, oracle, multitask, t2l (t2l: every --t2l and its "
+        "random-string probe); e.g. oracle alone checks an oracle library",
     )
     s.add_argument("--limit", type=positive_int, default=10, help="test examples per task")
     s.add_argument(

@@ -732,18 +732,41 @@ def _lol_row(task: Task, i: int, split: str, x: str, y: str) -> dict:
 def write_suite(
     out_dir: str | Path, n_train: int = 400, n_valid: int = 50, n_test: int = 100, seed: int = 0
 ) -> Path:
+    """Write the 46-task suite (what the shipped T2L was trained and evaluated on)."""
+    s = {"train": [t.name for t in train_tasks()], "held_out": list(HELD_OUT_TASKS)}
+    return write_tasks(out_dir, TASKS, s, HELD_OUT_DESCRIPTIONS, n_train, n_valid, n_test, seed)
+
+
+def read_splits(suite: str | Path) -> dict[str, list[str]]:
+    """The suite's splits.yaml: {split name: task names}."""
+    return yaml.safe_load((Path(suite) / "splits.yaml").read_text())
+
+
+def write_tasks(
+    out_dir: str | Path,
+    tasks: list[Task],
+    splits: dict[str, list[str]],
+    eval_descriptions: int,
+    n_train: int,
+    n_valid: int,
+    n_test: int,
+    seed: int,
+) -> Path:
     """Write every task as `<out_dir>/<task>/{metadata.yaml, train/valid/test.jsonl}`.
 
-    metadata.yaml holds the training descriptions under `descriptions` and the held-out ones
-    under `eval_descriptions`; `<out_dir>/splits.yaml` lists train and held-out tasks.
-    """
+    metadata.yaml holds the training descriptions under `descriptions` and the evaluation ones
+    under `eval_descriptions` (a held-out task's are all of them; a training task keeps its last
+    `eval_descriptions` out of training); `<out_dir>/splits.yaml` is `splits` (task name lists;
+    `held_out` marks the held-out tasks)."""
     out = Path(out_dir)
-    for task in TASKS:
-        seen, unseen = description_split(task)
-        if task.name in HELD_OUT_TASKS:
-            seen, unseen = [], task.descriptions
-        d = out / task.name
-        d.mkdir(parents=True, exist_ok=True)
+    held = set(splits.get("held_out", []))
+    for task in tasks:
+        d = task.descriptions
+        seen, unseen = d[:-eval_descriptions], d[-eval_descriptions:]
+        if task.name in held:
+            seen, unseen = [], d
+        t = out / task.name
+        t.mkdir(parents=True, exist_ok=True)
         meta = {
             "descriptions": seen or unseen,
             "eval_descriptions": unseen,
@@ -753,13 +776,12 @@ def write_suite(
             "system_message": "",
             "assistant_prefill": "",
         }
-        (d / "metadata.yaml").write_text(yaml.safe_dump(meta, sort_keys=True))
+        (t / "metadata.yaml").write_text(yaml.safe_dump(meta, sort_keys=True))
         pairs = examples(task, n_train + n_valid + n_test, seed=seed)
         cuts = {"train": (0, n_train), "valid": (n_train, n_train + n_valid)}
         cuts["test"] = (n_train + n_valid, len(pairs))
         for split, (lo, hi) in cuts.items():
             rows = [_lol_row(task, i, split, *pairs[i]) for i in range(lo, hi)]
-            (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    splits = {"train": [t.name for t in train_tasks()], "held_out": list(HELD_OUT_TASKS)}
+            (t / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "splits.yaml").write_text(yaml.safe_dump(splits))
     return out

@@ -31,14 +31,27 @@ from hyperlora_jax.models import decoding
 log = logging.getLogger(__name__)
 
 
-def suite_splits(suite: str | Path) -> tuple[list[str], list[str]]:
+HELD_OUT_GROUPS = ("held_out_members", "held_out_families", "held_out")
+GROUP_TITLES = {
+    "held_out_members": "held-out members of seen families (a)",
+    "held_out_families": "held-out families (b)",
+    "held_out": "held-out tasks",
+    "seen": "training tasks, unseen descriptions",
+}
+MODES = ("base", "base_desc", "oracle", "multitask", "t2l")  # t2l: every --t2l and its _random
+
+
+def suite_splits(suite: str | Path) -> dict[str, list[str]]:
+    """{"train": [...], held-out group: [...]}: the universe's two held-out sets, or the classic
+    suite's one `held_out` list."""
     p = Path(suite) / "splits.yaml"
     if not p.is_file():
         raise InputError(
             f"{suite} has no splits.yaml; write it with `hyperlora-jax data task-suite`"
         )
     s = yaml.safe_load(p.read_text())
-    return list(s["train"]), list(s.get("held_out", []))
+    groups = [g for g in HELD_OUT_GROUPS[:2] if g in s] or ["held_out"]
+    return {"train": list(s["train"])} | {g: list(s.get(g, [])) for g in groups}
 
 
 def prompt_and_answer(meta: dict, example: dict, tokenizer, description: str | None = None):
@@ -90,17 +103,22 @@ def evaluate_suite(
     n_examples: int = 10,
     n_descriptions: int = 2,
     random_probe: bool = True,
+    modes: tuple[str, ...] = MODES,
     max_new_tokens: int = 28,
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """tasks: {name: "held_out" | "seen"}. Returns per-task accuracies, group averages, samples.
+    """tasks: {name: group} (a held-out group or "seen"); modes: which of `MODES` to run.
+    Returns per-task accuracies, group averages, samples.
 
     All (mode, description, example) rows of a task decode together in fixed-size batches with
     one adapter per row (no adapter = zeros): decoding is memory-bound on CPU, so one wide batch
     costs about what one narrow pass does."""
 
     t2ls = t2ls or {}
+    bad = sorted(set(modes) - set(MODES))
+    if bad or not modes:
+        raise InputError(f"modes: unknown {bad or 'none given'}; choose from {', '.join(MODES)}")
     root = Path(suite)
     random_descs = task_suite.random_descriptions(n_descriptions, seed=123)
     zero = None
@@ -115,15 +133,15 @@ def evaluate_suite(
         t = sni.load_task(root / task, split="test")
         meta, rows = t.metadata, t.examples[:n_examples]
         descs = list(meta.get("eval_descriptions") or meta["descriptions"])[:n_descriptions]
-        jobs = [("base", None, None)]  # (mode, description in the prompt, adapter)
-        jobs += [("base_desc", d, None) for d in descs]
+        jobs = [("base", None, None)] if "base" in modes else []  # (mode, prompt desc, adapter)
+        jobs += [("base_desc", d, None) for d in descs if "base_desc" in modes]
         for name, lib in (("oracle", oracles), ("multitask", multitask)):
-            ad = lib.get(task) if lib is not None else None
+            ad = lib.get(task) if lib is not None and name in modes else None
             if ad is not None:
                 jobs.append((name, None, ad))
-        for name, t2l in t2ls.items():
+        for name, t2l in t2ls.items() if "t2l" in modes else ():
             jobs += [(name, None, ad) for ad in lora.unstack(t2l.generate(descs))]
-            if random_probe and group == "held_out":
+            if random_probe and group in HELD_OUT_GROUPS:
                 randoms = lora.unstack(t2l.generate(random_descs))
                 jobs += [(f"{name}_random", None, ad) for ad in randoms]
         if zero is None:
@@ -169,10 +187,10 @@ def evaluate_suite(
             bar.set_postfix(task=task)
     if bar is not None:
         bar.close()
-    first = next(iter(per_task.values()))
-    modes = [k for k in first if k not in ("group", "n", "descriptions")]
+    modes = list(dict.fromkeys(k for r in per_task.values() for k in r))
+    modes = [k for k in modes if k not in ("group", "n", "descriptions")]
     groups = {}
-    for g in ("held_out", "seen"):
+    for g in (*HELD_OUT_GROUPS, "seen"):
         rs = [r for r in per_task.values() if r["group"] == g]
         if rs:
             groups[g] = {
@@ -193,7 +211,7 @@ def evaluate_suite(
 def markdown(res: dict) -> str:
     """The model-card table: one row per mode, one column per task group."""
     groups = list(res["groups"])
-    head = {"held_out": "held-out tasks", "seen": "training tasks, unseen descriptions"}
+    head = GROUP_TITLES
     lines = [
         "| mode | "
         + " | ".join(
