@@ -20,6 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 from hyperlora_jax.data import sni, task_suite
 from hyperlora_jax.errors import InputError
@@ -111,8 +112,8 @@ def evaluate_suite(
     """tasks: {name: group} (a held-out group or "seen"); modes: which of `MODES` to run.
     Returns per-task accuracies, group averages, samples.
 
-    All (mode, description, example) rows of a task decode together in fixed-size batches with
-    one adapter per row (no adapter = zeros): decoding is memory-bound on CPU, so one wide batch
+    All (task, mode, description, example) rows decode together in fixed-size batches with one
+    adapter per row (no adapter = zeros): decoding is memory-bound on CPU, so one wide batch
     costs about what one narrow pass does."""
 
     t2ls = t2ls or {}
@@ -121,14 +122,9 @@ def evaluate_suite(
         raise InputError(f"modes: unknown {bad or 'none given'}; choose from {', '.join(MODES)}")
     root = Path(suite)
     random_descs = task_suite.random_descriptions(n_descriptions, seed=123)
-    zero = None
     per_task: dict[str, dict] = {}
     samples: dict[str, dict] = {}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(tasks), desc="eval suite")
+    queue = []  # (task, mode, (prompt ids, answer), adapter or None): every row of every task
     for task, group in tasks.items():
         t = sni.load_task(root / task, split="test")
         meta, rows = t.metadata, t.examples[:n_examples]
@@ -144,49 +140,38 @@ def evaluate_suite(
             if random_probe and group in HELD_OUT_GROUPS:
                 randoms = lora.unstack(t2l.generate(random_descs))
                 jobs += [(f"{name}_random", None, ad) for ad in randoms]
-        if zero is None:
-            some = next((j[2] for j in jobs if j[2] is not None), None)
-            if some is not None:
-                zero = lora.scale(some, 0.0)
-        built, adapters, modes = [], [], []
+        per_task[task] = {"group": group, "n": len(rows), "descriptions": descs}
         for mode, desc, ad in jobs:
-            for r in rows:
-                built.append(prompt_and_answer(meta, r, tokenizer, desc))
-                adapters.append(ad if ad is not None else zero)
-                modes.append(mode)
-        texts = []
-        for s in range(0, len(built), batch_size):
-            ids = [b[0] for b in built[s : s + batch_size]]
-            ads = adapters[s : s + batch_size]
-            fill = batch_size - len(ids)  # a fixed batch: one compiled program for all tasks
-            ids += [ids[0]] * fill
-            ads += [ads[0]] * fill
-            ad = lora.stack(ads) if zero is not None else None
-            out = decoding.generate(
-                params,
-                config,
-                ids,
-                adapter=ad,
-                max_new_tokens=max_new_tokens,
-                tokenizer=tokenizer,
-                dtype=jnp.float32,
-                pad_to_multiple=32,
-            )
-            texts += out.texts[: batch_size - fill]
-        res: dict[str, Any] = {"group": group, "n": len(rows), "descriptions": descs}
-        hits: dict[str, list] = {}
-        for mode, (_, ans), out in zip(modes, built, texts):
-            hits.setdefault(mode, []).append(out.strip() == ans.strip())
-            shown = samples.setdefault(task, {}).setdefault(mode, [])
-            if len(shown) < 3:
-                shown.append({"output": out, "answer": ans})
-        res |= {m: float(np.mean(h)) for m, h in hits.items()}
-        per_task[task] = res
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(task=task)
-    if bar is not None:
-        bar.close()
+            queue += [(task, mode, prompt_and_answer(meta, r, tokenizer, desc), ad) for r in rows]
+    some = next((q[3] for q in queue if q[3] is not None), None)
+    zero = lora.scale(some, 0.0) if some is not None else None  # "no adapter" in a mixed batch
+    texts = []
+    batches = range(0, len(queue), batch_size)
+    for s in tqdm(batches, desc="eval suite", disable=not progress):
+        ids = [q[2][0] for q in queue[s : s + batch_size]]
+        ads = [q[3] if q[3] is not None else zero for q in queue[s : s + batch_size]]
+        fill = batch_size - len(ids)  # a fixed batch: one compiled program for all rows
+        ids += [ids[0]] * fill
+        ads += [ads[0]] * fill
+        out = decoding.generate(
+            params,
+            config,
+            ids,
+            adapter=lora.stack(ads) if zero is not None else None,
+            max_new_tokens=max_new_tokens,
+            tokenizer=tokenizer,
+            dtype=jnp.float32,
+            pad_to_multiple=32,
+        )
+        texts += out.texts[: batch_size - fill]
+    hits: dict[tuple[str, str], list] = {}
+    for (task, mode, (_, ans), _), out in zip(queue, texts):
+        hits.setdefault((task, mode), []).append(out.strip() == ans.strip())
+        shown = samples.setdefault(task, {}).setdefault(mode, [])
+        if len(shown) < 3:
+            shown.append({"output": out, "answer": ans})
+    for (task, mode), h in hits.items():
+        per_task[task][mode] = float(np.mean(h))
     modes = list(dict.fromkeys(k for r in per_task.values() for k in r))
     modes = [k for k in modes if k not in ("group", "n", "descriptions")]
     groups = {}
@@ -225,6 +210,24 @@ def markdown(res: dict) -> str:
             f"{100 * res['groups'][g][m]:.1f}" if m in res["groups"][g] else "-" for g in groups
         ]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    families: dict[tuple[str, str], list[dict]] = {}  # universe task names: family__params
+    for t, r in res["tasks"].items():
+        if "__" in t:
+            families.setdefault((r["group"], t.split("__")[0]), []).append(r)
+    if families:
+        lines += [
+            "",
+            "| group | family | tasks | " + " | ".join(res["modes"]) + " |",
+            "|---|---|---|" + "---|" * len(res["modes"]),
+        ]
+        for (g, f), rs in sorted(families.items()):
+            cells = [
+                f"{100 * np.mean([r[m] for r in rs if m in r]):.0f}"
+                if any(m in r for r in rs)
+                else "-"
+                for m in res["modes"]
+            ]
+            lines.append(f"| {g} | {f} | {len(rs)} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "| task | group | " + " | ".join(res["modes"]) + " |",
