@@ -8,6 +8,14 @@ factors inside each projection (`hyperlora_jax.models.layers.lora_delta`).
 Everything here is a pure function of arrays (jit/vmap/grad friendly). Composition rules:
 concatenating along R sums the deltas exactly, zero rows add nothing (so ragged ranks pad
 exactly), and a scalar on a part multiplies its A only (linear in the delta), as in D2L.
+
+The algebra, by name (delta_i = scale_i * A_i^T B_i per module and layer):
+  concat / weighted_sum   sum_i w_i delta_i, exact, rank = sum of ranks
+  scale                   w * delta
+  truncate                best rank-k approximation by SVD, with its Frobenius error
+  from_dense              an adapter from dense deltas [*b, L, d_in, d_out] (SVD, with error)
+  merge_into / unmerge    W +- delta in our transformer's params, or in any tree mapped by
+                          `hyperlora_jax.lora.targets.Target` rules (hyperlora_jax.lora.apply)
 """
 
 from __future__ import annotations
@@ -306,6 +314,15 @@ def concat(adapters: Sequence[Adapter], scalars: Sequence | None = None) -> Adap
     return Adapter(a_out, b_out, out_scale)
 
 
+def weighted_sum(adapters: Sequence[Adapter], weights: Sequence) -> Adapter:
+    """The adapter whose delta is sum_i weights[i] * delta_i, exactly (rank concatenation).
+
+    a[m]: [*batch, L, sum_i R_i, d_in]; weights may be traced (the result is linear in each).
+    To bring the rank back down, `truncate` the result (approximate, error reported).
+    """
+    return concat(adapters, weights)
+
+
 def concat_batch(adapter: Adapter, scalars: jax.Array | None = None) -> Adapter:
     """Concatenate the last batch axis into R, in order: [..., K, L, r, d] -> [..., L, K*r, d].
 
@@ -382,6 +399,73 @@ def unstack(adapter: Adapter) -> list[Adapter]:
     ]
 
 
+# --------------------------------------------------------------------------- SVD
+
+
+def _hi(subscripts, *xs):
+    return jnp.einsum(subscripts, *xs, precision=jax.lax.Precision.HIGHEST)
+
+
+def _factor_svd(a: jax.Array, b: jax.Array):
+    """SVD of A^T B without forming it: A [..., R, d_in], B [..., R, d_out] ->
+    U [..., d_in, k], S [..., k], Vt [..., k, d_out] with k = min(R, d_in, d_out), in f32."""
+    qa, ra = jnp.linalg.qr(jnp.swapaxes(a.astype(jnp.float32), -1, -2))  # A^T = Qa Ra
+    qb, rb = jnp.linalg.qr(jnp.swapaxes(b.astype(jnp.float32), -1, -2))  # B^T = Qb Rb
+    core = _hi("...ir,...jr->...ij", ra, rb)  # Ra Rb^T: A^T B = Qa (Ra Rb^T) Qb^T
+    u, s, vt = jnp.linalg.svd(core, full_matrices=False)
+    return _hi("...di,...ik->...dk", qa, u), s, _hi("...kj,...oj->...ko", vt, qb)
+
+
+def _from_svd(u, s, vt, rank: int, scale: float):
+    """Rank-`rank` factors of (1/scale) * U S Vt (balanced: sqrt(S) on each side), zero-padded
+    when fewer singular values exist; and the discarded part's Frobenius norm (times scale)."""
+    k = min(rank, s.shape[-1])
+    root = jnp.sqrt(s[..., :k])
+    a = jnp.swapaxes(u[..., :k] * root[..., None, :], -1, -2)  # [..., k, d_in]
+    b = vt[..., :k, :] * root[..., :, None]  # [..., k, d_out]
+    if k < rank:
+        pad = [(0, 0)] * (a.ndim - 2) + [(0, rank - k), (0, 0)]
+        a, b = jnp.pad(a, pad), jnp.pad(b, pad)
+    err = jnp.abs(scale) * jnp.sqrt(jnp.sum(jnp.square(s[..., k:]), axis=-1))
+    return a, b, err
+
+
+def truncate(adapter: Adapter, rank: int) -> tuple[Adapter, dict[str, jax.Array]]:
+    """The best rank-`rank` adapter (Frobenius, per module and layer; Eckart-Young) and its error.
+
+    A [*batch, L, R, d_in] -> [*batch, L, rank, d_in] (B likewise, same static scale, f32).
+    error[m]: [*batch, L], ||delta - delta_truncated||_F = scale * sqrt(sum of the discarded
+    squared singular values of A^T B). Computed from QR of the factors (never the d_in x d_out
+    matrix); rank >= R is exact (error 0, zero-padded). Jit-able with `rank` static.
+    """
+    if rank < 1:
+        raise InputError(f"truncate needs rank >= 1, got {rank}")
+    a_out, b_out, errors = {}, {}, {}
+    for m in adapter.a:
+        u, s, vt = _factor_svd(adapter.a[m], adapter.b[m])
+        a_out[m], b_out[m], errors[m] = _from_svd(u, s, vt, rank, adapter.scale)
+    return Adapter(a_out, b_out, adapter.scale), errors
+
+
+def from_dense(
+    deltas: dict[str, jax.Array], rank: int, scale: float = 1.0
+) -> tuple[Adapter, dict[str, jax.Array]]:
+    """An adapter approximating dense deltas {m: [*batch, L, d_in, d_out]} (e.g. a fine-tune's
+    W_tuned - W) at rank `rank` by SVD, with static `scale`; and the Frobenius error
+    [*batch, L] per module (0 when the delta's rank is at most `rank`)."""
+    if rank < 1:
+        raise InputError(f"from_dense needs rank >= 1, got {rank}")
+    if scale == 0:
+        raise InputError("from_dense needs a non-zero scale")
+    a_out, b_out, errors = {}, {}, {}
+    for m, d in deltas.items():
+        if d.ndim < 3:
+            raise InputError(f"{m}: dense delta {tuple(d.shape)} must be [*batch, L, d_in, d_out]")
+        u, s, vt = jnp.linalg.svd(d.astype(jnp.float32) / scale, full_matrices=False)
+        a_out[m], b_out[m], errors[m] = _from_svd(u, s, vt, rank, scale)
+    return Adapter(a_out, b_out, float(scale)), errors
+
+
 # --------------------------------------------------------------------------- dense merge
 
 
@@ -424,13 +508,25 @@ def _apply_dense(params: dict, adapter: Adapter, config: ModelConfig, sign: floa
     return {**params, "layers": new_layers}
 
 
-def merge_into(params: dict, adapter: Adapter, config: ModelConfig) -> dict:
-    """Params with W + scale * A^T B folded into every targeted kernel (dense serving)."""
+def merge_into(params: dict, adapter: Adapter, config) -> dict:
+    """Params with W + scale * A^T B folded into every targeted kernel (dense serving).
+
+    config: our transformer's ModelConfig (params from transformer.init_params / load_hf_model),
+    or `Target` rules for any other Flax params tree (see hyperlora_jax.lora.apply.merge).
+    """
+    if not isinstance(config, ModelConfig):
+        from hyperlora_jax.lora.apply import merge
+
+        return merge(params, adapter, config)
     return _apply_dense(params, adapter, config, 1.0)
 
 
-def unmerge(params: dict, adapter: Adapter, config: ModelConfig) -> dict:
+def unmerge(params: dict, adapter: Adapter, config) -> dict:
     """Inverse of merge_into (exact up to float rounding of the kernel dtype)."""
+    if not isinstance(config, ModelConfig):
+        from hyperlora_jax.lora.apply import unmerge as unmerge_mapped
+
+        return unmerge_mapped(params, adapter, config)
     return _apply_dense(params, adapter, config, -1.0)
 
 

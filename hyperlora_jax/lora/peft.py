@@ -6,14 +6,22 @@ lora_A = A[i] [R, d_in] and lora_B = B[i]^T [d_out, R]. PEFT scales the delta by
 equals our static scale exactly:
   plain (D2L style):  lora_alpha = scale * R
   rsLoRA (T2L style): lora_alpha = scale * sqrt(R), use_rslora = True
+
+Other PyTorch layouts: `layout=` (a sequence of `PeftTarget`) names each of our modules' torch
+module, and a fused one (Phi-3's qkv_proj, gate_up_proj) by its rows of the fused output. Export
+writes a fused LoRA exactly, by rank concatenation: lora_A = [A_q; A_k; A_v] and lora_B
+block-diagonal (rank = the sum of the parts'); import splits lora_B's rows (each part keeps the
+shared lora_A). `hf_layout` is the standard layout (the default), `fused_layout` Phi-3's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +45,129 @@ _KEY = re.compile(
     r"^(?P<prefix>.*?)(?:^|\.)layers\.(?P<layer>\d+)\.(?P<group>self_attn|mlp)\."
     r"(?P<module>\w+?)\.lora_(?P<ab>[AB])(?:\.(?P<name>[\w-]+))?\.weight$"
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftTarget:
+    """Where our module `module` lives in the PyTorch model a PEFT folder is for.
+
+    name: the torch module path with "{layer}", e.g. "model.layers.{layer}.self_attn.qkv_proj"
+    (PEFT keys are "base_model.model.<name>.lora_A.weight"). rows / width: for a fused module,
+    this module's output features [start, stop) and the fused module's total output features.
+    """
+
+    module: str
+    name: str
+    rows: tuple[int, int] | None = None
+    width: int | None = None
+
+    def __post_init__(self):
+        if self.module not in TARGET_MODULES:
+            raise InputError(f"PeftTarget module {self.module!r} is not one of {TARGET_MODULES}")
+        if "{layer}" not in self.name:
+            raise InputError(f"PeftTarget name {self.name!r} needs a {{layer}} placeholder")
+        if (self.rows is None) != (self.width is None):
+            raise InputError(f"PeftTarget {self.name}: give rows and width together (fused)")
+        if self.rows is not None and not 0 <= self.rows[0] < self.rows[1] <= self.width:
+            raise InputError(f"PeftTarget {self.name}: rows {self.rows} outside width {self.width}")
+
+
+def hf_layout(
+    modules: Sequence[str] = TARGET_MODULES, prefix: str = "model.layers"
+) -> tuple[PeftTarget, ...]:
+    """The standard HF layout: `{prefix}.{layer}.{self_attn|mlp}.{module}` (Llama, Mistral,
+    Qwen, Gemma ...; what export_peft writes without a layout)."""
+    return tuple(PeftTarget(m, f"{prefix}.{{layer}}.{module_path(m)}.{m}") for m in modules)
+
+
+def fused_layout(
+    config: ModelConfig,
+    *,
+    qkv: str = "self_attn.qkv_proj",
+    gate_up: str = "mlp.gate_up_proj",
+    prefix: str = "model.layers",
+) -> tuple[PeftTarget, ...]:
+    """Phi-3's layout: q, k, v are rows q | k | v of one `qkv_proj`, gate and up rows gate | up
+    of one `gate_up_proj`; o_proj and down_proj as in HF. Widths from `config`."""
+    q, kv = config.module_dims("q_proj")[1], config.module_dims("k_proj")[1]
+    i = config.intermediate_size
+    base = f"{prefix}.{{layer}}."
+    return (
+        PeftTarget("q_proj", base + qkv, (0, q), q + 2 * kv),
+        PeftTarget("k_proj", base + qkv, (q, q + kv), q + 2 * kv),
+        PeftTarget("v_proj", base + qkv, (q + kv, q + 2 * kv), q + 2 * kv),
+        PeftTarget("o_proj", f"{base}self_attn.o_proj"),
+        PeftTarget("gate_proj", base + gate_up, (0, i), 2 * i),
+        PeftTarget("up_proj", base + gate_up, (i, 2 * i), 2 * i),
+        PeftTarget("down_proj", f"{base}mlp.down_proj"),
+    )
+
+
+def _layout_groups(modules: Sequence[str], layout: Sequence[PeftTarget]) -> dict[str, list]:
+    """{torch name template: [PeftTarget of each of `modules` there]}; every module placed once."""
+    groups: dict[str, list[PeftTarget]] = {}
+    seen = set()
+    for t in layout:
+        if t.module in modules:
+            if t.module in seen:
+                raise InputError(f"the PEFT layout places {t.module} twice")
+            seen.add(t.module)
+            groups.setdefault(t.name, []).append(t)
+    missing = sorted(set(modules) - seen)
+    if missing:
+        raise InputError(f"the PEFT layout has no place for {missing}; add PeftTargets for them")
+    for name, ts in groups.items():
+        if len(ts) > 1 and any(t.rows is None for t in ts):
+            raise InputError(f"{name}: several modules share it, so each needs rows and width")
+        if len({t.width for t in ts}) > 1:
+            raise InputError(f"{name}: its PeftTargets disagree on the fused width")
+    return groups
+
+
+def layout_tensors(
+    adapter: Adapter, layout: Sequence[PeftTarget]
+) -> tuple[dict[str, np.ndarray], int, list[str]]:
+    """(PEFT state dict {key: array}, rank R, target_modules) of one adapter [L, R, d].
+
+    Each torch module gets lora_A [R', d_in] / lora_B [d_out, R']: a fused one the parts'
+    A stacked along the rank and B block-diagonal over its rows (exact). Every module is
+    zero-padded to the largest rank R (exact), so one r / lora_alpha fits all.
+    """
+    a, b = to_numpy(adapter)
+    groups = _layout_groups(adapter.modules, layout)
+    packed: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> A [L, R', d_in], B [L, R', w]
+    for name, ts in groups.items():
+        if len(ts) == 1 and ts[0].rows is None:
+            packed[name] = (a[ts[0].module], b[ts[0].module])
+            continue
+        d_ins = {a[t.module].shape[-1] for t in ts}
+        if len(d_ins) > 1:
+            raise InputError(f"{name}: fused modules {[t.module for t in ts]} differ in d_in")
+        n_layers = a[ts[0].module].shape[0]
+        ranks = [a[t.module].shape[-2] for t in ts]
+        a_f = np.concatenate([a[t.module] for t in ts], axis=-2)
+        b_f = np.zeros((n_layers, sum(ranks), ts[0].width), a_f.dtype)
+        off = 0
+        for t, r in zip(ts, ranks):
+            start, stop = t.rows
+            if stop - start != b[t.module].shape[-1]:
+                raise InputError(
+                    f"{name}: {t.module} has d_out={b[t.module].shape[-1]} but rows {t.rows}"
+                )
+            b_f[:, off : off + r, start:stop] = b[t.module]
+            off += r
+        packed[name] = (a_f, b_f)
+    rank = max(x.shape[-2] for x, _ in packed.values())
+    tensors = {}
+    for name, (am, bm) in packed.items():
+        pad = [(0, 0), (0, rank - am.shape[-2]), (0, 0)]
+        am, bm = np.pad(am, pad), np.pad(bm, pad)
+        for i in range(am.shape[0]):
+            key = f"base_model.model.{name.format(layer=i)}"
+            tensors[f"{key}.lora_A.weight"] = am[i]
+            tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(bm[i].T)
+    target_modules = sorted({name.rsplit(".", 1)[-1] for name in packed})
+    return tensors, rank, target_modules
 
 
 def peft_key(layer: int, module: str, ab: str) -> str:
@@ -86,6 +217,7 @@ def export_peft(
     base_model_id: str | None = None,
     base_fingerprint: str | None = None,
     texts: dict[str, str] | None = None,
+    layout: Sequence[PeftTarget] | None = None,
 ) -> Path:
     """Write `adapter` as a PEFT LoRA folder that PeftModel.from_pretrained and vLLM load.
 
@@ -93,8 +225,10 @@ def export_peft(
     wants, and it provides the model config) or a hub id (recorded only). base_model_id: what
     to record as base_model_name_or_path instead (e.g. the hub id of a local copy).
     base_fingerprint: the base model's fingerprint, written to hyperlora_base.json. texts:
-    extra text files of the folder (e.g. task_desc.txt). Ranks of the
-    modules are zero-padded to the largest (exact). The folder appears atomically or not at all.
+    extra text files of the folder (e.g. task_desc.txt). layout: the torch model's module
+    names, fused modules included (`fused_layout` for Phi-3; None: the standard HF layout).
+    Ranks of the modules are zero-padded to the largest (exact). The folder appears atomically
+    or not at all.
     """
     cfg_path, cfg_dict = _base_model_config(base_model)
     if model_config is None and cfg_dict is not None:
@@ -105,17 +239,23 @@ def export_peft(
             f"export_peft writes one adapter, got batch shape {adapter.batch_shape}; "
             "pick one with hyperlora_jax.lora.adapter.unstack"
         )
-    rank = adapter.rank
-    adapter = pad_rank(adapter, rank)
-    a, b = to_numpy(adapter)
-    tensors = {}
-    for m in adapter.modules:
-        am, bm = a[m], b[m]
+    if layout is not None:
+        tensors, rank, target_modules = layout_tensors(adapter, layout)
         if dtype is not None:
-            am, bm = am.astype(dtype), bm.astype(dtype)
-        for i in range(am.shape[0]):
-            tensors[peft_key(i, m, "A")] = am[i]
-            tensors[peft_key(i, m, "B")] = bm[i].T
+            tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    else:
+        rank = adapter.rank
+        adapter = pad_rank(adapter, rank)
+        target_modules = list(adapter.modules)
+        a, b = to_numpy(adapter)
+        tensors = {}
+        for m in adapter.modules:
+            am, bm = a[m], b[m]
+            if dtype is not None:
+                am, bm = am.astype(dtype), bm.astype(dtype)
+            for i in range(am.shape[0]):
+                tensors[peft_key(i, m, "A")] = am[i]
+                tensors[peft_key(i, m, "B")] = bm[i].T
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -123,7 +263,7 @@ def export_peft(
         "lora_alpha": peft_alpha(adapter.scale, rank, rslora),
         "use_rslora": bool(rslora),
         "lora_dropout": 0.0,
-        "target_modules": list(adapter.modules),
+        "target_modules": target_modules,
         "base_model_name_or_path": base_model_id
         or (None if base_model is None else str(base_model)),
         "bias": "none",
@@ -203,13 +343,16 @@ def import_peft(
     *,
     model_config: ModelConfig | None = None,
     dtype: Any = jnp.float32,
+    layout: Sequence[PeftTarget] | None = None,
 ) -> Adapter:
     """Read a PEFT LoRA folder (ours, PEFT's own save_pretrained, T2L's) as an Adapter.
 
     Keys with or without the adapter name (".default") are accepted. The static scale is
     lora_alpha / r (or / sqrt(r) with use_rslora); per-module rank_pattern / alpha_pattern
     scalings are folded into A, ranks padded to the largest, layers the file lacks are zero
-    (pass model_config to know the full layer count).
+    (pass model_config to know the full layer count). layout: the torch model's module names
+    (see export_peft); fused modules are split by rows, each part keeping the shared lora_A,
+    and parts whose lora_B rows are all zero are left out.
     """
     adapter_dir = Path(adapter_dir)
     cfg = read_peft_config(adapter_dir)
@@ -217,6 +360,8 @@ def import_peft(
     rslora = bool(cfg.get("use_rslora", False))
     base_r, base_alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     scale = peft_scaling(base_alpha, base_r, rslora)
+    if layout is not None:
+        return _import_layout(adapter_dir, cfg, weights, layout, model_config, dtype)
 
     found: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     for key, x in weights.items():
@@ -277,5 +422,94 @@ def import_peft(
         a[m], b[m] = jnp.asarray(am, dtype), jnp.asarray(bm, dtype)
     try:
         return validate(Adapter(a, b, scale if scale else 1.0), model_config)
+    except InputError as e:
+        raise InputError(f"{adapter_dir}: {e}") from e
+
+
+def _import_layout(
+    adapter_dir: Path,
+    cfg: dict,
+    weights: dict[str, np.ndarray],
+    layout: Sequence[PeftTarget],
+    model_config: ModelConfig | None,
+    dtype: Any,
+) -> Adapter:
+    """import_peft for an explicit layout (fused modules split by rows)."""
+    rslora = bool(cfg.get("use_rslora", False))
+    base_r, base_alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scale = peft_scaling(base_alpha, base_r, rslora) or 1.0
+    groups = _layout_groups(sorted({t.module for t in layout}), layout)
+    patterns = []
+    for name in groups:
+        rx = re.escape(name).replace(re.escape("{layer}"), r"(?P<layer>\d+)")
+        patterns.append(
+            (name, re.compile(rf"^(?:base_model\.model\.)?{rx}\.lora_(?P<ab>[AB])"
+                              rf"(?:\.[\w-]+)?\.weight$"))
+        )  # fmt: skip
+    found: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    for key, x in weights.items():
+        hit = [(name, mt) for name, rx in patterns if (mt := rx.match(key)) is not None]
+        if not hit:
+            raise CheckpointError(
+                f"{adapter_dir}: key {key!r} fits no module of the layout ({', '.join(groups)})"
+            )
+        name, mt = hit[0]
+        slot = found.setdefault((name, int(mt["layer"])), {})
+        if mt["ab"] in slot:
+            raise CheckpointError(f"{key}: a second lora_{mt['ab']} for the same module and layer")
+        slot[mt["ab"]] = np.asarray(x, np.float32)
+    if not found:
+        raise CheckpointError(f"{adapter_dir} holds no LoRA weights")
+    max_layer = max(layer for _, layer in found) + 1
+    num_layers = model_config.num_layers if model_config is not None else max_layer
+    if max_layer > num_layers:
+        raise InputError(
+            f"{adapter_dir}: the adapter has weights for layer {max_layer - 1} but the model has "
+            f"{num_layers} layers; it was made for a different base model"
+        )
+    a, b = {}, {}
+    for name, ts in groups.items():
+        layers = {layer: slot for (n, layer), slot in found.items() if n == name}
+        if not layers:
+            continue
+        rank = 0
+        for layer, slot in layers.items():
+            if set(slot) != {"A", "B"}:
+                raise CheckpointError(f"{adapter_dir}: layer {layer} {name} lacks lora_A or _B")
+            if slot["A"].shape[0] != slot["B"].shape[1]:
+                raise CheckpointError(
+                    f"{adapter_dir}: layer {layer} {name}: lora_A {slot['A'].shape} and lora_B "
+                    f"{slot['B'].shape} disagree on the rank"
+                )
+            rank = max(rank, slot["A"].shape[0])
+        for t in ts:
+            d_in = next(iter(layers.values()))["A"].shape[1]
+            width = next(iter(layers.values()))["B"].shape[0]
+            if t.width is not None and width != t.width:
+                raise CheckpointError(
+                    f"{adapter_dir}: {name} has {width} output rows, the layout says {t.width}"
+                )
+            rows = slice(*t.rows) if t.rows is not None else slice(None)
+            d_out = len(range(width)[rows])
+            am = np.zeros((num_layers, rank, d_in), np.float32)
+            bm = np.zeros((num_layers, rank, d_out), np.float32)
+            for layer, slot in layers.items():
+                full = name.format(layer=layer)
+                r_l = int(_pattern_value(cfg.get("rank_pattern"), full, base_r))
+                alpha_l = float(_pattern_value(cfg.get("alpha_pattern"), full, base_alpha))
+                r_t = slot["A"].shape[0]
+                if r_t != r_l:
+                    raise CheckpointError(
+                        f"{adapter_dir}: {full} has rank {r_t} but the config says r={r_l}"
+                    )
+                am[layer, :r_t] = slot["A"] * (peft_scaling(alpha_l, r_l, rslora) / scale)
+                bm[layer, :r_t] = slot["B"][rows].T
+            if t.rows is not None and not np.any(bm):
+                continue  # a fused part the adapter did not train
+            a[t.module], b[t.module] = jnp.asarray(am, dtype), jnp.asarray(bm, dtype)
+    if not a:
+        raise CheckpointError(f"{adapter_dir}: every LoRA in it is zero")
+    try:
+        return validate(Adapter(a, b, scale), model_config)
     except InputError as e:
         raise InputError(f"{adapter_dir}: {e}") from e
