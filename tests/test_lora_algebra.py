@@ -89,6 +89,6 @@ def test_from_dense_recovers_low_rank_and_reports_error():
 def test_package_namespace_exposes_the_algebra():
     x = rand_adapter(6)
     assert lora.concat is ad.concat and lora.truncate is ad.truncate
-    assert callable(lora.apply) and callable(lora.apply.merge)
+    assert callable(lora.apply) and callable(lora.merge)
     both = lora.weighted_sum([x, x], [1.0, -1.0])
     np.testing.assert_allclose(dense(both)["q_proj"], 0.0, atol=1e-6)

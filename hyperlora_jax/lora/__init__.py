@@ -4,13 +4,12 @@
     logits = lora.apply(model.apply, {"params": params}, adapter, lora.presets.gemma(), tokens)
     merged = lora.merge({"params": params}, adapter, lora.presets.gemma())
 
-`lora.apply` is the module hyperlora_jax/lora/apply.py, callable as its `apply` function.
+`lora.apply` and its companions live in hyperlora_jax/lora/functional.py.
 Guide with runnable examples: docs/lora.md.
 """
 
 from types import SimpleNamespace
 
-from hyperlora_jax.lora import apply  # the module, callable as apply.apply
 from hyperlora_jax.lora.adapter import (
     Adapter,
     cast,
@@ -28,7 +27,7 @@ from hyperlora_jax.lora.adapter import (
     weighted_sum,
     with_scale,
 )
-from hyperlora_jax.lora.apply import inject, interceptor, load
+from hyperlora_jax.lora.functional import apply, inject, interceptor, load
 from hyperlora_jax.lora.peft import PeftTarget, export_peft, fused_layout, hf_layout, import_peft
 from hyperlora_jax.lora.storage import load_adapter, save_adapter
 from hyperlora_jax.lora.targets import PRESETS, Site, Target, fused, resolve

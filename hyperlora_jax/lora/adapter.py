@@ -15,7 +15,7 @@ The algebra, by name (delta_i = scale_i * A_i^T B_i per module and layer):
   truncate                best rank-k approximation by SVD, with its Frobenius error
   from_dense              an adapter from dense deltas [*b, L, d_in, d_out] (SVD, with error)
   merge_into / unmerge    W +- delta in our transformer's params, or in any tree mapped by
-                          `hyperlora_jax.lora.targets.Target` rules (hyperlora_jax.lora.apply)
+                          `hyperlora_jax.lora.targets.Target` rules (hyperlora_jax.lora.functional)
 """
 
 from __future__ import annotations
@@ -512,10 +512,10 @@ def merge_into(params: dict, adapter: Adapter, config) -> dict:
     """Params with W + scale * A^T B folded into every targeted kernel (dense serving).
 
     config: our transformer's ModelConfig (params from transformer.init_params / load_hf_model),
-    or `Target` rules for any other Flax params tree (see hyperlora_jax.lora.apply.merge).
+    or `Target` rules for any other Flax params tree (see hyperlora_jax.lora.functional.merge).
     """
     if not isinstance(config, ModelConfig):
-        from hyperlora_jax.lora.apply import merge
+        from hyperlora_jax.lora.functional import merge
 
         return merge(params, adapter, config)
     return _apply_dense(params, adapter, config, 1.0)
@@ -524,7 +524,7 @@ def merge_into(params: dict, adapter: Adapter, config) -> dict:
 def unmerge(params: dict, adapter: Adapter, config) -> dict:
     """Inverse of merge_into (exact up to float rounding of the kernel dtype)."""
     if not isinstance(config, ModelConfig):
-        from hyperlora_jax.lora.apply import unmerge as unmerge_mapped
+        from hyperlora_jax.lora.functional import unmerge as unmerge_mapped
 
         return unmerge_mapped(params, adapter, config)
     return _apply_dense(params, adapter, config, -1.0)

@@ -11,7 +11,7 @@ interceptor then adds `scale * (x A^T) B` (`hyperlora_jax.models.layers.lora_del
 accumulation) to the output of every module that holds factors. The model never sees W + dW.
 
 This module is itself callable: `hyperlora_jax.lora.apply(...)` is `apply(...)` below, and
-`lora.apply.merge` etc. are its other functions.
+`lora.merge` / `lora.unmerge` are its dense-serving counterparts.
 
 Adapter batch: factors [L, R, d] apply to every example; [B, L, R, d] give example b (the
 leading axis of the module's input) its own adapter, in one call. Under `jax.vmap` over adapters
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
-import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -293,13 +291,3 @@ def merge(variables: Mapping, adapter: Adapter, targets: Sequence[Target]):
 def unmerge(variables: Mapping, adapter: Adapter, targets: Sequence[Target]):
     """The inverse of `merge` (exact up to the rounding of the kernels' dtype)."""
     return _merge(variables, adapter, targets, -1.0)
-
-
-class _CallableModule(types.ModuleType):
-    """`lora.apply(...)` calls `apply`; the module's other names stay reachable on it."""
-
-    def __call__(self, *args, **kwargs):
-        return apply(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
