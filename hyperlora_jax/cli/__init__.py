@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "hyperlora_jax.cli.train",  # train, plan, export-run
     "hyperlora_jax.cli.eval",  # eval d2l | t2l
     "hyperlora_jax.cli.demo",  # demo
+    "hyperlora_jax.cli.serve",  # serve
 )
 
 
