@@ -54,6 +54,38 @@ def test_suite_numbers_match_the_model_card(smollm2, tmp_path):
     assert gain >= 0.3, gain  # unseen descriptions of training tasks: T2L >> the prompt
 
 
+def test_universe_t2l_numbers_match_its_model_card(smollm2, tmp_path):
+    """The task-universe T2L on a subset of both held-out sets and of its training tasks."""
+    from hyperlora_jax.data import task_universe
+    from hyperlora_jax.embedded import UNIVERSE_T2L
+    from hyperlora_jax.eval.suite import evaluate_suite
+    from hyperlora_jax.hypernet.t2l.api import TextToLoRA
+
+    card = json.loads((UNIVERSE_T2L / "eval_summary.json").read_text())
+    config, params, tok = smollm2
+    suite = task_universe.write_universe(tmp_path / "universe")  # `data task-suite` defaults
+    subset = card["test_subset"]
+    res = evaluate_suite(
+        params,
+        config,
+        tok,
+        suite,
+        tasks=subset,
+        t2ls={"t2l": TextToLoRA.from_checkpoint(UNIVERSE_T2L)},
+        n_examples=card["n_examples"],
+        n_descriptions=card["n_descriptions"],
+        random_probe=False,
+        modes=("base_desc", "t2l"),
+        progress=False,
+    )
+    for t in subset:  # greedy; other rows share the batches: one answer of slack
+        for m in ("base_desc", "t2l"):
+            got, want = res["tasks"][t][m], card["tasks"][t][m]
+            assert abs(got - want) <= 1.01 / card["n_examples"], (t, m, got, want)
+    held = [t for t, g in subset.items() if g.startswith("held_out")]
+    assert np.mean([res["tasks"][t]["t2l"] for t in held]) >= 0.6  # tasks it never trained on
+
+
 def test_demo_t2l_part_runs(capsys):
     from hyperlora_jax.cli.demo import run_t2l_demo
 
