@@ -211,7 +211,7 @@ CASES = [
     Case(
         "chat-missing-adapter",
         ["chat", "--model", "{gemma}", "--prompt", "hi", "--adapter", "{tmp}/nope"],
-        "no adapter.json",
+        "no adapter folder at",
         "missing adapter folder",
     ),
     Case(

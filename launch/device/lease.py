@@ -42,10 +42,11 @@ WHEELS = (
     "gguf==0.19.0",
     "tensorboardX==2.6.5",
 )
-# Tracked files that need not travel: the shipped hypernetwork weights (39 MiB of the 46).
+# Tracked files that need not travel: the shipped hypernetwork weights (55 MiB).
 SHIPPED_PARAMS = (
     "hyperlora_jax/checkpoints/d2l-smollm2-135m-instruct/params.safetensors",
     "hyperlora_jax/checkpoints/t2l-smollm2-135m-instruct/params.safetensors",
+    "hyperlora_jax/checkpoints/t2l-smollm2-135m-instruct-universe/params.safetensors",
 )
 EXCLUDE_MARK = "# hyperlora lease: shipped params kept out of the device calls"
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
