@@ -363,8 +363,7 @@ def import_peft(
     if layout is not None:
         return _import_layout(adapter_dir, cfg, weights, layout, model_config, dtype)
 
-    found: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-    for key, x in weights.items():
+    def match(key):
         mt = _KEY.match(key)
         if mt is None or mt["module"] not in TARGET_MODULES:
             raise CheckpointError(
@@ -375,20 +374,9 @@ def import_peft(
             raise CheckpointError(
                 f"{key}: {mt['module']} under {mt['group']} is not a known layout"
             )
-        slot = found.setdefault((mt["module"], int(mt["layer"])), {})
-        if mt["ab"] in slot:
-            raise CheckpointError(f"{key}: a second lora_{mt['ab']} for the same module and layer")
-        slot[mt["ab"]] = np.asarray(x, np.float32)
-    if not found:
-        raise CheckpointError(f"{adapter_dir} holds no LoRA weights")
+        return mt["module"], int(mt["layer"]), mt["ab"]
 
-    max_layer = max(layer for _, layer in found) + 1
-    num_layers = model_config.num_layers if model_config is not None else max_layer
-    if max_layer > num_layers:
-        raise InputError(
-            f"{adapter_dir}: the adapter has weights for layer {max_layer - 1} but the model has "
-            f"{num_layers} layers; it was made for a different base model"
-        )
+    found, num_layers = _collect_slots(adapter_dir, weights, match, model_config)
     modules = sorted({m for m, _ in found})
     a, b = {}, {}
     for m in modules:
@@ -426,6 +414,28 @@ def import_peft(
         raise InputError(f"{adapter_dir}: {e}") from e
 
 
+def _collect_slots(adapter_dir, weights, match, model_config):
+    """({(module, layer): {"A": lora_A, "B": lora_B}}, layer count) from a PEFT file's weights;
+    match(key) -> (module, layer, "A" | "B") or raises for a key it does not know."""
+    found: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    for key, x in weights.items():
+        name, layer, ab = match(key)
+        slot = found.setdefault((name, layer), {})
+        if ab in slot:
+            raise CheckpointError(f"{key}: a second lora_{ab} for the same module and layer")
+        slot[ab] = np.asarray(x, np.float32)
+    if not found:
+        raise CheckpointError(f"{adapter_dir} holds no LoRA weights")
+    max_layer = max(layer for _, layer in found) + 1
+    num_layers = model_config.num_layers if model_config is not None else max_layer
+    if max_layer > num_layers:
+        raise InputError(
+            f"{adapter_dir}: the adapter has weights for layer {max_layer - 1} but the model has "
+            f"{num_layers} layers; it was made for a different base model"
+        )
+    return found, num_layers
+
+
 def _import_layout(
     adapter_dir: Path,
     cfg: dict,
@@ -446,27 +456,17 @@ def _import_layout(
             (name, re.compile(rf"^(?:base_model\.model\.)?{rx}\.lora_(?P<ab>[AB])"
                               rf"(?:\.[\w-]+)?\.weight$"))
         )  # fmt: skip
-    found: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-    for key, x in weights.items():
+
+    def match(key):
         hit = [(name, mt) for name, rx in patterns if (mt := rx.match(key)) is not None]
         if not hit:
             raise CheckpointError(
                 f"{adapter_dir}: key {key!r} fits no module of the layout ({', '.join(groups)})"
             )
         name, mt = hit[0]
-        slot = found.setdefault((name, int(mt["layer"])), {})
-        if mt["ab"] in slot:
-            raise CheckpointError(f"{key}: a second lora_{mt['ab']} for the same module and layer")
-        slot[mt["ab"]] = np.asarray(x, np.float32)
-    if not found:
-        raise CheckpointError(f"{adapter_dir} holds no LoRA weights")
-    max_layer = max(layer for _, layer in found) + 1
-    num_layers = model_config.num_layers if model_config is not None else max_layer
-    if max_layer > num_layers:
-        raise InputError(
-            f"{adapter_dir}: the adapter has weights for layer {max_layer - 1} but the model has "
-            f"{num_layers} layers; it was made for a different base model"
-        )
+        return name, int(mt["layer"]), mt["ab"]
+
+    found, num_layers = _collect_slots(adapter_dir, weights, match, model_config)
     a, b = {}, {}
     for name, ts in groups.items():
         layers = {layer: slot for (n, layer), slot in found.items() if n == name}
