@@ -24,33 +24,40 @@ def smollm2():
     return config, params, load_tokenizer(path)
 
 
-def test_suite_numbers_match_the_model_card(smollm2, tmp_path):
-    from hyperlora_jax.data import task_suite
+def _matches_card(smollm2, suite, checkpoint, card, modes):
+    """Evaluate `checkpoint` on the card's test subset; every mode within one answer of the card
+    (greedy, but other rows share the batches). Returns the per-task results."""
     from hyperlora_jax.eval.suite import evaluate_suite
     from hyperlora_jax.hypernet.t2l.api import TextToLoRA
 
     config, params, tok = smollm2
-    suite = task_suite.write_suite(tmp_path / "suite")  # the defaults of `data task-suite`
-    subset = CARD["test_subset"]  # {task: group}: a held-out and a training task
     res = evaluate_suite(
         params,
         config,
         tok,
         suite,
-        tasks=subset,
-        t2ls={"t2l": TextToLoRA.from_checkpoint(EMBEDDED_T2L)},
-        n_examples=CARD["n_examples"],
-        n_descriptions=CARD["n_descriptions"],
+        tasks=card["test_subset"],
+        t2ls={"t2l": TextToLoRA.from_checkpoint(checkpoint)},
+        n_examples=card["n_examples"],
+        n_descriptions=card["n_descriptions"],
         random_probe=False,
+        modes=modes,
         progress=False,
-    )
-    for t in subset:
-        got, card = res["tasks"][t], CARD["tasks"][t]
-        print(t, {m: (got[m], card[m]) for m in ("base", "base_desc", "t2l")})
-        for m in ("base", "base_desc", "t2l"):  # greedy and deterministic: float noise only
-            assert abs(got[m] - card[m]) <= 0.1, (t, m, got[m], card[m])
-    seen = [t for t, g in subset.items() if g == "seen"]
-    gain = np.mean([res["tasks"][t]["t2l"] - res["tasks"][t]["base_desc"] for t in seen])
+    )["tasks"]
+    for t in card["test_subset"]:
+        for m in modes:
+            got, want = res[t][m], card["tasks"][t][m]
+            assert abs(got - want) <= 1.01 / card["n_examples"], (t, m, got, want)
+    return res
+
+
+def test_suite_numbers_match_the_model_card(smollm2, tmp_path):
+    from hyperlora_jax.data import task_suite
+
+    suite = task_suite.write_suite(tmp_path / "suite")  # the classic suite's defaults
+    res = _matches_card(smollm2, suite, EMBEDDED_T2L, CARD, ("base", "base_desc", "t2l"))
+    seen = [t for t, g in CARD["test_subset"].items() if g == "seen"]
+    gain = np.mean([res[t]["t2l"] - res[t]["base_desc"] for t in seen])
     assert gain >= 0.3, gain  # unseen descriptions of training tasks: T2L >> the prompt
 
 
@@ -58,32 +65,12 @@ def test_universe_t2l_numbers_match_its_model_card(smollm2, tmp_path):
     """The task-universe T2L on a subset of both held-out sets and of its training tasks."""
     from hyperlora_jax.data import task_universe
     from hyperlora_jax.embedded import UNIVERSE_T2L
-    from hyperlora_jax.eval.suite import evaluate_suite
-    from hyperlora_jax.hypernet.t2l.api import TextToLoRA
 
     card = json.loads((UNIVERSE_T2L / "eval_summary.json").read_text())
-    config, params, tok = smollm2
     suite = task_universe.write_universe(tmp_path / "universe")  # `data task-suite` defaults
-    subset = card["test_subset"]
-    res = evaluate_suite(
-        params,
-        config,
-        tok,
-        suite,
-        tasks=subset,
-        t2ls={"t2l": TextToLoRA.from_checkpoint(UNIVERSE_T2L)},
-        n_examples=card["n_examples"],
-        n_descriptions=card["n_descriptions"],
-        random_probe=False,
-        modes=("base_desc", "t2l"),
-        progress=False,
-    )
-    for t in subset:  # greedy; other rows share the batches: one answer of slack
-        for m in ("base_desc", "t2l"):
-            got, want = res["tasks"][t][m], card["tasks"][t][m]
-            assert abs(got - want) <= 1.01 / card["n_examples"], (t, m, got, want)
-    held = [t for t, g in subset.items() if g.startswith("held_out")]
-    assert np.mean([res["tasks"][t]["t2l"] for t in held]) >= 0.6  # tasks it never trained on
+    res = _matches_card(smollm2, suite, UNIVERSE_T2L, card, ("base_desc", "t2l"))
+    held = [t for t, g in card["test_subset"].items() if g.startswith("held_out")]
+    assert np.mean([res[t]["t2l"] for t in held]) >= 0.6  # tasks it never trained on
 
 
 def test_demo_t2l_part_runs(capsys):
