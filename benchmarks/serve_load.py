@@ -35,10 +35,12 @@ EXAMPLES = ROOT / "examples"
 TINY = ROOT / "tests" / "fixtures" / "official" / "d2l"
 
 
-def start_server(cmd: list[str], timeout: float = 600) -> tuple[subprocess.Popen, str, float]:
+def start_server(
+    cmd: list[str], timeout: float = 600, env: dict | None = None
+) -> tuple[subprocess.Popen, str, float]:
     """The server process, its base URL, and the seconds until it printed its 'serving' line."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     line = ""
     while "serving" not in line:
         if proc.poll() is not None:
@@ -52,8 +54,12 @@ def start_server(cmd: list[str], timeout: float = 600) -> tuple[subprocess.Popen
     return proc, url, time.perf_counter() - t0
 
 
-def call(url: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
+def call(
+    url: str, method: str, path: str, body: dict | None = None, raw: bytes | None = None
+) -> tuple[int, dict]:
+    """(status, parsed JSON body) of one request (raw: bytes sent as they are); HTTP errors are
+    answers, not exceptions."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     req = urllib.request.Request(url + path, data=data, method=method)
     req.add_header("Content-Type", "application/json")
     try:

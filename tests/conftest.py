@@ -1,7 +1,12 @@
 """Shared test setup: f32 matmuls at full precision, absl flags parsed (grain needs it), paths."""
 
 import os
+import sys
 from pathlib import Path
+
+# `benchmarks` (a package at the repository root) is imported by the tests of its harness and of
+# the server, from whatever folder pytest runs in.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Most of a clean test run is XLA:CPU compilation. LLVM at -O1 compiles faster (tiny D2L
 # training step 16.7 -> 13.4 s) and runs as fast as the default -O2 (SmolLM2 decoding); -O0

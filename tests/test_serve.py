@@ -9,18 +9,15 @@ of the official D2L fixture (outputs are noise: answers are compared with each o
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import select
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import openai
 import portpicker
 import pytest
-from test_chat_session import BASE, D2L, DOC, QS, ROOT, TASKS, cli_env, write_tiny_t2l
+from test_chat_session import BASE, D2L, DOC, QS, TASKS, cli_env, write_tiny_t2l
+
+from benchmarks.serve_load import call, start_server
 
 MAX_TOKENS = 8
 
@@ -34,18 +31,9 @@ def server(tmp_path_factory):
     cmd += ["--d2l", str(D2L / "pytorch_model.bin"), "--t2l", str(t2l), "--t2l-encoder", str(embs)]
     cmd += ["--port", str(port), "--max-batch", "16", "--batch-window-ms", "100"]
     cmd += ["--max-tokens", "32", "--max-adapters", "4"]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc, url, _ = start_server(cmd, timeout=180, env=cli_env())
     try:
-        deadline, line = time.time() + 180, ""
-        while "serving" not in line:
-            assert proc.poll() is None, f"server exited: {proc.stderr.read()}"
-            assert time.time() < deadline, "no 'serving' line within 180 s"
-            if select.select([proc.stdout], [], [], 1.0)[0]:
-                line = proc.stdout.readline()
-        url = f"http://127.0.0.1:{port}"
-        assert f"at {url}/v1" in line
+        assert url == f"http://127.0.0.1:{port}"
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
         yield url, client, proc
     finally:
@@ -55,18 +43,6 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def http(url: str, method: str, path: str, body=None, raw: bytes | None = None):
-    """(status, parsed JSON body) of one request; HTTP errors are answers, not exceptions."""
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(url + path, data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def ask(client, q: str, model: str, adapters=None) -> str:
@@ -84,11 +60,11 @@ def ask(client, q: str, model: str, adapters=None) -> str:
 @pytest.fixture(scope="module")
 def adapters(server):
     url, client, _ = server
-    status, card = http(url, "POST", "/v1/adapters/internalize", {"name": "doc", "document": DOC})
+    status, card = call(url, "POST", "/v1/adapters/internalize", {"name": "doc", "document": DOC})
     assert status == 200 and card["id"] == "doc" and card["kind"] == "document", card
     assert card["rank"] == 16 and card["modules"] == ["down_proj"] and card["parent"] == str(BASE)
     task = {"name": "task", "description": TASKS[0]}
-    status, card = http(url, "POST", "/v1/adapters/generate", task)
+    status, card = call(url, "POST", "/v1/adapters/generate", task)
     assert status == 200 and card["kind"] == "task" and card["modules"] == ["q_proj", "v_proj"]
     ids = [m.id for m in client.models.list().data]
     assert ids == [str(BASE), "doc", "task"]  # the base model, then adapters as vLLM lists LoRAs
@@ -119,20 +95,20 @@ def test_chat_with_document_task_and_both(server, adapters):
             model=str(BASE), messages=[{"role": "user", "content": QS[0]}], max_tokens=1
         ).usage.prompt_tokens
     )
-    status, card = http(url, "GET", "/v1/models/doc")
+    status, card = call(url, "GET", "/v1/models/doc")
     assert status == 200 and card["root"] == str(BASE)
 
 
 def test_concurrent_requests_are_batched_like_sequential_ones(server, adapters):
     url, client, _ = server
     seq, modes = adapters
-    before = http(url, "GET", "/stats")[1]
+    before = call(url, "GET", "/stats")[1]
     jobs = [(mode, i) for mode in modes for i in range(len(QS))]  # 12 requests, 4 adapter sets
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         futs = {job: pool.submit(ask, client, QS[job[1]], *modes[job[0]]) for job in jobs}
         got = {job: f.result() for job, f in futs.items()}
     assert {job: got[job] for job in jobs} == {(m, i): seq[m][i] for m, i in jobs}
-    after = http(url, "GET", "/stats")[1]
+    after = call(url, "GET", "/stats")[1]
     batches = after["batches"] - before["batches"]
     assert after["requests"] - before["requests"] == len(jobs)
     assert batches < len(jobs), after  # several requests shared a forward pass
@@ -172,7 +148,7 @@ def test_bad_requests_get_4xx_json_errors(server, adapters):
         ("GET", chat, None, None, 405),
     ]
     for method, path, body, raw, want in cases:
-        status, payload = http(url, method, path, body, raw)
+        status, payload = call(url, method, path, body, raw)
         assert status == want, (method, path, body, raw, payload)
         err = payload["error"]
         assert isinstance(err["message"], str) and err["message"] and "type" in err
@@ -183,10 +159,10 @@ def test_bad_requests_get_4xx_json_errors(server, adapters):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="nope", messages=msg)
     # an adapter made and deleted: then unknown
-    assert http(url, "POST", "/v1/adapters/internalize", {"name": "tmp", "document": DOC})[0] == 200
+    assert call(url, "POST", "/v1/adapters/internalize", {"name": "tmp", "document": DOC})[0] == 200
     gone = {"id": "tmp", "object": "model", "deleted": True}
-    assert http(url, "DELETE", "/v1/adapters/tmp") == (200, gone)
+    assert call(url, "DELETE", "/v1/adapters/tmp") == (200, gone)
     with pytest.raises(openai.NotFoundError):
         ask(client, QS[0], "tmp")
-    assert http(url, "GET", "/health") == (200, {"status": "ok"}) and proc.poll() is None
+    assert call(url, "GET", "/health") == (200, {"status": "ok"}) and proc.poll() is None
     assert ask(client, QS[0], "doc") == adapters[0]["doc"][0]  # still serving, same answers
