@@ -1,8 +1,9 @@
 """Execute each Colab notebook top to bottom in TINY mode (CPU, local fixtures) with nbclient.
 
-The parameters cell (tagged `parameters`) gets `TINY = True` and the repo path appended, papermill
-style; the kernel is this interpreter's (ipykernel), its working dir a tmp dir. Each test checks
-that no cell raised and that the notebook produced its key output.
+The parameters cell (tagged `parameters`) gets `TINY = True` and the repo path (`REPO_SOURCE`)
+appended, papermill style; the kernel is this interpreter's (ipykernel), its working dir a tmp
+dir. Each test checks that no cell raised and that the notebook produced its key output, and
+that the notebooks as shipped stop with a clear message before anything runs unconfigured.
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ def run_notebook(name: str, tmp_path: Path) -> tuple[str, Path]:
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and params[0] is code[0], "the first code cell must be `parameters`"
     assert "TINY = False" in params[0].source, "notebooks ship with TINY = False"
-    params[0].source += f"\n\n# injected by tests\nTINY = True\nREPO_DIR = {str(REPO)!r}\n"
+    # REPO_SOURCE: the checkout our notebooks install from; REPO_DIR: the same, for notebooks
+    # that still name it so (colab/lora_any_flax_model.ipynb)
+    params[0].source += (
+        f"\n\n# injected by tests\nTINY = True\nREPO_SOURCE = {str(REPO)!r}\n"
+        f"REPO_DIR = {str(REPO)!r}\n"
+    )
     env = {
         "JAX_PLATFORMS": "cpu",
         "HF_HUB_OFFLINE": "1",
@@ -105,3 +111,23 @@ def test_meta_train_tpu(tmp_path):
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == max(steps)  # no step trained twice
     assert (work / "loss_curve.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "name", ["convert_official.ipynb", "internalize_your_document.ipynb", "meta_train_tpu.ipynb"]
+)
+def test_setup_cell_refuses_an_unset_repo_source(name, tmp_path, monkeypatch):
+    """As shipped (REPO_SOURCE unset, full mode), the setup cell stops at once with the fix, and
+    a folder that is no checkout is named; nothing is cloned or installed before that."""
+    nb = nbformat.read(COLAB / name, as_version=4)
+    params, setup = [c.source for c in nb.cells if c.cell_type == "code"][:2]
+    assert 'REPO_SOURCE = ""' in params and "constraints.txt" in setup
+    assert "devices[0].platform" in setup  # the runtime check
+    monkeypatch.chdir(tmp_path)
+    env: dict = {}
+    exec(params, env)
+    with pytest.raises(ValueError, match="Set REPO_SOURCE in the first cell"):
+        exec(setup, env)
+    env["REPO_SOURCE"] = str(tmp_path)
+    with pytest.raises(ValueError, match="is not a checkout of hyperlora_jax"):
+        exec(setup, env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
 
 from hyperlora_jax.errors import HyperLoraError
@@ -24,17 +25,58 @@ COMMAND_MODULES = (
 )
 
 
+def _no_default(value) -> bool:
+    """None, False (a flag), SUPPRESS and [] (repeatable flags) are not worth saying."""
+    return value is None or value is False or value is argparse.SUPPRESS or value == []
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one worth saying (not None /
+    False) and the help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or _no_default(action.default) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def _polish(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
+    """Defaults in every (sub)command's help, and a description where its module gave none
+    (its one-line `help`, as a sentence)."""
+    parser.formatter_class = HelpFormatter
+    if parser.description is None and help_text:
+        parser.description = help_text[0].upper() + help_text[1:].rstrip(".") + "."
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, child in action.choices.items():
+                _polish(child, helps.get(name))
+        elif action.help is None and action.option_strings:
+            # argparse shows no help line at all without a help text: give the default one
+            if not _no_default(action.default):
+                action.help = "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hyperlora-jax", description="Hypernetworks that write LoRA adapters, in JAX."
+        prog="hyperlora-jax",
+        description="Hypernetworks that write LoRA adapters, in JAX: Doc-to-LoRA (a document "
+        "in, an adapter out) and Text-to-LoRA (a task description in, an adapter out).",
+        epilog="`hyperlora-jax COMMAND --help` describes a command, its flags and their "
+        "defaults. The first run of a command that names a model fetches it (one line says so).",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _polish(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers (tokenizers only, here) would say at import that PyTorch is missing, which the
+    # demo install leaves out on purpose
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

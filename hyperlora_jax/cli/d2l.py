@@ -11,7 +11,12 @@ from hyperlora_jax.errors import InputError
 def register(subparsers) -> None:
     """Add `internalize` to the `hyperlora-jax` parser."""
     p = subparsers.add_parser(
-        "internalize", help="turn a document into a LoRA adapter with a Doc-to-LoRA hypernetwork"
+        "internalize",
+        help="turn a document into a LoRA adapter with a Doc-to-LoRA hypernetwork",
+        description="Run a Doc-to-LoRA hypernetwork over documents and save the adapter folder "
+        "(our format: `chat --adapter`, `export-peft`). The frozen base model reads each chunk "
+        "of the document, the hypernetwork writes one LoRA per chunk, and the chunks compose by "
+        "rank concatenation. Without --hypernet / --base-model: the shipped SmolLM2 default.",
     )
     p.add_argument(
         "--hypernet",
@@ -35,8 +40,9 @@ def register(subparsers) -> None:
         "--chunk-size",
         type=positive_int,
         default=None,
-        help="max tokens per chunk (official split rule; > 0); default: no chunking, so the "
-        "document must fit the context model's window",
+        help="max tokens per chunk (official split rule; > 0); default: the chunk length the "
+        "hypernetwork was trained with, where its checkpoint records it (the shipped default: "
+        "256), else no chunking (the document must then fit the context model's window)",
     )
     p.add_argument(
         "--iterative",
@@ -46,6 +52,17 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     add_allow_other_base(p, "checkpoint")
     p.set_defaults(func=_internalize)
+
+
+def trained_chunk_size(meta: dict) -> int | None:
+    """The longest context chunk a checkpoint's training run used (`train.max_ctx_chunk_len` of
+    the config its `training` record holds), or None when it does not say (official releases)."""
+    config = (meta.get("training") or {}).get("config") or {}
+    for part in ("train", "eval"):
+        value = (config.get(part) or {}).get("max_ctx_chunk_len")
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _internalize(args) -> int:
@@ -69,6 +86,15 @@ def _internalize(args) -> int:
     d2l = load_d2l(
         args.hypernet, base_model=args.base_model, allow_other_base=args.allow_other_base
     )
+    if args.chunk_size is None:
+        args.chunk_size = trained_chunk_size(d2l.meta)
+        if args.chunk_size is not None:
+            from hyperlora_jax.models.fetch import progress
+
+            progress(
+                f"internalize: chunks of at most {args.chunk_size} tokens, the length this "
+                "hypernetwork was trained on (--chunk-size N to change)"
+            )
     adapter = d2l.internalize(
         texts[0] if len(texts) == 1 else texts, args.chunk_size, iterative=args.iterative
     )

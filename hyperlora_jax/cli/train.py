@@ -10,6 +10,7 @@ flags inside the subcommand:
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from hyperlora_jax.errors import ConfigError
 from hyperlora_jax.train.config_file import define_config_flag, load_config, one_line
@@ -18,19 +19,96 @@ TRAIN_HELP = """usage: hyperlora-jax train --config FILE.py:PRESET [--config.a.b
                            [--workdir DIR] [--data PATH ...] [--base_model DIR]
                            [--mesh data=N,fsdp=N,tensor=N] [--coordinator HOST:PORT
                            --num_processes N --process_id I]
-Trains the hypernetwork of the config; resumes from the newest checkpoint in --workdir.
---data: D2L records: token shards (`data niah|facts --format tokens`: a shard or a folder of
-them), text QA records (NIAH, facts) or self-generated QA records (official columns;
-JSONL/Parquet/ArrayRecord); without it the `tiny` presets train on a built-in synthetic task.
+
+Meta-trains the hypernetwork of the config; resumes from the newest checkpoint in --workdir.
+A progress bar shows the steps; the first step compiles (seconds for `tiny`, minutes for a real
+base model). Real presets run for long: t2l.py:smollm2_sft ~40 min, d2l.py:smollm2_embedded
+~70 min on 2 CPU cores (their model cards); the official presets are meant for accelerators.
+
+options:
+  --config FILE.py:PRESET   experiment config (required); --config.a.b=VALUE overrides a key
+                            (an unknown key is an error naming the valid ones)
+  --workdir DIR             run folder: checkpoints, metrics.jsonl, tb/ (default: runs/PRESET)
+  --data PATH               training records, repeatable. D2L: token shards (`data niah|facts
+                            --format tokens`: a shard or a folder of them), text QA records
+                            (NIAH, facts) or self-generated QA records (official columns;
+                            JSONL/Parquet/ArrayRecord). T2L: a `data task-suite` folder or a
+                            Lots-of-LoRAs task folder. Without it the `tiny` presets train on a
+                            built-in synthetic task.
+  --base_model DIR          base model: known name, folder, .gguf or hub id (default: the
+                            config's base_model)
+  --mesh SPEC               device mesh data=N,fsdp=N,tensor=N, -1 = the remaining devices
+                            (default: the config's train.mesh)
+  --coordinator, --num_processes, --process_id   multi-process runs (launch/README.md)
+
 Exit status: 0 done; 2 an error, or training diverged (train.max_bad_steps skipped steps in a
 row; the last good checkpoint is kept); 143 stopped by SIGTERM after saving (rerun to resume).
 """
 
 PLAN_HELP = """usage: hyperlora-jax plan --config FILE.py:PRESET [--config.a.b=VALUE ...]
                           --mesh data=N,fsdp=N,tensor=N [--rows N] [--json]
-Compiles the real-size training step on fake CPU devices (abstract inputs) and prints per-device
-memory and FLOPs per step.
+
+Compiles the real-size training step on fake CPU devices (abstract inputs: nothing is
+allocated) and prints per-device memory and FLOPs per step. Compiling takes minutes for a real
+base model (gemma2_2b_qa on 8 fake devices: ~4 min on 2 cores); it says so while it works.
+
+options:
+  --config FILE.py:PRESET   experiment config (required), with --config.a.b=VALUE overrides
+  --mesh SPEC               data=N,fsdp=N,tensor=N: N1*N2*N3 fake devices (required)
+  --rows N                  global rows per step (default: the config's)
+  --json                    print the measurements as JSON
 """
+
+
+def _configs_dir() -> Path | None:
+    """configs/ of the checkout: the working directory's, else the one beside the package."""
+    for d in (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs"):
+        if (d / "d2l.py").is_file():
+            return d
+    return None
+
+
+def preset_names(path: Path) -> list[str]:
+    """The names in a config file's `PRESETS` (a tuple of names, or a dict built from a tuple of
+    functions), read from its syntax tree: `--help` neither runs the file nor waits for jax."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return []
+    for node in tree.body:
+        targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == "PRESETS" for t in targets):
+            names = []
+            for sub in ast.walk(node.value):
+                if isinstance(sub, ast.Tuple):
+                    for e in sub.elts:
+                        if isinstance(e, ast.Name):
+                            names.append(e.id)
+                        elif isinstance(e, ast.Constant) and isinstance(e.value, str):
+                            names.append(e.value)
+                    break
+            return names
+    return []
+
+
+def presets_help() -> str:
+    """'presets:' lines for --help: every PRESETS entry of configs/d2l.py and configs/t2l.py."""
+    import textwrap
+
+    d = _configs_dir()
+    if d is None:
+        return "presets: see configs/d2l.py and configs/t2l.py in the repository\n"
+    lines = ["presets (FILE.py:PRESET; each file's docstring describes them):"]
+    for f in sorted(d.glob("*.py")):
+        names = preset_names(f)
+        if names:
+            rel = f"configs/{f.name}" if d == Path.cwd() / "configs" else str(f)
+            lines += textwrap.wrap(
+                ", ".join(names), 96, initial_indent=f"  {rel}: ", subsequent_indent="    "
+            )
+    return "\n".join(lines) + "\n"
 
 
 def _flags(name: str, argv: list[str]):
@@ -59,6 +137,7 @@ def _flags(name: str, argv: list[str]):
 def _parse(name: str, args: list[str]):
     if not args or any(a in ("-h", "--help") for a in args):
         print(TRAIN_HELP if name == "train" else PLAN_HELP)
+        print(presets_help())
         raise SystemExit(0)
     config_arg, overrides = _config_arg(args)
     if config_arg is None:
@@ -89,11 +168,12 @@ def _config_arg(args: list[str]) -> tuple[str, list[str]]:
 
 
 def cmd_plan(ns) -> int:
+    fv = _parse("plan", ns.args)  # --help before the jax imports below
+
     from hyperlora_jax.train import plan as plan_mod
     from hyperlora_jax.train.build import derive
     from hyperlora_jax.train.sharding import parse_mesh_spec
 
-    fv = _parse("plan", ns.args)
     if not fv.mesh:
         raise ConfigError("plan: --mesh data=N,fsdp=N,tensor=N is required")
     mesh = parse_mesh_spec(fv.mesh)
@@ -110,9 +190,9 @@ def cmd_plan(ns) -> int:
 
 
 def cmd_train(ns) -> int:
+    fv = _parse("train", ns.args)  # --help and config errors before jax is imported
     from hyperlora_jax.train.factory import train_from_flags
 
-    fv = _parse("train", ns.args)
     train_from_flags(fv)
     return 0
 

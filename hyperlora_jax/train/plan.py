@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from hyperlora_jax.models import transformer
+from hyperlora_jax.models.fetch import progress
 from hyperlora_jax.train import build
 from hyperlora_jax.train import sharding as shd
 from hyperlora_jax.train.config_file import load_config
@@ -33,6 +34,7 @@ GiB = 1024**3
 def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
     """Compile one optimizer step of `config` on the current devices; return the measurements."""
 
+    _say(f"building {config.name}: abstract params, optimizer state and batch")
     parts = build.experiment(config)
     hp = parts.hp
     m = shd.make_mesh(**mesh)
@@ -67,11 +69,14 @@ def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
     )
     t0 = time.perf_counter()
     with jax.set_mesh(m):
+        _say("tracing and lowering the step")
         traced = jitted.trace(state_abs, base_abs, batch)
         lowered = traced.lower()
         t1 = time.perf_counter()
+        _say(f"lowered in {t1 - t0:.1f} s; compiling (XLA; the longest part)")
         compiled = lowered.compile()
     t2 = time.perf_counter()
+    _say(f"compiled in {t2 - t1:.1f} s")
     mem = compiled.memory_analysis()
     flops = jaxpr_flops(traced.jaxpr.jaxpr)  # global matmul FLOPs
     n_dev = m.size
@@ -128,6 +133,14 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
+PROGRESS = "plan: "  # the subprocess's stderr lines the CLI passes on (the rest: error tail)
+HEARTBEAT_S = 30.0
+
+
+def _say(message: str) -> None:
+    progress(PROGRESS + message)
+
+
 def run_subprocess(
     config_arg: str,
     overrides: list[str],
@@ -135,7 +148,11 @@ def run_subprocess(
     rows: int | None,
     timeout: int = 3600,
 ) -> dict:
-    """Run `plan` in a fresh process with the mesh's device count faked on the CPU."""
+    """Run `plan` in a fresh process with the mesh's device count faked on the CPU. Its progress
+    lines are passed on as they come, and one line every HEARTBEAT_S seconds says it still works."""
+    import collections
+    import threading
+
     n = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
     env = {
         **os.environ,
@@ -152,12 +169,47 @@ def run_subprocess(
         json.dumps(rows),
         *overrides,
     ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0 or "PLAN " not in r.stdout:
+    _say(f"compiling one training step on {n} fake CPU devices (minutes for a real base model)")
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+    )
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    out: list[str] = []
+
+    def pump_stderr() -> None:
+        for line in proc.stderr:
+            if line.startswith(PROGRESS):
+                progress(line.rstrip("\n"))
+            else:
+                tail.append(line)
+
+    readers = [
+        threading.Thread(target=pump_stderr, daemon=True),
+        threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True),
+    ]
+    for t in readers:
+        t.start()
+    t0 = time.perf_counter()
+    while True:
+        try:
+            proc.wait(timeout=HEARTBEAT_S)
+            break
+        except subprocess.TimeoutExpired:
+            waited = time.perf_counter() - t0
+            if waited > timeout:
+                proc.kill()
+                proc.wait()
+                break
+            _say(f"still working ({waited:.0f} s so far)")
+    for t in readers:
+        t.join()
+    stdout, stderr = "".join(out), "".join(tail)
+    if proc.returncode != 0 or "PLAN " not in stdout:
         from hyperlora_jax.errors import ConfigError
 
-        raise ConfigError(f"plan failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.split("PLAN ", 1)[1])
+        why = f"timed out after {timeout} s" if proc.returncode == -9 else f"exit {proc.returncode}"
+        raise ConfigError(f"plan failed ({why}):\n{stderr[-3000:]}")
+    return json.loads(stdout.split("PLAN ", 1)[1])
 
 
 def _main(argv):
