@@ -35,6 +35,7 @@ from hyperlora_jax.api import load_d2l
 from hyperlora_jax.embedded import DEFAULT_MODEL, EMBEDDED_D2L, EMBEDDED_T2L
 from hyperlora_jax.errors import CheckpointError, ConfigError, InputError
 from hyperlora_jax.eval.baselines import full_context_prompt
+from hyperlora_jax.hypernet.d2l.checkpoint import trained_chunk_size
 from hyperlora_jax.hypernet.t2l.api import TextToLoRA
 from hyperlora_jax.lora import adapter as ad
 from hyperlora_jax.lora.adapter import Adapter
@@ -388,8 +389,9 @@ class Session:
         check_adapter_name(name)
         if not isinstance(document, str) or not document.strip():
             raise InputError("the document is empty; give it some text")
-        size = chunk_size or self.chunk_size
-        adapter = self.d2l().internalize(document, size)
+        d2l = self.d2l()
+        size = chunk_size or self.chunk_size or trained_chunk_size(d2l.meta)
+        adapter = d2l.internalize(document, size)
         meta = self._meta(
             {
                 "kind": "doc-to-lora",

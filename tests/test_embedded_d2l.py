@@ -87,3 +87,15 @@ def test_demo_runs_on_the_embedded_default(capsys):
     out = capsys.readouterr().out
     assert "internalized" in out and "KV cache" in out and len(rows) == 4
     assert all(len(r["internalized"].split()) <= 3 for r in rows)  # the trained answer format
+
+
+def test_internalize_chunks_as_the_checkpoint_was_trained():
+    """Without --chunk-size, `internalize`, `chat` and `serve` split documents into the chunk
+    length the shipped D2L was trained on (its checkpoint's training config), not one chunk;
+    a checkpoint that records no training run (official releases) keeps one chunk."""
+    from hyperlora_jax.hypernet.d2l.checkpoint import read_config, trained_chunk_size
+
+    _, meta = read_config(EMBEDDED_D2L)
+    assert trained_chunk_size(meta) == 256
+    assert trained_chunk_size({"training": {"config": {"train": {}}}}) is None
+    assert trained_chunk_size({}) is None

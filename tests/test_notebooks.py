@@ -36,12 +36,8 @@ def run_notebook(name: str, tmp_path: Path) -> tuple[str, Path]:
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and params[0] is code[0], "the first code cell must be `parameters`"
     assert "TINY = False" in params[0].source, "notebooks ship with TINY = False"
-    # REPO_SOURCE: the checkout our notebooks install from; REPO_DIR: the same, for notebooks
-    # that still name it so (colab/lora_any_flax_model.ipynb)
-    params[0].source += (
-        f"\n\n# injected by tests\nTINY = True\nREPO_SOURCE = {str(REPO)!r}\n"
-        f"REPO_DIR = {str(REPO)!r}\n"
-    )
+    # REPO_SOURCE: the checkout our notebooks install from
+    params[0].source += f"\n\n# injected by tests\nTINY = True\nREPO_SOURCE = {str(REPO)!r}\n"
     env = {
         "JAX_PLATFORMS": "cpu",
         "HF_HUB_OFFLINE": "1",
@@ -114,7 +110,13 @@ def test_meta_train_tpu(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["convert_official.ipynb", "internalize_your_document.ipynb", "meta_train_tpu.ipynb"]
+    "name",
+    [
+        "convert_official.ipynb",
+        "internalize_your_document.ipynb",
+        "meta_train_tpu.ipynb",
+        "lora_any_flax_model.ipynb",
+    ],
 )
 def test_setup_cell_refuses_an_unset_repo_source(name, tmp_path, monkeypatch):
     """As shipped (REPO_SOURCE unset, full mode), the setup cell stops at once with the fix, and

@@ -54,17 +54,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=_internalize)
 
 
-def trained_chunk_size(meta: dict) -> int | None:
-    """The longest context chunk a checkpoint's training run used (`train.max_ctx_chunk_len` of
-    the config its `training` record holds), or None when it does not say (official releases)."""
-    config = (meta.get("training") or {}).get("config") or {}
-    for part in ("train", "eval"):
-        value = (config.get(part) or {}).get("max_ctx_chunk_len")
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _internalize(args) -> int:
     from hyperlora_jax.api import load_d2l
     from hyperlora_jax.lora.storage import save_adapter
@@ -87,6 +76,8 @@ def _internalize(args) -> int:
         args.hypernet, base_model=args.base_model, allow_other_base=args.allow_other_base
     )
     if args.chunk_size is None:
+        from hyperlora_jax.hypernet.d2l.checkpoint import trained_chunk_size
+
         args.chunk_size = trained_chunk_size(d2l.meta)
         if args.chunk_size is not None:
             from hyperlora_jax.models.fetch import progress

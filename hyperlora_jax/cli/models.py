@@ -87,7 +87,8 @@ def add_session_args(p: argparse.ArgumentParser, *, max_batch: int) -> None:
         "--chunk-size",
         type=positive_int,
         default=None,
-        help="D2L chunk size in tokens for long documents (default: no chunking)",
+        help="D2L chunk size in tokens for long documents (default: the chunk length the "
+        "hypernetwork was trained with, where its checkpoint records it, else no chunking)",
     )
     p.add_argument(
         "--max-adapters",

@@ -146,3 +146,14 @@ def load_checkpoint(ckpt_dir: str | Path) -> D2LCheckpoint:
     params = load_tree(Path(ckpt_dir) / WEIGHTS)
     check_params(flatten_tree(params), config, str(Path(ckpt_dir) / WEIGHTS))
     return D2LCheckpoint(config, params, meta)
+
+
+def trained_chunk_size(meta: dict[str, Any]) -> int | None:
+    """The longest context chunk a checkpoint's training run used (`max_ctx_chunk_len` of the
+    config its `training` record holds), or None when it does not say (official releases)."""
+    config = (meta.get("training") or {}).get("config") or {}
+    for part in ("train", "eval"):
+        value = (config.get(part) or {}).get("max_ctx_chunk_len")
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
