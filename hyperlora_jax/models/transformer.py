@@ -116,6 +116,8 @@ class Decoder(nn.Module):
         per_layer: PerLayer,
         embeddings_noise=None,
         logits_at=None,
+        image_embeddings=None,
+        image_groups=None,
     ):
         c = self.config
         emb = _param(
@@ -131,6 +133,8 @@ class Decoder(nn.Module):
             x = x + embeddings_noise.astype(self.dtype)
         if c.embed_scale:  # HF multiplies by sqrt(H) rounded to the weights' dtype
             x = x * jnp.asarray(c.hidden_size**0.5, dtype=self.dtype)
+        if image_groups is not None:  # Gemma-3: soft tokens replace image placeholders, unscaled
+            x = jnp.where(image_groups[..., None] > 0, image_embeddings.astype(self.dtype), x)
         emb_out = x
 
         layer_cls = DecoderLayer
@@ -195,6 +199,15 @@ def _segment_positions(segment_ids: jax.Array) -> jax.Array:
     )
     seg_start = jax.lax.cummax(jnp.where(start, t, 0), axis=1)
     return t - seg_start
+
+
+def _image_block_ends(q_idx: jax.Array, groups: jax.Array) -> jax.Array:
+    """Query slots with each image placeholder moved to its image's last slot, so the causal test
+    `key <= query` lets an image's tokens see one another (HF Gemma-3's blockwise overlay)."""
+    t = groups.shape[1]
+    last = jnp.concatenate([groups[:, 1:] != groups[:, :-1], jnp.ones_like(groups[:, :1], bool)], 1)
+    ends = jax.lax.cummin(jnp.where(last, jnp.arange(t, dtype=jnp.int32), t), axis=1, reverse=True)
+    return jnp.where(groups > 0, ends, q_idx)
 
 
 def _prepare_adapter(config, adapter, adapter_index, batch, k):
@@ -317,6 +330,8 @@ def forward(
     remat_policy: str | None = None,
     embeddings_noise: jax.Array | None = None,
     logits_at: jax.Array | None = None,
+    image_embeddings: jax.Array | None = None,
+    image_groups: jax.Array | None = None,
 ) -> ForwardOutput:
     """Run the decoder on tokens [B, T].
 
@@ -330,6 +345,9 @@ def forward(
     logits_at [B, P] (ints): logits only at these positions, [B, P, V] (cheaper when few matter).
     adapter_index: ints [B, T] (one of the adapter's N adapters per token) or weights [B, T, N]
     (see `hyperlora_jax.models.layers.lora_delta`).
+    image_groups [B, T] ints (k > 0: a placeholder of image k, models/vision.py) with
+    image_embeddings [B, T, H]: Gemma-3 images, their soft tokens in place of the placeholders'
+    embeddings and bidirectional attention within each image (no KV cache).
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
@@ -367,6 +385,19 @@ def forward(
         k_idx = jnp.broadcast_to(jnp.arange(k_seg.shape[1], dtype=jnp.int32)[None], k_seg.shape)
         layer_cache = {"k": cache["k"], "v": cache["v"], "end": jnp.broadcast_to(end, (k, b))}
     positions = jnp.asarray(positions, jnp.int32)
+    if image_groups is not None:
+        image_groups = jnp.asarray(image_groups, jnp.int32)
+        if cache is not None or image_embeddings is None or image_groups.shape != (b, t):
+            raise InputError(
+                f"image_groups must be [batch, length] = {(b, t)} with image_embeddings "
+                f"[{b}, {t}, H], without a KV cache"
+            )
+        q_idx = _image_block_ends(q_idx, image_groups)
+        # Keys may now lie after their query, which the blockwise path never visits: attend over
+        # a fresh cache-shaped buffer instead (the full-mask path; its returned copy is dropped).
+        shape = (k, b, t, config.num_kv_heads, config.head_dim)
+        zeros = jnp.zeros(shape, dtype)
+        layer_cache = {"k": zeros, "v": zeros, "end": jnp.zeros((k, b), jnp.int32)}
 
     lora = _prepare_adapter(config, adapter, adapter_index, b, k)
     scale = adapter.scale if adapter is not None else 1.0
@@ -383,6 +414,8 @@ def forward(
         PerLayer(inv_freq, sliding, lora, layer_cache),
         embeddings_noise,
         None if logits_at is None else jnp.asarray(logits_at, jnp.int32),
+        image_embeddings,
+        image_groups,
     )
     new_cache = None
     if cache is not None:
