@@ -46,16 +46,22 @@ row; the last good checkpoint is kept); 143 stopped by SIGTERM after saving (rer
 """
 
 PLAN_HELP = """usage: hyperlora-jax plan --config FILE.py:PRESET [--config.a.b=VALUE ...]
-                          --mesh data=N,fsdp=N,tensor=N [--rows N] [--json]
+                          --mesh data=N,fsdp=N,tensor=N [--rows N] [--analytic_only]
+                          [--chip NAME] [--json]
 
 Compiles the real-size training step on fake CPU devices (abstract inputs: nothing is
-allocated) and prints per-device memory and FLOPs per step. Compiling takes minutes for a real
-base model (gemma2_2b_qa on 8 fake devices: ~4 min on 2 cores); it says so while it works.
+allocated) and prints XLA:CPU's per-device memory and the FLOPs per step, next to the analytic
+per-device memory (parameters, optimizer state, gradients, activations under the remat policy
+and the sharding) and whether it fits each chip's HBM (v4, v5e, v5p, v6e, H100, H200).
+Compiling takes minutes for a real base model (gemma2_2b_qa on 8 fake devices: ~4 min on 2
+cores); it says so while it works. --analytic_only skips it (shapes only: seconds).
 
 options:
   --config FILE.py:PRESET   experiment config (required), with --config.a.b=VALUE overrides
   --mesh SPEC               data=N,fsdp=N,tensor=N: N1*N2*N3 fake devices (required)
   --rows N                  global rows per step (default: the config's)
+  --analytic_only           skip the compilation: the analytic memory plan only
+  --chip NAME               the fit line for one chip only (v4, v5e, v5p, v6e, H100, H200)
   --json                    print the measurements as JSON
 """
 
@@ -131,6 +137,8 @@ def _flags(name: str, argv: list[str]):
             "rows", None, "global rows per step (default: the config's)", flag_values=fv
         )
         flags.DEFINE_bool("json", False, "print JSON", flag_values=fv)
+        flags.DEFINE_bool("analytic_only", False, "skip the compilation", flag_values=fv)
+        flags.DEFINE_string("chip", None, "fit for this chip only", flag_values=fv)
     return fv
 
 
@@ -172,20 +180,27 @@ def cmd_plan(ns) -> int:
 
     from hyperlora_jax.train import plan as plan_mod
     from hyperlora_jax.train.build import derive
+    from hyperlora_jax.train.memory import CHIPS
     from hyperlora_jax.train.sharding import parse_mesh_spec
 
     if not fv.mesh:
         raise ConfigError("plan: --mesh data=N,fsdp=N,tensor=N is required")
+    if fv.chip is not None and fv.chip not in CHIPS:
+        raise ConfigError(f"plan: unknown --chip {fv.chip!r}; choose one of {', '.join(CHIPS)}")
     mesh = parse_mesh_spec(fv.mesh)
+    if -1 in mesh.values():
+        raise ConfigError(f"plan: --mesh {fv.mesh}: give every axis a size (-1 needs devices)")
     config_arg, overrides = _config_arg(ns.args)
     derive(fv.config)  # value errors here, not as the subprocess's traceback
-    res = plan_mod.run_subprocess(config_arg, overrides, mesh, fv.rows)
+    res = plan_mod.run_subprocess(
+        config_arg, overrides, mesh, fv.rows, compile_step=not fv.analytic_only
+    )
     if fv.json:
         import json
 
         print(json.dumps(res, indent=1))
     else:
-        print(plan_mod.format_plan(res))
+        print(plan_mod.format_plan(res, fv.chip))
     return 0
 
 
@@ -210,7 +225,11 @@ def register(subparsers) -> None:
     `export-run`."""
     for name, fn, help_ in (
         ("train", cmd_train, "meta-train a D2L / T2L hypernetwork from a config"),
-        ("plan", cmd_plan, "compile the training step for a mesh; report memory and FLOPs"),
+        (
+            "plan",
+            cmd_plan,
+            "size a training step for a mesh: compiled + analytic memory, chip fit, FLOPs",
+        ),
     ):
         p = subparsers.add_parser(name, help=help_, prefix_chars="+", add_help=False)
         p.add_argument("args", nargs="*")

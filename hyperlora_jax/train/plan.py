@@ -1,6 +1,8 @@
 """`hyperlora-jax plan`: lower and compile the real-size training step for a mesh, on fake CPU
 devices with abstract (ShapeDtypeStruct) inputs, and report per-device memory and FLOPs per step
-(matmul FLOPs counted from the jaxpr, train/flops.py: XLA's cost analysis counts loop bodies once).
+(matmul FLOPs counted from the jaxpr, train/flops.py: XLA's cost analysis counts loop bodies once),
+next to the analytic per-device memory and its fit on named chips (train/memory.py). With
+compile_step=False only the analytic plan is made (shapes only: seconds, even for a 7B base).
 
 Nothing is allocated: base and hypernetwork params, optimizer state and the batch are abstract.
 The device count is fixed when JAX starts, so the CLI runs the work in a subprocess with
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 
 from hyperlora_jax.models import transformer
 from hyperlora_jax.models.fetch import progress
-from hyperlora_jax.train import build
+from hyperlora_jax.train import build, memory
 from hyperlora_jax.train import sharding as shd
 from hyperlora_jax.train.config_file import load_config
 from hyperlora_jax.train.flops import jaxpr_flops
@@ -31,8 +33,9 @@ from hyperlora_jax.train.update import TrainState, make_train_step
 GiB = 1024**3
 
 
-def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
-    """Compile one optimizer step of `config` on the current devices; return the measurements."""
+def plan(config, mesh: dict[str, int], rows: int | None = None, compile_step: bool = True) -> dict:
+    """Compile one optimizer step of `config` on the current devices; return the measurements
+    and the analytic memory plan (compile_step=False: the analytic plan only)."""
 
     _say(f"building {config.name}: abstract params, optimizer state and batch")
     parts = build.experiment(config)
@@ -61,11 +64,45 @@ def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
         schedule=sched,
         micro_batch_axes=axes,
     )
+    count = lambda t: int(sum(math.prod(x.shape) for x in jax.tree.leaves(t)))  # noqa: E731
+    out = {
+        "config": config.name,
+        "mesh": dict(m.shape),
+        "devices": m.size,
+        "global_rows_per_step": rows,
+        "grad_accum_steps": config.train.grad_accum_steps,
+        "row_shape": {
+            k: list(v.shape[1:])
+            for k, v in batch.items()
+            if k in ("input_ids", "ctx_ids", "tokens")
+        },
+        "compute_dtype": jnp.dtype(hp.dtype).name,
+        "remat_policy": hp.remat_policy,
+        "base_params": count(base_abs),
+        "hypernet_params": count(hyper_abs),
+        "analytic": memory.analytic(
+            config,
+            parts,
+            dict(m.shape),
+            rows,
+            base_abs=base_abs,
+            base_sh=base_sh,
+            state_abs=state_abs,
+            state_sh=st_sh,
+            batch=batch,
+            batch_sh=batch_sh,
+        ),
+    }
+    if not compile_step:
+        return out
     jitted = jax.jit(
         step,
         in_shardings=(st_sh, base_sh, batch_sh),
         out_shardings=(st_sh, shd.replicated(m)),
         donate_argnums=(0,),
+        # every input stays an argument (the batch arrays the step does not read still sit on
+        # the device), so the compiled argument size is the analytic one exactly
+        keep_unused=True,
     )
     t0 = time.perf_counter()
     with jax.set_mesh(m):
@@ -80,25 +117,7 @@ def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
     mem = compiled.memory_analysis()
     flops = jaxpr_flops(traced.jaxpr.jaxpr)  # global matmul FLOPs
     n_dev = m.size
-    count = lambda t: int(sum(math.prod(x.shape) for x in jax.tree.leaves(t)))  # noqa: E731
-    out = {
-        "config": config.name,
-        "mesh": dict(m.shape),
-        "devices": n_dev,
-        "global_rows_per_step": rows,
-        "grad_accum_steps": config.train.grad_accum_steps,
-        "row_shape": {
-            k: list(v.shape[1:])
-            for k, v in batch.items()
-            if k in ("input_ids", "ctx_ids", "tokens")
-        },
-        "compute_dtype": jnp.dtype(hp.dtype).name,
-        "remat_policy": hp.remat_policy,
-        "base_params": count(base_abs),
-        "hypernet_params": count(hyper_abs),
-        "lower_s": round(t1 - t0, 1),
-        "compile_s": round(t2 - t1, 1),
-    }
+    out.update(lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1))
     if mem is not None:
         per = {
             "arguments": mem.argument_size_in_bytes,
@@ -109,27 +128,35 @@ def plan(config, mesh: dict[str, int], rows: int | None = None) -> dict:
         }
         per["total"] = per["arguments"] + per["outputs"] - per["aliased"] + per["temporaries"]
         out["per_device_GiB"] = {k: round(v / GiB, 3) for k, v in per.items()}
+        out["per_device_bytes"] = per
     out["flops_per_step_total"] = flops
     out["flops_per_device_per_step"] = flops / n_dev
     return out
 
 
-def format_plan(p: dict) -> str:
+def format_plan(p: dict, chip: str | None = None) -> str:
     lines = [
         f"config {p['config']}  mesh {p['mesh']} ({p['devices']} devices)",
         f"  base params {p['base_params'] / 1e9:.3f}B, hypernet params "
-        f"{p['hypernet_params'] / 1e6:.1f}M, compute {p['compute_dtype']}",
+        f"{p['hypernet_params'] / 1e6:.1f}M, compute {p['compute_dtype']}, "
+        f"remat {p['remat_policy'] or 'none'}",
         f"  {p['global_rows_per_step']} rows/step ({p['grad_accum_steps']} accumulation "
         f"micro-batches), row shapes {p['row_shape']}",
-        f"  lowered in {p['lower_s']} s, compiled in {p['compile_s']} s",
     ]
+    if "compile_s" in p:
+        lines.append(f"  lowered in {p['lower_s']} s, compiled in {p['compile_s']} s")
     if "per_device_GiB" in p:
         g = p["per_device_GiB"]
-        lines.append("  per-device memory (GiB): " + ", ".join(f"{k} {v}" for k, v in g.items()))
-    lines.append(
-        f"  matmul FLOPs per step: {p['flops_per_step_total']:.3e} total, "
-        f"{p['flops_per_device_per_step']:.3e} per device"
-    )
+        lines.append(
+            "  compiled per-device memory, XLA:CPU (GiB): "
+            + ", ".join(f"{k} {v}" for k, v in g.items())
+        )
+    lines.append(memory.format_analytic(p["analytic"], chip))
+    if "flops_per_step_total" in p:
+        lines.append(
+            f"  matmul FLOPs per step: {p['flops_per_step_total']:.3e} total, "
+            f"{p['flops_per_device_per_step']:.3e} per device"
+        )
     return "\n".join(lines)
 
 
@@ -147,6 +174,7 @@ def run_subprocess(
     mesh: dict[str, int],
     rows: int | None,
     timeout: int = 3600,
+    compile_step: bool = True,
 ) -> dict:
     """Run `plan` in a fresh process with the mesh's device count faked on the CPU. Its progress
     lines are passed on as they come, and one line every HEARTBEAT_S seconds says it still works."""
@@ -167,9 +195,13 @@ def run_subprocess(
         config_arg,
         json.dumps(mesh),
         json.dumps(rows),
+        json.dumps(compile_step),
         *overrides,
     ]
-    _say(f"compiling one training step on {n} fake CPU devices (minutes for a real base model)")
+    if compile_step:
+        _say(f"compiling one training step on {n} fake CPU devices (minutes for a real model)")
+    else:
+        _say(f"analytic plan on {n} fake CPU devices (shapes only, no compilation)")
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
     )
@@ -217,10 +249,10 @@ def _main(argv):
 
     flags.FLAGS.mark_as_parsed()
 
-    config = load_config(argv[0], argv[3:])
+    config = load_config(argv[0], argv[4:])
     mesh = json.loads(argv[1])
     rows = json.loads(argv[2])
-    print("PLAN " + json.dumps(plan(config, mesh, rows)))
+    print("PLAN " + json.dumps(plan(config, mesh, rows, compile_step=json.loads(argv[3]))))
 
 
 if __name__ == "__main__":
