@@ -89,6 +89,7 @@ def run_demo(
     from hyperlora_jax.eval.baselines import full_context_prompt
     from hyperlora_jax.eval.qa import adapter_bytes, kv_cache_bytes
     from hyperlora_jax.hypernet.d2l.api import DocToLoRA
+    from hyperlora_jax.hypernet.d2l.checkpoint import trained_chunk_size
 
     doc, qas = load_document(document), load_questions(questions)  # before the model loads
     _progress(f"Doc-to-LoRA: {model} (fetched on the first run) + the shipped hypernetwork")
@@ -97,12 +98,13 @@ def run_demo(
     print(f"loaded {model} + D2L hypernetwork {checkpoint.name} ({time.perf_counter() - t0:.1f} s)")
     print(f"\nDocument ({document.name}, never in the prompt of the adapter answers):\n  {doc}\n")
 
+    chunk = trained_chunk_size(d2l.meta)  # longer documents: one LoRA per chunk, as trained
     _progress("internalizing the document (the first call compiles) ...")
     t0 = time.perf_counter()
-    d2l.internalize(doc)  # first call compiles
+    d2l.internalize(doc, chunk)  # first call compiles
     t_compile = time.perf_counter() - t0
     t0 = time.perf_counter()
-    adapter = d2l.internalize(doc)
+    adapter = d2l.internalize(doc, chunk)
     adapter.a[next(iter(adapter.a))].block_until_ready()
     t_intern = time.perf_counter() - t0
 
@@ -137,7 +139,7 @@ def run_demo(
     )
     print(
         f"adapter {ad / 1024:.0f} KiB vs KV cache of the document in context {kv / 1024:.0f} KiB "
-        f"(f32; the adapter grows by one LoRA per 1024-token chunk, the cache with every token)"
+        f"(f32; the adapter grows by one LoRA per {chunk}-token chunk, the cache with every token)"
     )
     return rows
 
