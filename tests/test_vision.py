@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from hyperlora_jax.errors import CheckpointError, InputError
 from hyperlora_jax.models import transformer
 from hyperlora_jax.models.hf import load_hf_model
+from hyperlora_jax.models.testing import save_tiny_vlm
 from hyperlora_jax.models.vision import (
     encode_images,
     image_groups,
@@ -25,61 +25,12 @@ from hyperlora_jax.models.vision import (
 )
 
 TOL = dict(rtol=1e-4, atol=1e-4)
-IMAGE, BOI, EOI = 120, 121, 122
-
-
-def tiny_vlm_config(**text):
-    """A tiny random Gemma-3 VLM config: 2 text layers (one sliding, one global), SigLIP 2 layers
-    on 32x32 images in 4x4 patches (64 patches) pooled to 4 soft tokens."""
-    return transformers.Gemma3Config(
-        text_config=dict(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            sliding_window=64,
-            layer_types=["sliding_attention", "full_attention"],
-            max_position_embeddings=256,
-            initializer_range=0.1,
-            **text,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=4,
-            vision_use_head=False,
-        ),
-        mm_tokens_per_image=4,
-        image_token_index=IMAGE,
-        boi_token_index=BOI,
-        eoi_token_index=EOI,
-        attn_implementation="eager",
-    )
-
-
-def make_tiny_vlm(folder, seed=0):
-    torch.manual_seed(seed)
-    model = transformers.Gemma3ForConditionalGeneration(tiny_vlm_config()).eval()
-    with torch.no_grad():  # random norms and biases so a swapped or missing one cannot hide
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "layernorm" in name else 0.0))
-            elif "mm_input_projection" in name:
-                p.copy_(torch.randn_like(p) * 0.2)
-    model.save_pretrained(str(folder))
-    return model
 
 
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-vlm")
-    model = make_tiny_vlm(folder)
+    model = save_tiny_vlm(folder)
     return model, folder, load_vision_model(folder), load_hf_model(folder)
 
 
@@ -96,7 +47,7 @@ def test_vision_tower_and_soft_tokens_match_transformers(vlm):
         ref_soft = model.model.multi_modal_projector(ref_hidden.last_hidden_state)
     np.testing.assert_allclose(np.asarray(hidden), ref_hidden.last_hidden_state.numpy(), **TOL)
     np.testing.assert_allclose(np.asarray(soft), ref_soft.numpy(), **TOL)
-    assert soft.shape == (3, 4, 64)
+    assert soft.shape == (3, 4, 48)
 
 
 def test_lm_hidden_states_over_an_image_prompt_match_transformers(vlm):
@@ -104,7 +55,7 @@ def test_lm_hidden_states_over_an_image_prompt_match_transformers(vlm):
     bidirectional (token_type_ids), across images causal; hidden states of every layer match."""
     model, _, (vcfg, vparams), (cfg, params) = vlm
     block = image_token_block(vcfg)
-    ids = np.array([[2, 5, 6, *block, 7, *block, 8, 9, 10]], np.int64)
+    ids = np.array([[2, 5, 6, *block, 7, *block, 8, 9, 10]], np.int64)  # bos, text, 2 images
     pixels = _pixels(2, seed=1)
     _, soft = encode_images(vparams, vcfg, jnp.asarray(pixels))
     groups = image_groups(ids, vcfg)
@@ -121,7 +72,7 @@ def test_lm_hidden_states_over_an_image_prompt_match_transformers(vlm):
         ref = model(
             input_ids=torch.from_numpy(ids),
             pixel_values=torch.from_numpy(pixels),
-            token_type_ids=torch.from_numpy((ids == IMAGE).astype(np.int64)),
+            token_type_ids=torch.from_numpy((ids == vcfg.image_token_id).astype(np.int64)),
             output_hidden_states=True,
         )
     ref_hs = np.stack([h[0].numpy() for h in ref.hidden_states])

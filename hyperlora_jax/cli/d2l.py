@@ -31,9 +31,23 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--doc",
-        required=True,
         action="append",
+        default=[],
         help="UTF-8 text file; repeat for several documents (a batched adapter)",
+    )
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="image file (PNG, JPEG, ...); repeat for several: the images (then the text of one "
+        "--doc, if given) are ONE document. Needs a Gemma-3 vision-language context encoder "
+        "(--ctx-model); the base model stays text-only",
+    )
+    p.add_argument(
+        "--ctx-model",
+        default=None,
+        help="the context encoder, when it differs from the base model (e.g. a gemma-3-4b-it "
+        "folder for images; default: the one the checkpoint names, else the base model)",
     )
     p.add_argument("--out", required=True, help="output adapter folder")
     p.add_argument(
@@ -58,6 +72,10 @@ def _internalize(args) -> int:
     from hyperlora_jax.api import load_d2l
     from hyperlora_jax.lora.storage import save_adapter
 
+    if not args.doc and not args.image:
+        raise InputError("nothing to internalize: give --doc FILE and/or --image FILE")
+    if args.image and len(args.doc) > 1:
+        raise InputError("with --image, give at most one --doc (the text after the images)")
     texts = []
     for f in args.doc:
         p = Path(f)
@@ -69,13 +87,23 @@ def _internalize(args) -> int:
             raise InputError(f"{p} is not UTF-8 text ({e})") from e
         if not texts[-1].strip():
             raise InputError(f"document {p} is empty; give it some text")
+    if args.image:  # a bad file: one clear line before any model loads
+        from hyperlora_jax.models.vision import load_image
+
+        for f in args.image:
+            load_image(f)
     from hyperlora_jax.embedded import EMBEDDED_D2L
 
     args.hypernet = args.hypernet or str(EMBEDDED_D2L)
     d2l = load_d2l(
-        args.hypernet, base_model=args.base_model, allow_other_base=args.allow_other_base
+        args.hypernet,
+        base_model=args.base_model,
+        allow_other_base=args.allow_other_base,
+        **({"ctx_model": args.ctx_model} if args.ctx_model else {}),
     )
-    if args.chunk_size is None:
+    if args.image:
+        adapter = d2l.internalize(texts[0] if texts else None, images=args.image)
+    elif args.chunk_size is None:
         from hyperlora_jax.hypernet.d2l.checkpoint import trained_chunk_size
 
         args.chunk_size = trained_chunk_size(d2l.meta)
@@ -86,9 +114,10 @@ def _internalize(args) -> int:
                 f"internalize: chunks of at most {args.chunk_size} tokens, the length this "
                 "hypernetwork was trained on (--chunk-size N to change)"
             )
-    adapter = d2l.internalize(
-        texts[0] if len(texts) == 1 else texts, args.chunk_size, iterative=args.iterative
-    )
+    if not args.image:
+        adapter = d2l.internalize(
+            texts[0] if len(texts) == 1 else texts, args.chunk_size, iterative=args.iterative
+        )
     meta = {
         "base_model": args.base_model or d2l.meta.get("base_model"),
         "base_fingerprint": d2l.base_fingerprint,
@@ -96,6 +125,7 @@ def _internalize(args) -> int:
             "kind": "doc-to-lora",
             "hypernet": str(args.hypernet),
             "docs": [str(d) for d in args.doc],
+            **({"images": [str(i) for i in args.image]} if args.image else {}),
             "chunk_size": args.chunk_size,
         },
     }

@@ -36,13 +36,16 @@ from hyperlora_jax.hypernet.d2l.model import (
     generate_chunk_loras,
 )
 from hyperlora_jax.lora.adapter import Adapter
-from hyperlora_jax.models import transformer
+from hyperlora_jax.models import transformer, vision
 from hyperlora_jax.models.chat import (
+    _encode,
     ctx_affixes,
     format_user_turn,
     num_chunks,
     split_ctx_ids,
+    template_kind,
     tokenize_ctx_text,
+    turn_affixes,
 )
 from hyperlora_jax.models.config import ModelConfig
 from hyperlora_jax.models.decoding import generate
@@ -75,6 +78,36 @@ def chunk_loras(
 ):
     """Token chunks [N, T] -> per-chunk (A, B) dicts, [N, L, r, d]. One program per shape."""
     feats = context_features(ctx_params, ctx_config, config, tokens, mask, dtype=dtype)
+    return generate_chunk_loras(hyper_params, config, feats, mask, iterative=iterative, dtype=dtype)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "ctx_config", "vision_config", "iterative", "dtype")
+)
+def image_chunk_loras(
+    hyper_params: dict,
+    ctx_params: dict,
+    vision_params: dict,
+    tokens: jax.Array,
+    mask: jax.Array,
+    groups: jax.Array,
+    pixels: jax.Array,
+    *,
+    config: D2LConfig,
+    ctx_config: ModelConfig,
+    vision_config: vision.VisionConfig,
+    iterative: bool = False,
+    dtype=jnp.float32,
+):
+    """One chunk [1, T] holding images (placeholders, `groups` from vision.image_groups) and
+    their pixels [N_img, C, S, S] -> (A, B) [1, L, r, d], through a Gemma-3 VLM encoder."""
+    _, soft = vision.encode_images(vision_params, vision_config, pixels)
+    embeds = vision.scatter_soft_tokens(tokens, soft, vision_config.image_token_id)
+    ids = jnp.where(groups > 0, 0, tokens)  # placeholders may lie past the LM's vocabulary
+    feats = context_features(
+        ctx_params, ctx_config, config, ids, mask, dtype=dtype,
+        image_embeddings=embeds.astype(dtype), image_groups=groups,
+    )  # fmt: skip
     return generate_chunk_loras(hyper_params, config, feats, mask, iterative=iterative, dtype=dtype)
 
 
@@ -240,6 +273,7 @@ class DocToLoRA:
         template_kind: str | None = None,
         pad_multiple: int = 64,
         meta: dict | None = None,
+        ctx_vision: tuple[vision.VisionConfig, dict] | None = None,
     ):
         check_base_model(config, base_config, "the D2L hypernetwork")
         self.config = config
@@ -260,6 +294,13 @@ class DocToLoRA:
         self.template_kind = template_kind
         self.pad_multiple = pad_multiple
         self.meta = meta or {}
+        # (VisionConfig, params) of a Gemma-3 VLM context encoder: images become documents
+        self.ctx_vision = ctx_vision
+        if ctx_vision is not None and ctx_vision[0].text_hidden_size != self.ctx_config.hidden_size:
+            raise CheckpointError(
+                f"the vision tower projects to {ctx_vision[0].text_hidden_size} but the context "
+                f"encoder has hidden size {self.ctx_config.hidden_size}; load both from one VLM"
+            )
 
     # -- construction
     @classmethod
@@ -330,6 +371,8 @@ class DocToLoRA:
             ctx = {"ctx_params": c_params, "ctx_config": c_cfg}
             if c_dir is not None:
                 ctx["ctx_tokenizer"] = load_tokenizer(c_dir)
+                if "ctx_vision" not in kw:  # a Gemma-3 VLM folder brings its vision tower
+                    ctx["ctx_vision"] = vision.load_vision_model(c_dir)
         return cls(
             config, params, base_params, base_config, tokenizer, dtype=dtype, meta=meta, **ctx, **kw
         )
@@ -472,11 +515,67 @@ class DocToLoRA:
         )  # fmt: skip
         return Adapter(a, b, float(self.config.lora_alpha))
 
+    def image_document_ids(self, n_images: int, text: str | None = None) -> list[int]:
+        """Token ids of a document made of `n_images` images (then `text`), as the official
+        Imagenette eval templates it for Gemma-3: a user turn (empty system message) whose
+        content is the images, each `\\n\\n<start_of_image>` + placeholders +
+        `<end_of_image>\\n\\n` (the Gemma-3 processor's expansion), then the text."""
+        vcfg = self._need_vision()
+        tok = self.ctx_tokenizer or self._need_tokenizer()
+        kind = self.template_kind or template_kind(tok)
+        head, tail = turn_affixes(kind, (tok.bos_token or "") if kind != "chatml" else "")
+        pieces = [head + "\n\n"] + ["\n\n\n\n"] * (n_images - 1)
+        pieces.append("\n\n" + (text or "").strip() + tail)
+        ids = _encode(tok, pieces[0])
+        for piece in pieces[1:]:  # special tokens split the text anyway: pieces tokenize alike
+            ids += vision.image_token_block(vcfg) + _encode(tok, piece)
+        return ids
+
+    def _need_vision(self) -> vision.VisionConfig:
+        if self.ctx_vision is None:
+            raise InputError(
+                "the context encoder has no vision tower, so it cannot read images; use a "
+                "Gemma-3 vision-language model (e.g. google/gemma-3-4b-it) as the context encoder"
+            )
+        return self.ctx_vision[0]
+
+    def internalize_images(
+        self, images: Sequence[Any], text: str | None = None, *, iterative: bool = False
+    ) -> Adapter:
+        """Images (paths, PIL images or [H, W, 3] uint8 arrays), then optional text, as ONE
+        document (one chunk) -> unbatched Adapter [L, 2r, d] for the (text-only) base model."""
+        vcfg = self._need_vision()
+        if isinstance(images, (str, Path)) or not isinstance(images, Sequence):
+            images = [images]  # one image
+        if not images:
+            raise InputError("no images to internalize")
+        pixels = vision.preprocess_images(images, vcfg)
+        ids = self.image_document_ids(len(images), text)
+        window = self.ctx_config.max_position_embeddings
+        if len(ids) > window:
+            raise InputError(
+                f"{len(images)} image(s) take {len(ids):,} tokens, over the context model's "
+                f"window of {window:,}; internalize fewer images at once"
+            )
+        tokens, mask = pad_chunks([ids], multiple=self.pad_multiple)
+        groups = vision.image_groups(tokens, vcfg)
+        a, b = image_chunk_loras(
+            self.params, self.ctx_params, self.ctx_vision[1], jnp.asarray(tokens),
+            jnp.asarray(mask), jnp.asarray(groups), jnp.asarray(pixels), config=self.config,
+            ctx_config=self.ctx_config, vision_config=vcfg, iterative=iterative, dtype=self.dtype,
+        )  # fmt: skip
+        bias = bias_lora(self.params, self.config) if self.config.use_bias else None
+        ad = compose(a, b, [1], float(self.config.lora_alpha), bias=bias)
+        return Adapter(
+            {m: x[0] for m, x in ad.a.items()}, {m: x[0] for m, x in ad.b.items()}, ad.scale
+        )
+
     def internalize(
         self,
-        texts: str | Sequence[str],
+        texts: str | Sequence[str] | None = None,
         chunk_size: int | None = None,
         *,
+        images: Sequence[Any] | None = None,
         iterative: bool = False,
         scalers: Sequence[float] | None = None,
         bias_scaler: float | None = None,
@@ -488,7 +587,15 @@ class DocToLoRA:
         combine=True composes all documents into ONE unbatched adapter: every chunk of every
         document in order, then the bias LoRA once (as if they were one chunked document).
         Limits (InputError): `max_chunks` chunks per document, chunks within the context
-        model's window (see chunk_document)."""
+        model's window (see chunk_document).
+        images: one document of images (then `texts`, one str, if given) through a Gemma-3 VLM
+        context encoder (internalize_images); the base model stays text-only."""
+        if images is not None:
+            if texts is not None and not isinstance(texts, str):
+                raise InputError("with images, texts is one str (the text after the images)")
+            return self.internalize_images(images, texts, iterative=iterative)
+        if texts is None:
+            raise InputError("nothing to internalize: pass texts or images")
         single = isinstance(texts, str)
         docs = [texts] if single else list(texts)
         if not docs:

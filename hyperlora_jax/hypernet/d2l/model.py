@@ -352,6 +352,8 @@ def context_features(
     *,
     dtype=jnp.float32,
     remat_policy: str | None = None,
+    image_embeddings: jax.Array | None = None,
+    image_groups: jax.Array | None = None,
 ) -> jax.Array:
     """The frozen context encoder: tokens [N, T] -> f32 l2l [N, L, T, H] or early exit [N, T, H].
 
@@ -359,6 +361,8 @@ def context_features(
     their own segment numbers and positions (training), or hold one chunk (inference). l2l:
     entry l is the residual stream entering layer l, the last entry is final-normed (HF
     hidden_states of the model truncated to L-1 layers). Padded positions are zeroed.
+    image_embeddings / image_groups: a Gemma-3 VLM encoder reading images (transformer.forward);
+    the activations over the image tokens are features like any others.
     """
     segment_ids = segment_ids.astype(jnp.int32)
     hs = transformer.forward(
@@ -372,6 +376,8 @@ def context_features(
         return_logits=False,
         dtype=dtype,
         remat_policy=remat_policy,
+        image_embeddings=image_embeddings,
+        image_groups=image_groups,
     ).hidden_states  # [N, k+1, T, H]
     real = segment_ids > 0
     if config.layer_to_layer:
