@@ -192,6 +192,44 @@ def d2l_markdown(result: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ T2L
+def run_d2l_images(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from hyperlora_jax.api import load_d2l
+    from hyperlora_jax.eval import imagenette, plots
+    from hyperlora_jax.models.fetch import progress
+
+    check_output_dir(args.out)
+    items = imagenette.list_images(args.images, args.limit)
+    t0 = time.perf_counter()
+    kw = {"ctx_model": args.ctx_model} if args.ctx_model else {}
+    d2l = load_d2l(args.hypernet, base_model=args.base_model, dtype=jnp.dtype(args.dtype), **kw)
+    d2l._need_vision()  # a text-only context encoder: one clear line before any image runs
+    records = imagenette.evaluate(
+        d2l, items, max_new_tokens=args.max_new_tokens, batch=args.batch, log=progress
+    )
+    summary = imagenette.summarize(records)
+    out = output_dir(args.out)
+    result = {
+        "kind": "d2l-images",
+        "hypernet": args.hypernet,
+        "base_model": args.base_model or d2l.meta.get("base_model"),
+        "ctx_model": args.ctx_model or d2l.meta.get("ctx_encoder_model"),
+        "images": str(args.images),
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "summary": summary,
+        "wall_s": time.perf_counter() - t0,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "results.md").write_text(imagenette.markdown(summary))
+    title = f"Imagenette via D2L: {summary['accuracy']:.2%} of {summary['n']}"
+    plots.plot_confusion(summary["confusion"], summary["class_names"], out / "confusion.png", title)
+    print((out / "results.md").read_text())
+    print(f"wrote {out}/results.json, results.md, predictions.jsonl, confusion.png")
+    return 0
+
+
 def run_t2l(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
@@ -340,6 +378,28 @@ def register(subparsers) -> None:
     d.add_argument("--dtype", default="float32", choices=DTYPES)
     d.add_argument("--out", required=True)
     d.set_defaults(func=run_d2l)
+
+    i = sub.add_parser(
+        "d2l-images",
+        help="Imagenette: images internalized by a Gemma-3 VLM encoder, named by a text base",
+        description="The paper's cross-modal eval (official imagenette_eval.py): each image in "
+        "--images DIR/<class>/ becomes a LoRA through the hypernetwork's Gemma-3 VLM context "
+        "encoder; the text-only base model, given that LoRA and the official prompt, names the "
+        "class. Writes results.json, results.md (accuracy per class), predictions.jsonl and "
+        "confusion.png.",
+    )
+    i.add_argument("--hypernet", required=True, help="D2L checkpoint folder or official .bin")
+    i.add_argument("--images", required=True, help="folder with one subfolder per class")
+    i.add_argument("--base-model", help=MODEL_HELP + " (default: the one the checkpoint names)")
+    i.add_argument(
+        "--ctx-model", help="the Gemma-3 VLM folder (default: the one the checkpoint names)"
+    )
+    i.add_argument("--limit", type=positive_int, help="images per class (default: all)")
+    i.add_argument("--max-new-tokens", type=positive_int, default=256)
+    i.add_argument("--batch", type=positive_int, default=8, help="images per generate call")
+    i.add_argument("--dtype", default="float32", choices=DTYPES)
+    i.add_argument("--out", required=True)
+    i.set_defaults(func=run_d2l_images)
 
     t = sub.add_parser("t2l", help="T2L benchmark suite from local files")
     t.add_argument("--base", required=True, help=MODEL_HELP)

@@ -82,3 +82,33 @@ def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path, title: str = "T
     ]
     series = {"loss": (steps, loss), "10-step mean": (steps, avg)}
     return line_plot(series, path, "step", "loss", title, logx=False)
+
+
+def plot_confusion(
+    matrix: Sequence[Sequence[int]],
+    labels: Sequence[str],
+    path: str | Path,
+    title: str = "Confusion matrix",
+):
+    """Counts [true, predicted] as a heat map with the count in each non-empty cell."""
+    import numpy as np
+
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(7.2, 6.4), dpi=100)
+    im = ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    for (i, j), v in np.ndenumerate(m):
+        if v:
+            color = "white" if v > m.max() / 2 else "black"
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return fig
