@@ -10,6 +10,12 @@ Official setups (reference/d2l.md §1, §3.4) and CPU-scale ones:
   smollm2_embedded smollm2_niah trained on NIAH + fact documents (the shipped default)
   smollm2_gpu      smollm2_niah at the official NIAH scale on one lent GPU (launch/device/README.md)
   tiny             random 2-layer base, latent 16, 1 block (tests, seconds on a CPU)
+  gemma2_2b_vlm_ctx  cross-model (official train-cross-enc-slurm.sh): Gemma-3-4b-it's language
+                   model reads the context (26 of its 34 layers), Gemma-2-2b-it is the base; the
+                   Imagenette eval (`eval d2l-images`) feeds it images. Inference only for now:
+                   `train` refuses a separate context encoder (ctx_model), see below
+  tiny_vlm_ctx     its tiny twin: a 4-layer Gemma-3 text tower (H=48) over the tiny Gemma-2
+                   fixture base (tests/test_d2l_images.py, the images notebook's TINY mode)
 
 Launch:
   hyperlora-jax train --config configs/d2l.py:smollm2_niah --workdir runs/d2l_niah \
@@ -22,6 +28,11 @@ fetch-model`, `--base_model` and exported checkpoints name), `base_preset` (its 
 hyperlora_jax.models.config; None for the inline `base_model_config` of `tiny`), `hypernet`
 (D2LConfig fields) and `train`, read as written by hyperlora_jax/train/build.py, factory.py and
 data/feeds.py. `train.steps`, when set, wins over `train.epochs` (x num_train_samples packs).
+Cross-model presets add `ctx_model` (the context encoder's id) and `ctx_preset` (its text
+architecture) or an inline `ctx_model_config`; the hypernetwork reads features of the context
+encoder's width and `hypernet.ctx_encoder_last_layer` = the base's depth keeps as many maps as
+the base has layers. Training them needs the encoder's own tokenizer in the data feeds and its
+weights beside the base's, which the trainer does not do yet (a ConfigError says so).
 """
 
 from __future__ import annotations
@@ -312,6 +323,34 @@ def tiny() -> mlc.ConfigDict:
     return c
 
 
+def gemma2_2b_vlm_ctx() -> mlc.ConfigDict:
+    # official: train-cross-enc-slurm.sh = the main stage-1 run with
+    # --ctx_encoder_model_name_or_path=google/gemma-3-4b-it (train.py sets last layer = 26)
+    h = _hypernet(ctx_encoder_last_layer=26)
+    c = _base("gemma2_2b_vlm_ctx", "gemma-2-2b-it", "google/gemma-2-2b-it", h, _train())
+    c.ctx_model = "google/gemma-3-4b-it"
+    c.ctx_preset = "gemma-3-4b-it"
+    return c
+
+
+def tiny_vlm_ctx() -> mlc.ConfigDict:
+    h = _hypernet(latent_size=16, num_blocks=1, n_latent_queries=4, ctx_encoder_last_layer=3)
+    c = _base("tiny_vlm_ctx", None, None, h, tiny().train)
+    c.ctx_model = None
+    c.ctx_preset = None
+    # the tiny Gemma-2 fixture (tests/fixtures/official/d2l/tiny-gemma2) and the text tower of
+    # hyperlora_jax.models.testing.save_tiny_vlm
+    c.base_model_config = mlc.ConfigDict(
+        dict(family="gemma2", vocab_size=512, hidden_size=64, intermediate_size=128,
+             num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16)
+    )  # fmt: skip
+    c.ctx_model_config = mlc.ConfigDict(
+        dict(family="gemma3", vocab_size=512, hidden_size=48, intermediate_size=96,
+             num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16)
+    )  # fmt: skip
+    return c
+
+
 PRESETS = {
     f.__name__: f
     for f in (
@@ -325,6 +364,8 @@ PRESETS = {
         smollm2_embedded,
         smollm2_gpu,
         tiny,
+        gemma2_2b_vlm_ctx,
+        tiny_vlm_ctx,
     )
 }
 

@@ -17,11 +17,12 @@ from PIL import Image
 
 from hyperlora_jax.api import load_d2l
 from hyperlora_jax.cli import main as cli_main
-from hyperlora_jax.errors import InputError
+from hyperlora_jax.errors import ConfigError, InputError
 from hyperlora_jax.eval import imagenette
 from hyperlora_jax.hypernet.d2l.api import DocToLoRA
 from hyperlora_jax.hypernet.d2l.model import (
     D2LConfig,
+    configs_from_experiment,
     context_features,
     generate_chunk_loras,
     init_params,
@@ -31,6 +32,8 @@ from hyperlora_jax.models import vision
 from hyperlora_jax.models.hf import load_hf_model
 from hyperlora_jax.models.testing import save_tiny_vlm
 from hyperlora_jax.models.tokenizer import load_tokenizer
+from hyperlora_jax.train.config_file import load_config
+from hyperlora_jax.train.factory import build_trainer
 
 
 def _image(seed: int, size=(40, 30)) -> Image.Image:
@@ -44,15 +47,13 @@ def cross(fixtures_dir, tmp_path_factory):
     base_dir = fixtures_dir / "official/d2l/tiny-gemma2"
     vlm = save_tiny_vlm(tmp / "vlm", tokenizer_dir=base_dir)
     base_cfg, base_params = load_hf_model(base_dir)
-    cfg = D2LConfig.for_base(
-        base_cfg,
-        ctx_hidden_size=48,
-        ctx_encoder_last_layer=3,
-        latent_size=16,
-        num_blocks=1,
-        n_latent_queries=4,
-        scaler_b_init=1.0,
-    )
+    exp = load_config("configs/d2l.py:tiny_vlm_ctx", ["--config.hypernet.scaler_b_init=1.0"])
+    preset_base, cfg = configs_from_experiment(exp)  # the tiny cross-model preset fits these
+    assert preset_base.module_dims("down_proj") == base_cfg.module_dims("down_proj")
+    assert cfg == D2LConfig.for_base(
+        base_cfg, ctx_hidden_size=48, ctx_encoder_last_layer=3, latent_size=16, num_blocks=1,
+        n_latent_queries=4, scaler_b_init=1.0,
+    )  # fmt: skip
     params = init_params(cfg, jax.random.key(0))
     meta = {"base_model": str(base_dir), "ctx_encoder_model": str(tmp / "vlm")}
     ctx_cfg, ctx_params = load_hf_model(tmp / "vlm")
@@ -241,3 +242,10 @@ def test_eval_d2l_images_cli(cross, tmp_path, capsys):
     argv[argv.index("--images") + 1] = str(tmp_path / "bad")
     assert cli_main(argv) == 2
     assert "no Imagenette class" in capsys.readouterr().err
+
+
+def test_cross_model_presets_build_and_training_says_what_is_missing(tmp_path):
+    _, big = configs_from_experiment(load_config("configs/d2l.py:gemma2_2b_vlm_ctx", []))
+    assert (big.feature_size, big.num_layers, big.ctx_encoder_last_layer) == (2560, 26, 26)
+    with pytest.raises(ConfigError, match="separate context encoder is not supported yet"):
+        build_trainer(load_config("configs/d2l.py:tiny_vlm_ctx", []), workdir=str(tmp_path))

@@ -242,6 +242,7 @@ def experiment(config) -> Parts:
         "name": config.name,
         "config": config.to_dict(),
         "base_model": config.base_model,
+        "ctx_model": config.get("ctx_model"),  # cross-model D2L: the context encoder's id
         "base_model_config": base_cfg.to_json(),
         "hypernet_config": hcfg.to_json(),
     }

@@ -64,6 +64,13 @@ def build_trainer(
 ) -> Trainer:
     parts = build.experiment(config)
     hp = parts.hp
+    if hp.kind == "d2l" and (config.get("ctx_preset") or config.get("ctx_model_config")):
+        raise ConfigError(
+            f"config {config.name!r} reads contexts with another model ({config.get('ctx_model')}"
+            "); training a separate context encoder is not supported yet (its tokenizer in the "
+            "data feeds, its weights beside the base's). Inference and `eval d2l-images` are: "
+            "convert the official cross-encoder checkpoint instead"
+        )
     t = config.train
     seed = t.seed
     base, tok, base_model, fingerprint = _base(config, parts, base_model)

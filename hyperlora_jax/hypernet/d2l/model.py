@@ -132,8 +132,19 @@ class D2LConfig:
         )
 
 
+def ctx_config_from_experiment(exp) -> ModelConfig | None:
+    """The context encoder's ModelConfig of a cross-model experiment (`ctx_preset` or an inline
+    `ctx_model_config`), None when the base model reads its own context."""
+    if exp.get("ctx_preset"):
+        return get_preset(exp.ctx_preset)
+    if exp.get("ctx_model_config"):
+        return ModelConfig(**dict(exp.ctx_model_config))
+    return None
+
+
 def configs_from_experiment(exp) -> tuple[Any, D2LConfig]:
-    """(base ModelConfig, D2LConfig) from a configs/d2l.py experiment ConfigDict."""
+    """(base ModelConfig, D2LConfig) from a configs/d2l.py experiment ConfigDict (features of
+    the context encoder's width when it is another model)."""
 
     if exp.get("base_preset"):
         base = get_preset(exp.base_preset)
@@ -141,7 +152,10 @@ def configs_from_experiment(exp) -> tuple[Any, D2LConfig]:
         base = ModelConfig(**dict(exp.base_model_config))
     h = dict(exp.hypernet)
     h["modules"] = tuple(h["modules"])
-    return base, D2LConfig.for_base(base, **h)
+    ctx = ctx_config_from_experiment(exp)
+    hcfg = D2LConfig.for_base(base, ctx_hidden_size=ctx.hidden_size if ctx else None, **h)
+    encoder_layers(hcfg, ctx or base)  # the kept depth must give one map per base layer
+    return base, hcfg
 
 
 def _uniform(bound: float):
