@@ -109,6 +109,19 @@ def test_meta_train_tpu(tmp_path):
     assert (work / "loss_curve.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_images_as_documents(tmp_path):
+    """Tiny VLM encoder -> tiny Gemma-2 base: one image's answer, then the Imagenette eval."""
+    out, work = run_notebook("images_as_documents.ipynb", tmp_path)
+    assert (
+        "soft tokens; base: gemma2" in out and "adapter rank 16 on ['down_proj']" in out
+    )  # chunk + bias LoRA, r = 8 each
+    assert "| tench | 2 |" in out and "| golf ball | 2 |" in out and "(paper: 75.03%)" in out
+    res = json.loads((work / "imagenette_eval" / "results.json").read_text())
+    assert res["summary"]["n"] == 4 and len(res["records"]) == 4
+    assert (work / "imagenette_eval" / "confusion.png").stat().st_size > 5000
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -116,6 +129,7 @@ def test_meta_train_tpu(tmp_path):
         "internalize_your_document.ipynb",
         "meta_train_tpu.ipynb",
         "lora_any_flax_model.ipynb",
+        "images_as_documents.ipynb",
     ],
 )
 def test_setup_cell_refuses_an_unset_repo_source(name, tmp_path, monkeypatch):

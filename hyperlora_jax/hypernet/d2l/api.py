@@ -101,7 +101,7 @@ def image_chunk_loras(
 ):
     """One chunk [1, T] holding images (placeholders, `groups` from vision.image_groups) and
     their pixels [N_img, C, S, S] -> (A, B) [1, L, r, d], through a Gemma-3 VLM encoder."""
-    _, soft = vision.encode_images(vision_params, vision_config, pixels)
+    _, soft = vision.encode_images(vision_params, vision_config, pixels.astype(dtype))
     embeds = vision.scatter_soft_tokens(tokens, soft, vision_config.image_token_id)
     ids = jnp.where(groups > 0, 0, tokens)  # placeholders may lie past the LM's vocabulary
     feats = context_features(
