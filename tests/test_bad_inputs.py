@@ -44,6 +44,15 @@ class Case:
 
 
 # --------------------------------------------------------------------------- setup helpers
+def _image(rel: str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        from PIL import Image
+
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp / rel)
+
+    return setup
+
+
 def _write(rel: str, text: str | bytes) -> Callable[[Path], None]:
     def setup(tmp: Path) -> None:
         p = tmp / rel
@@ -487,6 +496,54 @@ CASES = [
         "gemma2 family",
         "D2L checkpoint (gemma2) + base model of another family (mistral)",
         setup=_write("d.txt", "The sky is green."),
+        out="out",
+    ),
+    Case(
+        "intern-no-doc-no-image",
+        ["internalize", "--hypernet", "{d2l_bin}", "--out", "{tmp}/out"],
+        "give --doc FILE and/or --image FILE",
+        "neither --doc nor --image",
+        out="out",
+    ),
+    Case(
+        "intern-missing-image",
+        [
+            "internalize",
+            "--hypernet",
+            "{d2l_bin}",
+            "--image",
+            "{tmp}/nope.png",
+            "--out",
+            "{tmp}/out",
+        ],
+        "does not exist",
+        "missing --image file",
+        out="out",
+    ),
+    Case(
+        "intern-unreadable-image",
+        ["internalize", "--hypernet", "{d2l_bin}", "--image", "{tmp}/i.png", "--out", "{tmp}/out"],
+        "cannot read image",
+        "--image that is no image (text in a .png)",
+        setup=_write("i.png", "not an image"),
+        out="out",
+    ),
+    Case(
+        "intern-image-text-encoder",
+        [
+            "internalize",
+            "--hypernet",
+            "{d2l_bin}",
+            "--base-model",
+            "{gemma}",
+            "--image",
+            "{tmp}/i.png",
+            "--out",
+            "{tmp}/out",
+        ],
+        "no vision tower",
+        "--image with a text-only context encoder (the base model itself)",
+        setup=_image("i.png"),
         out="out",
     ),
     # generate-adapter
