@@ -160,6 +160,8 @@ def test_images_need_a_vision_encoder_and_readable_files(cross, tmp_path):
         text_only.internalize(images=[_image(0)])
     with pytest.raises(InputError, match="does not exist"):
         d2l.internalize(images=[tmp_path / "nope.jpg"])
+    with pytest.raises(InputError, match="past the context encoder's sliding window of 64"):
+        d2l.internalize(images=[_image(0)] * 12)  # 12 x 8 tokens: image attention inexact there
 
 
 def test_cli_internalize_image(cross, tmp_path, capsys):

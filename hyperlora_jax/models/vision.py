@@ -5,7 +5,9 @@ pre-norm ViT layers, post LayerNorm)--> [N, P, Hv] --avg-pool to mm_tokens_per_i
 project--> soft tokens [N, mm, H_text]. In the prompt each image is `\\n\\n<start_of_image>` +
 mm image-placeholder tokens + `<end_of_image>\\n\\n`; the placeholders' embeddings are replaced by
 the soft tokens (no sqrt(H) scale) and attend bidirectionally within their image
-(`transformer.forward(image_embeddings=, image_groups=)`).
+(`transformer.forward(image_embeddings=, image_groups=)`). That forward equals HF's while
+every image ends before the sliding window (Gemma-3-4b: token 1,024): its sliding layers bound
+an image token's window from the image's last token, HF's from the token itself.
 
 Pure functions of a param tree (Flax Linen inside), loaded from the safetensors of HF
 `Gemma3ForConditionalGeneration` (both the hub layout `vision_tower.vision_model.*` and the

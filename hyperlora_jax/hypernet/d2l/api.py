@@ -559,6 +559,14 @@ class DocToLoRA:
             )
         tokens, mask = pad_chunks([ids], multiple=self.pad_multiple)
         groups = vision.image_groups(tokens, vcfg)
+        window = self.ctx_config.sliding_window
+        last = int(np.nonzero(groups[0])[0][-1])
+        if window is not None and last >= window:  # see transformer.forward: exact before it
+            raise InputError(
+                f"the images end at token {last:,}, past the context encoder's sliding window "
+                f"of {window:,} (where its image attention is exact); internalize fewer images "
+                "at once"
+            )
         a, b = image_chunk_loras(
             self.params, self.ctx_params, self.ctx_vision[1], jnp.asarray(tokens),
             jnp.asarray(mask), jnp.asarray(groups), jnp.asarray(pixels), config=self.config,
