@@ -15,6 +15,7 @@ from hyperlora_jax.models import transformer
 from hyperlora_jax.models.hf import load_hf_model
 from hyperlora_jax.models.testing import save_tiny_vlm
 from hyperlora_jax.models.vision import (
+    VisionConfig,
     encode_images,
     image_groups,
     image_token_block,
@@ -105,7 +106,7 @@ def test_preprocessing_equals_the_hf_processor(tmp_path):
     images[1].save(tmp_path / "g.png")
     proc = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
     ref = proc(images=images, return_tensors="np")["pixel_values"]
-    vcfg = load_vision_model.__globals__["VisionConfig"](
+    vcfg = VisionConfig(
         hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, image_size=32,
         patch_size=4, text_hidden_size=8, mm_tokens_per_image=4,
     )  # fmt: skip
