@@ -204,7 +204,7 @@ def run_d2l_images(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     kw = {"ctx_model": args.ctx_model} if args.ctx_model else {}
     d2l = load_d2l(args.hypernet, base_model=args.base_model, dtype=jnp.dtype(args.dtype), **kw)
-    d2l._need_vision()  # a text-only context encoder: one clear line before any image runs
+    d2l.require_vision()  # a text-only context encoder: one clear line before any image runs
     records = imagenette.evaluate(
         d2l, items, max_new_tokens=args.max_new_tokens, batch=args.batch, log=progress
     )

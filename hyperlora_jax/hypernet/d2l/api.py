@@ -8,6 +8,10 @@ Composition is the official `combine_lora`: per document, chunk ranks in chunk o
 learned bias LoRA once, then zero rows up to the longest document. No 1/K averaging; the scale is
 alpha used directly. Per-document `scalers` multiply A only; `bias_scaler` multiplies both.
 
+Images (a Gemma-3 VLM context encoder, models/vision.py): `internalize(images=[...])` makes the
+images (and optional text) ONE chunk; their soft tokens' activations feed the Perceiver as text
+activations do, and the adapter is for the (text-only) base model.
+
 Any document length in bounded memory: chunks run CHUNK_GROUP at a time through one compiled
 program and each group's LoRAs are written straight into the composed adapter's slots, so the
 activations stay those of one group; only the adapter grows (rank (K+1) r by design).
@@ -520,7 +524,7 @@ class DocToLoRA:
         Imagenette eval templates it for Gemma-3: a user turn (empty system message) whose
         content is the images, each `\\n\\n<start_of_image>` + placeholders +
         `<end_of_image>\\n\\n` (the Gemma-3 processor's expansion), then the text."""
-        vcfg = self._need_vision()
+        vcfg = self.require_vision()
         tok = self.ctx_tokenizer or self._need_tokenizer()
         kind = self.template_kind or template_kind(tok)
         head, tail = turn_affixes(kind, (tok.bos_token or "") if kind != "chatml" else "")
@@ -531,7 +535,8 @@ class DocToLoRA:
             ids += vision.image_token_block(vcfg) + _encode(tok, piece)
         return ids
 
-    def _need_vision(self) -> vision.VisionConfig:
+    def require_vision(self) -> vision.VisionConfig:
+        """The context encoder's VisionConfig; InputError when it cannot read images."""
         if self.ctx_vision is None:
             raise InputError(
                 "the context encoder has no vision tower, so it cannot read images; use a "
@@ -544,7 +549,7 @@ class DocToLoRA:
     ) -> Adapter:
         """Images (paths, PIL images or [H, W, 3] uint8 arrays), then optional text, as ONE
         document (one chunk) -> unbatched Adapter [L, 2r, d] for the (text-only) base model."""
-        vcfg = self._need_vision()
+        vcfg = self.require_vision()
         if isinstance(images, (str, Path)) or not isinstance(images, Sequence):
             images = [images]  # one image
         if not images:
@@ -601,6 +606,8 @@ class DocToLoRA:
         if images is not None:
             if texts is not None and not isinstance(texts, str):
                 raise InputError("with images, texts is one str (the text after the images)")
+            if chunk_size is not None or scalers is not None or combine:
+                raise InputError("an image document is one chunk: no chunk_size, scalers, combine")
             return self.internalize_images(images, texts, iterative=iterative)
         if texts is None:
             raise InputError("nothing to internalize: pass texts or images")
