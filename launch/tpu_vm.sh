@@ -19,7 +19,7 @@ REPO="${REPO:-https://github.com/your-org/hyperlora_jax.git}"
 DIR="${DIR:-~/hyperlora_jax}"
 ARGS=$(printf ' %q' "$@")
 SETUP_CMD="set -e; [ -d $DIR ] || git clone $REPO $DIR; cd $DIR && python3 -m venv .venv && \
-.venv/bin/pip install -U pip && .venv/bin/pip install -e . 'jax[tpu]' -c constraints.txt"
+.venv/bin/pip install -U pip && .venv/bin/pip install -e '.[gcs]' 'jax[tpu]' -c constraints.txt"
 TRAIN_CMD="cd $DIR && .venv/bin/hyperlora-jax train --config $CONFIG$ARGS 2>&1 | tee -a train.log"
 SSH=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command)
 if [[ $DRY_RUN == 1 ]]; then

@@ -8,18 +8,19 @@ record is msgpack with numpy arrays as an ext type: safe to decode (no pickle), 
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 
 from hyperlora_jax.errors import InputError
+from hyperlora_jax.paths import Path, files_under, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +70,18 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            out += sorted(
+            out += [
                 q
-                for q in p.rglob("*")
-                if q.is_file() and q.suffix in (".jsonl", ".json", ".parquet", ".txt", ".md")
-            )
+                for q in files_under(p)
+                if q.suffix in (".jsonl", ".json", ".parquet", ".txt", ".md")
+            ]
         elif p.exists():
             out.append(p)
         else:
-            hits = sorted(Path(h) for h in glob.glob(str(p), recursive=True))
+            if is_remote(p):  # gs://bucket/dir/*.parquet: a pattern in the last part only
+                hits = sorted(p.parent.glob(p.name)) if p.parent.is_dir() else []
+            else:
+                hits = sorted(Path(h) for h in glob.glob(str(p), recursive=True))
             if not hits:
                 raise InputError(f"no such file, folder or glob match: {p}")
             out += [h for h in hits if h.is_file()]
@@ -108,7 +112,7 @@ def iter_raw_records(
             import pyarrow.parquet as pq
 
             try:
-                table = pq.read_table(path)
+                table = pq.read_table(io.BytesIO(path.read_bytes()) if is_remote(path) else path)
             except Exception as e:  # pyarrow raises several types
                 errors.report(path, -1, f"unreadable Parquet file: {e}")
                 continue
@@ -237,7 +241,12 @@ def write_parquet(path: str | os.PathLike, records: Sequence[dict]) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist([_jsonable(r) for r in records])
-    pq.write_table(table, path)
+    if is_remote(path):
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        path.write_bytes(buf.getvalue())
+    else:
+        pq.write_table(table, path)
     return len(records)
 
 
@@ -246,6 +255,11 @@ def write_array_record(path: str | os.PathLike, records: Iterable[dict]) -> int:
     from array_record.python.array_record_module import ArrayRecordWriter
 
     path = Path(path)
+    if is_remote(path):
+        raise InputError(
+            f"{path}: ArrayRecord files are written to a local folder; write .jsonl or .parquet "
+            "to a gs:// path, or copy the finished folder there"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = ArrayRecordWriter(str(path), "group_size:1")
     n = 0
@@ -377,5 +391,5 @@ def dir_size(path: str | os.PathLike) -> int:
     """Bytes on disk under path (a file or a folder)."""
     p = Path(path)
     if p.is_file():
-        return p.stat().st_size
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        return p.stat().length
+    return sum(f.stat().length for f in files_under(p))

@@ -16,7 +16,6 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ import numpy as np
 
 from hyperlora_jax.errors import CheckpointError, InputError
 from hyperlora_jax.lora.adapter import Adapter, to_numpy, validate
+from hyperlora_jax.paths import Path, files_under, is_remote
 
 FORMAT = "hyperlora_jax.adapter"
 VERSION = 1
@@ -67,12 +67,19 @@ def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path
     Nothing half-written is ever visible at `out_dir` and a replaced folder is restored if the
     swap fails. An existing non-empty `out_dir` is only replaced with overwrite=True. OS errors
     (no space, read-only, no permission) propagate as OSError naming `out_dir` or its parent.
+    A remote `out_dir` (gs://...; no atomic rename there) is built in a local temp folder, then
+    uploaded with its JSON files last, so a reader never finds the metadata of a partial folder.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{out} is not empty; choose a new folder or pass overwrite")
+    if is_remote(out):
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-") as local:
+            yield Path(local)
+            _upload(Path(local), out)
+        return
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -100,6 +107,17 @@ def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _upload(local: Path, out: Path) -> None:
+    """Copy a finished local folder to the remote `out` (replacing it), JSON files last."""
+    if out.exists():
+        out.rmtree()
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(files_under(local), key=lambda f: (f.suffix == ".json", str(f))):
+        dst = out / f.relative_to(local)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(f.read_bytes())
+
+
 def save_safetensors(arrays: dict[str, np.ndarray], path: Path, metadata: dict | None = None):
     """Write numpy arrays (bf16 via ml_dtypes included) to a safetensors file (mode per umask).
 
@@ -107,8 +125,13 @@ def save_safetensors(arrays: dict[str, np.ndarray], path: Path, metadata: dict |
     as the OSError they are, naming `path`, so callers see one kind of I/O error.
     """
     from safetensors import SafetensorError
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save, save_file
 
+    if is_remote(path):  # an object: written whole
+        Path(path).write_bytes(
+            save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata)
+        )
+        return
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata)
     except SafetensorError as e:
@@ -122,12 +145,13 @@ def save_safetensors(arrays: dict[str, np.ndarray], path: Path, metadata: dict |
 
 def load_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Read a safetensors file as numpy arrays; a corrupt or truncated file is a CheckpointError."""
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing weights file {path}")
     try:
-        return load_file(str(path))
+        return load(path.read_bytes()) if is_remote(path) else load_file(str(path))
     except Exception as e:  # safetensors raises SafetensorError / OSError / ValueError
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({e}); re-export it"

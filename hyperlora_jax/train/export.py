@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,6 +11,7 @@ from hyperlora_jax.data.feeds import RECON_STATS
 from hyperlora_jax.errors import CheckpointError
 from hyperlora_jax.hypernet.t2l.model import T2LConfig
 from hyperlora_jax.lora.storage import load_safetensors
+from hyperlora_jax.paths import Path, as_path
 from hyperlora_jax.train.trainer import (
     _complete_steps,
     load_rebuild_info,
@@ -50,7 +50,7 @@ def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bo
     checkpoint folder that DocToLoRA / TextToLoRA load (params only, f32 safetensors + config)."""
 
     info = load_rebuild_info(workdir)
-    root = (Path(workdir) / "checkpoints").absolute()
+    root = as_path(workdir) / "checkpoints"
     step, params = _newest_good_params(root, step)
     if step is None:
         raise CheckpointError(f"no good checkpoint {params or ''} in {root}")
@@ -80,7 +80,7 @@ def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bo
         return save_adapter(lib, out, meta, overwrite=overwrite)
     encoder = dict((info.get("config") or {}).get("encoder") or {})
     meta = {**base, "encoder": encoder, "training": training}
-    stats = Path(workdir) / RECON_STATS
+    stats = as_path(workdir) / RECON_STATS
     constants = load_safetensors(stats) if cfg.pred_z_score and stats.is_file() else None
     if cfg.pred_z_score and constants is None:
         raise CheckpointError(f"{stats} is missing: a pred_z_score run cannot be un-normalised")

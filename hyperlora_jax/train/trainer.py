@@ -22,7 +22,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -35,6 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from hyperlora_jax.errors import CheckpointError, HyperLoraError
+from hyperlora_jax.paths import Path, as_path, files_under, is_remote
 from hyperlora_jax.train import sharding as shd
 from hyperlora_jax.train.flops import jaxpr_flops
 from hyperlora_jax.train.update import TrainState, all_finite, make_train_step
@@ -101,10 +101,10 @@ def _abstract(tree, shardings):
 def _step_files(folder: Path) -> dict[str, str]:
     """{relative path: sha256} of every file of a step folder but the checksum file itself."""
     out = {}
-    for f in sorted(folder.rglob("*")):
-        if f.is_file() and f.name != CHECKSUMS:
+    for f in files_under(folder):
+        if f.name != CHECKSUMS:
             h = hashlib.sha256()
-            with open(f, "rb") as fh:
+            with f.open("rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
             out[str(f.relative_to(folder))] = h.hexdigest()
@@ -182,12 +182,16 @@ def move_aside(folder: Path) -> Path:
 
 
 def _complete_steps(root: Path) -> list[int]:
-    """Committed checkpoint steps, newest first (tmp / half-written dirs are skipped)."""
+    """Committed checkpoint steps, newest first (tmp / half-written dirs are skipped). On an
+    object store Orbax writes a step in place and marks it committed with commit_success.txt."""
     out = []
     if not root.exists():
         return out
+    marker = "commit_success.txt" if is_remote(root) else "_CHECKPOINT_METADATA"
     for p in root.iterdir():
         if p.is_dir() and p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists():
+            if not (p / marker).exists():
+                continue
             items = [q for q in p.iterdir() if q.is_dir()]
             if items and all(any(q.iterdir()) for q in items):
                 out.append(int(p.name))
@@ -225,8 +229,8 @@ class Trainer:
         self.tokens_fn = tokens_fn or _count_tokens
         self.hooks = hooks or []
         self.rebuild_info = rebuild_info or {}
-        self.workdir = Path(options.workdir)
-        self.ckpt_dir = (self.workdir / "checkpoints").absolute()
+        self.workdir = as_path(options.workdir)
+        self.ckpt_dir = self.workdir / "checkpoints"
         self._stop = False
         self._flops = None
         self.stopped_by: str | None = None  # "steps", "time_budget", "sigterm" or "data"
@@ -399,11 +403,9 @@ class Trainer:
         writer = jsonl = None
         if main:
             repair_jsonl(self.workdir / "metrics.jsonl")
-            jsonl = open(self.workdir / "metrics.jsonl", "a")
+            jsonl = open_jsonl(self.workdir / "metrics.jsonl")
             try:
-                from tensorboardX import SummaryWriter
-
-                writer = SummaryWriter(str(self.workdir / "tb"))
+                writer = tensorboard_writer(self.workdir / "tb")
             except ImportError:  # pragma: no cover - tensorboardX is a dependency
                 writer = None
             (self.workdir / "rebuild.json").write_text(json.dumps(self.rebuild_info, indent=1))
@@ -610,6 +612,48 @@ def _why_skipped(row: dict, max_update_ratio: float) -> str:
     return "non-finite update"
 
 
+class _RewrittenJsonl:
+    """Append-only JSONL on an object store (no append there): the whole file is rewritten at
+    each flush, so it is always whole lines."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = path.read_bytes() if path.exists() else b""
+
+    def write(self, text: str) -> None:
+        self.data += text.encode()
+
+    def flush(self) -> None:
+        self.path.write_bytes(self.data)
+
+    def close(self) -> None:
+        self.flush()
+
+
+def open_jsonl(path: Path):
+    """A JSONL file opened for appending: a local file, or a rewritten object (remote)."""
+    return _RewrittenJsonl(path) if is_remote(path) else open(path, "a")
+
+
+class _EpathEvents:
+    """tensorboardX writer factory for a URL scheme: event files written through epath."""
+
+    def open(self, path: str):
+        return Path(path).open("wb")
+
+    def directory_check(self, path: str) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def tensorboard_writer(logdir: Path):
+    """A tensorboardX SummaryWriter for a local folder or an object-store URL (epath)."""
+    from tensorboardX import SummaryWriter, record_writer
+
+    if is_remote(logdir):
+        record_writer.register_writer_factory(str(logdir).split("://")[0], _EpathEvents())
+    return SummaryWriter(str(logdir))
+
+
 def _write_line(f, record: dict) -> None:
     """One JSONL record in one write, flushed: a crash leaves whole lines or a torn last one."""
     f.write(json.dumps(record) + "\n")
@@ -629,14 +673,17 @@ def repair_jsonl(path: Path) -> None:
     except ValueError:
         whole = False
     if last and not whole:
-        with open(path, "r+b") as f:
-            f.truncate(cut)
+        if is_remote(path):  # no truncate on an object store: rewrite it
+            path.write_bytes(data[:cut])
+        else:
+            with open(path, "r+b") as f:
+                f.truncate(cut)
         log.warning("%s: dropped a torn last line (%d bytes)", path, len(last))
 
 
 def load_rebuild_info(workdir: str | Path) -> dict:
     """The JSON written next to the checkpoints (config, base model, hypernet/LoRA settings)."""
-    p = Path(workdir) / "rebuild.json"
+    p = as_path(workdir) / "rebuild.json"
     if not p.exists():
         raise CheckpointError(f"no rebuild.json in {workdir}; is this a training workdir?")
     return json.loads(p.read_text())

@@ -9,7 +9,6 @@ Mirrors hypernet/t2l/checkpoint.py: save_checkpoint, load_checkpoint, check_base
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -19,6 +18,7 @@ from hyperlora_jax.errors import CheckpointError, ConfigError
 from hyperlora_jax.hypernet.d2l.model import D2LConfig, init_params
 from hyperlora_jax.lora.storage import flatten_tree, load_tree, read_json, save_tree
 from hyperlora_jax.models.config import ModelConfig
+from hyperlora_jax.paths import Path
 
 FORMAT = "hyperlora_jax.d2l"
 VERSION = 1

@@ -11,7 +11,6 @@ Mirrors hypernet/d2l/checkpoint.py: save_checkpoint, load_checkpoint, check_base
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -28,6 +27,7 @@ from hyperlora_jax.lora.storage import (
     save_tree,
 )
 from hyperlora_jax.models.config import ModelConfig
+from hyperlora_jax.paths import Path
 
 FORMAT = "hyperlora_jax.t2l"
 VERSION = 1
