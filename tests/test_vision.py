@@ -101,7 +101,8 @@ def test_preprocessing_equals_the_hf_processor(tmp_path):
         Image.fromarray(  # smooth gradient, landscape
             np.stack([xx * 3, yy * 5, (xx + yy) * 2], -1).clip(0, 255).astype(np.uint8)
         ),
-        Image.fromarray(rng.integers(0, 256, (20, 20), np.uint8), mode="L"),  # grayscale
+        Image.fromarray(rng.integers(0, 256, (20, 20), np.uint8)),  # grayscale
+        Image.fromarray(rng.integers(0, 256, (24, 30, 4), np.uint8)),  # alpha
     ]
     images[1].save(tmp_path / "g.png")
     proc = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
@@ -111,7 +112,7 @@ def test_preprocessing_equals_the_hf_processor(tmp_path):
         patch_size=4, text_hidden_size=8, mm_tokens_per_image=4,
     )  # fmt: skip
     got = preprocess_images(images, vcfg)
-    assert got.shape == ref.shape == (3, 3, 32, 32)
+    assert got.shape == ref.shape == (4, 3, 32, 32)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
     np.testing.assert_allclose(preprocess_images([tmp_path / "g.png"], vcfg), ref[1:2], atol=1e-6)
 

@@ -323,13 +323,24 @@ def load_vision_model(path: str | Path) -> tuple[VisionConfig, dict] | None:
 
 
 # ---------------------------------------------------------------------------------- images
+def _to_rgb(im):
+    """RGB as the HF processor makes it: transparency composited onto white, not dropped."""
+    from PIL import Image
+
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_image(image: Any):
     """A PIL RGB image from a path, a PIL image or an [H, W, 3] uint8 array; InputError when the
     file is missing or not a readable image."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise InputError(
@@ -341,7 +352,7 @@ def load_image(image: Any):
         raise InputError(f"image file {p} does not exist; pass the path of a PNG or JPEG file")
     try:
         with Image.open(p) as im:
-            return im.convert("RGB")
+            return _to_rgb(im)
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"cannot read image {p} ({e}); pass a PNG or JPEG file") from e
 
