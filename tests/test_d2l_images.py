@@ -251,3 +251,28 @@ def test_cross_model_presets_build_and_training_says_what_is_missing(tmp_path):
     assert (big.feature_size, big.num_layers, big.ctx_encoder_last_layer) == (2560, 26, 26)
     with pytest.raises(ConfigError, match="separate context encoder is not supported yet"):
         build_trainer(load_config("configs/d2l.py:tiny_vlm_ctx", []), workdir=str(tmp_path))
+
+
+def test_official_cross_encoder_config_binds_the_vlm(cross, fixtures_dir):
+    """An official checkpoint's pickled configs with the cross-encoder fields of
+    train-cross-enc-slurm.sh (ctx_encoder_model_name_or_path, ctx_encoder_last_layer = the base's
+    depth, feature_size = the encoder's width) parse to a D2L bound to the VLM it names, which
+    reads images."""
+    from hyperlora_jax.convert.official_d2l import CONFIG_KEYS, parse_config
+    from hyperlora_jax.convert.safe_unpickle import load_torch_file, to_plain
+
+    _, _, _, tmp = cross
+    sd = load_torch_file(fixtures_dir / "official/d2l/pytorch_model.bin")
+    plain = {k: to_plain(sd[k]) for k in CONFIG_KEYS}
+    plain["ctx_encoder_args"].update(
+        ctx_encoder_model_name_or_path=str(tmp / "vlm"), ctx_encoder_last_layer=3
+    )
+    plain["hypernet_config"]["aggregator_config"]["feature_size"] = 48
+    cfg, meta = parse_config(plain)
+    assert (cfg.feature_size, cfg.ctx_encoder_last_layer) == (48, 3)
+    base = fixtures_dir / "official/d2l/tiny-gemma2"
+    d2l = DocToLoRA.from_params(cfg, init_params(cfg, jax.random.key(1)), meta, base)
+    assert d2l.ctx_vision is not None and d2l.ctx_config.hidden_size == 48
+    ad = d2l.internalize(images=[_image(5)])
+    assert ad.a["down_proj"].shape == (3, 2 * cfg.rank, 128)
+    assert np.isfinite(np.asarray(ad.a["down_proj"])).all()
