@@ -13,6 +13,9 @@
         --config.train.oracle_library=LIB --data SUITE --base_model DIR  # recon (M head)
     hyperlora-jax train --config configs/t2l.py:smollm2_universe_sft \
         --data UNIVERSE --base_model DIR   # CPU, ~65 min: T2L-SFT on the task universe
+    hyperlora-jax train --config configs/t2l.py:smollm2_universe_gpu \
+        --data UNIVERSE --base_model DIR \
+        --config.train.task_embeddings=EMBS   # one lent GPU (launch/device/README.md, t2l job)
     hyperlora-jax train --config configs/t2l.py:tiny             # seconds on CPU, for tests
 
 Fields: `kind` ("t2l"), `base_model` (the base model's Hugging Face id: what `hyperlora-jax
@@ -46,6 +49,7 @@ PRESETS = (
     "smollm2_universe_sft",
     "smollm2_universe_oracles",
     "smollm2_universe_multitask",
+    "smollm2_universe_gpu",
     "tiny",
 )
 
@@ -118,6 +122,9 @@ def _sft_train(**over) -> ml_collections.ConfigDict:
         neftune_alpha=5.0,
         inp_max_len=512,
         oracle_library="",
+        # the training descriptions' embeddings made ahead by `encoder` (an .npz of
+        # `launch/device/lease.py prepare --job t2l`): no sentence encoder at training time
+        task_embeddings="",
     )
     return _loop(t, over)
 
@@ -202,6 +209,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return _base(arg, "gemma-2-2b-it", 512, 2048, _sft_train())
     if arg == "mistral7b_recon":
         return _base(arg, "mistral-7b-instruct-v0.2", 128, 512, _recon_train(), head="M")
+    if arg == "smollm2_universe_gpu":
+        # smollm2_universe_sft on one lent GPU, in the lease's t2l job (launch/device/lease.py):
+        # 8x the tasks per step, bf16, constant lr after a fixed warmup and cosine-decayed over
+        # the wall-clock budget (no step count in the program: call 1's probe compiles what call
+        # 2 runs), stopped by `time_budget_s`. Same hypernetwork as the CPU run (16.6 MB).
+        c = get_config("smollm2_universe_sft")
+        c.name = arg
+        c.train.update(
+            steps=10**6,  # the time budget ends the run
+            n_tasks_per_batch=64,  # the probe halves it if the GPU runs out of memory
+            schedule="constant",
+            compute_dtype="bfloat16",
+            time_budget_s=300.0,  # the lease sets it from call 2's deadline
+            save_every=1000,
+            log_every=1,  # the trainer syncs every step anyway; the lease's stats read each
+            max_to_keep=2,
+        )
+        del c.train.warmup_frac  # a warmup in steps instead (build.derive)
+        c.train.warmup_steps = 100
+        return c
     if arg.startswith("smollm2_universe_"):
         # The task universe (`data task-suite`, ~410 training tasks): the classic presets with a
         # wall-clock budget (the LR decays over it), as a 2-core CPU affords.

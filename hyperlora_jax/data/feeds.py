@@ -9,6 +9,7 @@ get a built-in synthetic task.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 from pathlib import Path
@@ -249,6 +250,7 @@ class T2LFeed(NamedTuple):
     inp_len: int  # sft / lora: padded example length
     encoder: dict  # task-encoder spec (lora: unused, the description is never read)
     oracle_library: str  # recon: the oracle LoRA library
+    embeddings: str  # train.task_embeddings: precomputed by `encoder` ("" = encode here)
 
 
 def t2l_feed(config, parts) -> T2LFeed:
@@ -259,7 +261,27 @@ def t2l_feed(config, parts) -> T2LFeed:
         inp_len=0 if recon else t.inp_max_len,
         encoder=dict(config.encoder),
         oracle_library=t.oracle_library,
+        embeddings=t.get("task_embeddings", ""),
     )
+
+
+def task_encoder(opts: T2LFeed, base_model: str | None):
+    """The config's task encoder, or the precomputed `train.task_embeddings` (.npz with
+    `descriptions`, `embeddings` and the `encoder` spec, as JSON, that made them), checked to
+    come from that same encoder."""
+    if not opts.embeddings:
+        return te.from_spec(opts.encoder, base_model)
+    path = Path(opts.embeddings)
+    if path.suffix != ".npz" or not path.is_file():
+        raise ConfigError(f"train.task_embeddings={path}: no such .npz file")
+    with np.load(path, allow_pickle=False) as z:
+        made = json.loads(str(z["encoder"])) if "encoder" in z else None
+    if made != opts.encoder:
+        raise ConfigError(
+            f"train.task_embeddings={path} was made by encoder {made}, not by this config's "
+            f"{opts.encoder}: make it again with this encoder (launch/device/lease.py prepare)"
+        )
+    return te.PrecomputedEncoder(path)
 
 
 def t2l_data(config, parts, paths: list[str], seed: int, base_model: str | None):
@@ -300,7 +322,7 @@ def t2l_data(config, parts, paths: list[str], seed: int, base_model: str | None)
             np.zeros((len(x.descriptions), parts.hyper_cfg.task_emb_size), np.float32) for x in toks
         ]
     else:
-        enc = te.from_spec(opts.encoder, base_model)
+        enc = task_encoder(opts, base_model)
         embs = [np.asarray(enc.encode(x.descriptions), np.float32) for x in toks]
     log.info("T2L data: %d tasks, %d descriptions", len(toks), sum(map(len, embs)))
     k = hp.global_batch
@@ -352,6 +374,7 @@ def recon_data(config, parts, seed: int, suite: str | None, workdir: str):
     targets |= {f"target_b.{m}": np.asarray(lib.b[m])[rows] for m in h.modules}
     if h.pred_z_score:
         from hyperlora_jax.lora.storage import save_safetensors
+        from hyperlora_jax.paths import as_path
 
         stats = {}
         for key, x in targets.items():
@@ -360,10 +383,10 @@ def recon_data(config, parts, seed: int, suite: str | None, workdir: str):
             stats[f"std.{ab}.{m}"] = x.std(0, ddof=1) if len(x) > 1 else np.zeros_like(x[0])
             targets[key] = (x - stats[f"mean.{ab}.{m}"]) / (stats[f"std.{ab}.{m}"] + 1e-10)
         if jax.process_index() == 0:
-            Path(workdir).mkdir(parents=True, exist_ok=True)
-            save_safetensors(stats, Path(workdir) / RECON_STATS)
+            as_path(workdir).mkdir(parents=True, exist_ok=True)
+            save_safetensors(stats, as_path(workdir) / RECON_STATS)
     descs = [sni.load_metadata(root / n)["descriptions"][: opts.n_descs] for n in names]
-    enc = te.from_spec(opts.encoder, None)
+    enc = task_encoder(opts, None)
     embs = [np.asarray(enc.encode(d), np.float32) for d in descs]
     k = min(parts.hp.global_batch, len(names))
 

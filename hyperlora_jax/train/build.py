@@ -116,7 +116,9 @@ def derive(config) -> Derived:
     else:
         global_batch = t.n_tasks_per_batch
         steps = _steps(t, lambda: max(t.n_train_ds // global_batch, 1))
-        warmup = int(t.warmup_frac * steps)
+        # warmup_frac x steps, or warmup_steps where a preset says it so (smollm2_universe_gpu:
+        # a warmup that does not depend on train.steps)
+        warmup = t.warmup_steps if "warmup_steps" in t else int(t.warmup_frac * steps)
         chunk = None
         if t.oracle_library and objective != "recon":
             raise ConfigError("train.oracle_library is read only by train.objective=recon")

@@ -1,10 +1,13 @@
-"""The GPU lease: train the embedded Doc-to-LoRA on one lent H200 in two calls of the device tool.
-The procedure, the time plan and its arithmetic are in launch/device/README.md.
+"""The GPU lease: train the embedded Doc-to-LoRA (job d2l) or the task-universe Text-to-LoRA (job
+t2l) on one lent H200 in two calls of the device tool. The procedure, the time plan and its
+arithmetic are in launch/device/README.md. The d2l job goes first; t2l runs in a session whose
+d2l lease is done. `--job t2l` on every command below selects the T2L job (default d2l).
 
 Here (this repository's venv):
     python launch/device/lease.py prepare    # .gpu/ (GGUF halves, wheels, tokenizer, NIAH pieces),
                                              # shipped params out of the traveling tree, size check
     python launch/device/lease.py dry-run    # both calls end to end on this CPU, tiny sizes
+                                             # (t2l: --job t2l --tasks 16, a universe subset)
     python launch/device/lease.py restore    # after the lease: the shipped params tracked again
 There (device tool `run`, the commands `prepare` prints):
     python3 launch/device/lease.py call1     # carry .gpu/call1: setup, data, probe of the step
@@ -52,7 +55,11 @@ EXCLUDE_MARK = "# hyperlora lease: shipped params kept out of the device calls"
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 # ----------------------------------------------------------------------------- the plan
-CONFIG = "configs/d2l.py:smollm2_gpu"
+JOBS = ("d2l", "t2l")
+CONFIGS = {"d2l": "configs/d2l.py:smollm2_gpu", "t2l": "configs/t2l.py:smollm2_universe_gpu"}
+ROWS_KEY = {"d2l": "global_packs_per_step", "t2l": "n_tasks_per_batch"}  # what the probe sizes
+UNIT = {"d2l": "contexts", "t2l": "examples"}  # what a step's num_items counts
+T2L_PACK = "t2l.tar.xz"  # call 1: the universe's training tasks + their description embeddings
 NIAH_BINS = ((32, 128), (128, 256))  # the official NIAH training bins
 PLAN = {  # real sizes; --tiny (the dry run) uses TINY
     "niah_train": 640_000,  # official NIAH recipe: bins 32-128 and 128-256
@@ -80,6 +87,27 @@ TINY = {
         "--config.train.max_contexts_per_pack=2",
         "--config.train.warmup_steps=1",
     ],
+}
+
+T2L_PLAN = {  # one stage: T2L-SFT on the task universe over call 2's whole training time
+    "rows": (64, 32, 16),  # tasks per step (1 example each), tried until the probe fits
+    "probe_steps": 12,
+    "call2_deadline_s": 420,
+    "final_reserve_s": 30,
+    "overrides": [],
+}
+T2L_TINY = {
+    "rows": (2,),
+    "probe_steps": 1,
+    "call2_deadline_s": 100,
+    "final_reserve_s": 20,
+    "overrides": [],
+}
+PLANS = {
+    ("d2l", False): PLAN,
+    ("d2l", True): TINY,
+    ("t2l", False): T2L_PLAN,
+    ("t2l", True): T2L_TINY,
 }
 
 
@@ -182,10 +210,59 @@ def _download_wheels(dest: Path, python_version: str = "3.12") -> None:
         fail(f"pip download of the device wheels failed (is PyPI reachable?):\n{r.stderr[-1500:]}")
 
 
+def _t2l_pack(dest: Path, n_tasks: int = 0) -> dict:
+    """dest/t2l.tar.xz: the task universe's training tasks (metadata + train split of `data
+    task-suite` with its defaults, the universe launch/t2l_smollm2_universe.sh trains and
+    evaluates on; the first n_tasks of them when n_tasks > 0, for rehearsals) and
+    task_embeddings.npz: their descriptions embedded here by the t2l preset's encoder, so the
+    device needs no sentence encoder. float16 (the GPU step computes in bf16, coarser)."""
+    import tarfile
+    import tempfile
+
+    import numpy as np
+    import yaml
+
+    from hyperlora_jax.data import sni
+    from hyperlora_jax.hypernet.t2l import task_encoder as te
+    from hyperlora_jax.train.config_file import load_config
+
+    config = load_config(CONFIGS["t2l"], [])
+    spec, n_descs = dict(config.encoder), config.train.n_descs_per_ds
+    with tempfile.TemporaryDirectory() as tmp:
+        full, uni, npz = Path(tmp) / "full", Path(tmp) / "universe", Path(tmp) / "embs.npz"
+        cmd = [sys.executable, "-m", "hyperlora_jax.cli", "data", "task-suite", f"--out={full}"]
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if r.returncode:
+            fail(f"`{' '.join(cmd)}` exited {r.returncode}:\n{r.stderr[-1500:]}")
+        names = yaml.safe_load((full / "splits.yaml").read_text())["train"]
+        names = names[:n_tasks] if n_tasks > 0 else names
+        descs = []
+        for n in names:
+            (uni / n).mkdir(parents=True)
+            for f in ("metadata.yaml", "train.jsonl"):
+                shutil.copy2(full / n / f, uni / n / f)
+            ds = sni.load_metadata(full / n)["descriptions"]  # what sni.tokenize_task keeps
+            descs += [d for d in ds if isinstance(d, str) and d.strip()][:n_descs]
+        (uni / "splits.yaml").write_text(yaml.safe_dump({"train": names}))
+        enc = te.from_spec(spec, None)
+        log(f"embedding {len(descs)} descriptions of {len(names)} tasks with {spec['model']}")
+        embs = np.concatenate([enc.encode(descs[i : i + 256]) for i in range(0, len(descs), 256)])
+        np.savez(
+            npz,
+            descriptions=np.array(descs),
+            embeddings=embs.astype(np.float16),
+            encoder=np.array(json.dumps(spec)),
+        )
+        with tarfile.open(dest / T2L_PACK, "w:xz") as tar:
+            tar.add(uni, "universe")
+            tar.add(npz, "task_embeddings.npz")
+    return {"tasks": len(names), "descriptions": len(descs)}
+
+
 def prepare(args) -> dict:
-    """Build GPU/call1 and GPU/call2 (GPU = --gpu-dir, default .gpu), check both calls' sizes,
-    and (unless --keep-tracked, as the dry run's test does) take the shipped params out of the
-    traveling tree."""
+    """Build GPU/call1 and GPU/call2 (GPU = --gpu-dir, default .gpu) for --job, check both
+    calls' sizes, and (unless --keep-tracked, as the dry run's test does) take the shipped params
+    out of the traveling tree."""
     from safetensors import safe_open
 
     from hyperlora_jax.data import niah_tokens
@@ -211,8 +288,12 @@ def prepare(args) -> dict:
     with safe_open(str(folder / "model.safetensors"), "np") as f:  # the probe's random weights
         spec = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     (call1_dir / "weights_spec.json").write_text(json.dumps(spec))
-    tok = load_tokenizer(folder)
-    niah_tokens.NiahPieces.from_tokenizer(tok, NIAH_BINS).save(call1_dir / "niah_pieces.json")
+    job, extra = args.job, {}
+    if job == "d2l":
+        tok = load_tokenizer(folder)
+        niah_tokens.NiahPieces.from_tokenizer(tok, NIAH_BINS).save(call1_dir / "niah_pieces.json")
+    else:
+        extra = {"subset": args.tasks, **_t2l_pack(call1_dir, args.tasks)}
 
     if not args.keep_tracked:
         untrack_shipped_params()
@@ -228,6 +309,8 @@ def prepare(args) -> dict:
         (call1_dir / "gguf.part1").write_bytes(src.read(part1))
         (call2_dir / "gguf.part2").write_bytes(src.read())
     manifest = {
+        "job": job,
+        **extra,
         "model": MODEL,
         "sha256": KNOWN_MODELS[MODEL].sha256,
         "bytes": gguf_bytes,
@@ -250,13 +333,14 @@ def prepare(args) -> dict:
         "ready. The shipped params are untracked until `python launch/device/lease.py restore`:"
         " commit nothing before that."
     )
+    j = "" if job == "d2l" else f" --job {job}"
     log(
-        'call 1: run(command="python3 launch/device/lease.py call1", carry=[".gpu/call1"], '
+        f'call 1: run(command="python3 launch/device/lease.py call1{j}", carry=[".gpu/call1"], '
         "timeout_s=420)"
     )
     log(
         "call 2 (within 30 s of call 1's reply; D = min(420, budget_left_s - 90) from call 1's "
-        'lease): run(command="python3 launch/device/lease.py call2 --deadline-s D", '
+        f'lease): run(command="python3 launch/device/lease.py call2{j} --deadline-s D", '
         'carry=[".gpu/call2"], timeout_s=600)'
     )
     return sizes
@@ -266,9 +350,9 @@ def prepare(args) -> dict:
 class Device:
     """Paths and environment of a call on the device (or of the dry run here)."""
 
-    def __init__(self, tiny: bool):
-        self.tiny = tiny
-        self.plan = TINY if tiny else PLAN
+    def __init__(self, tiny: bool, job: str = "d2l"):
+        self.tiny, self.job = tiny, job
+        self.plan = PLANS[job, tiny]
         self.tmp = Path(os.environ.get("LEASE_TMP", "/tmp/lease"))
         self.out = Path(os.environ.get("OUT") or fail("$OUT is not set"))
         self.python = sys.executable
@@ -308,22 +392,32 @@ class Device:
         if rows is None:
             plan = json.loads((self.tmp / "plan.json").read_text())
             rows, sets = plan["rows"], plan["sets"]
-        args = ["train", f"--config={CONFIG}", f"--workdir={workdir}"]
+        args = ["train", f"--config={CONFIGS[self.job]}", f"--workdir={workdir}"]
         args += [f"--data={d}" for d in data] + list(self.plan["overrides"])
         args += [f"--config.{kv}" for kv in sets]
-        return args + [f"--config.train.global_packs_per_step={rows}", *extra]
+        return args + [f"--config.train.{ROWS_KEY[self.job]}={rows}", *extra]
+
+    def manifest(self, folder: Path) -> dict:
+        """A carried folder's manifest, which must be of this call's job."""
+        m = json.loads((folder / "manifest.json").read_text())
+        if m.get("job", "d2l") != self.job:
+            fail(
+                f"{folder} was prepared for the {m.get('job', 'd2l')} job, not {self.job}: pass "
+                f"--job {m.get('job', 'd2l')}, or run `lease.py prepare --job {self.job}` here"
+            )
+        return m
 
 
 def call1(args) -> None:
     """Stage GGUF part 1, install the wheels, report the machine, build the data, and run the
     real training step on random weights of the real shapes: it compiles into the persistent
     cache (call 2 reuses the program), saves, restores and measures the step time."""
-    d = Device(args.tiny)
+    d = Device(args.tiny, args.job)
     t0 = time.time()
     d.tmp.mkdir(parents=True, exist_ok=True)
     d.out.mkdir(parents=True, exist_ok=True)
     logf = d.out / "call1.log"
-    manifest = json.loads((CALL1 / "manifest.json").read_text())
+    manifest = d.manifest(CALL1)
     shutil.copy2(CALL1 / "gguf.part1", d.tmp / "gguf.part1")
     if sha256(d.tmp / "gguf.part1") != manifest["part1"]["sha256"]:
         fail("GGUF part 1 arrived damaged: run prepare again", BAD_MODEL_EXIT)
@@ -351,6 +445,90 @@ def call1(args) -> None:
     data = d.tmp / "data"
     shutil.rmtree(data, ignore_errors=True)
     p = d.plan
+    if d.job == "t2l":
+        probe_data, probe_extra = t2l_data(data, max(p["rows"]))
+    else:
+        probe_data, probe_extra = d2l_data(d, data, logf), []
+
+    # the probe: random weights, real shapes -> the same compiled program as call 2's training
+    fake = d.tmp / "random_model"
+    d.run(d.python, str(Path(__file__)), "random-weights", str(fake), log_to=logf)
+    probe = d.tmp / "probe"
+    n = p["probe_steps"]
+    for rows in p["rows"]:  # the most rows per step that fit in the accelerator's memory
+        shutil.rmtree(probe, ignore_errors=True)
+        common = d.train_args(
+            probe, probe_data, f"--base_model={fake}", *probe_extra, rows=rows, sets=args.set
+        )
+        rc = d.cli(
+            *common,
+            f"--config.train.steps={n}",
+            f"--config.train.save_every={n}",
+            log_to=logf,
+            check=False,
+        )
+        if rc == 0:
+            break
+        if "RESOURCE_EXHAUSTED" not in logf.read_text()[-20000:] or rows == p["rows"][-1]:
+            fail(f"the probe failed with {rows} rows per step (exit {rc}); see call1.log", rc)
+        log(f"{rows} rows per step do not fit in memory; trying fewer")
+    (d.tmp / "plan.json").write_text(json.dumps({"rows": rows, "sets": args.set}))
+    # a new process restores step n and runs one more: Orbax restore, and the compile cache hit
+    d.cli(*common, f"--config.train.steps={n + 1}", log_to=logf)
+    rows = read_metrics(probe / "metrics.jsonl")
+    if [r["step"] for r in rows][-2:] != [n, n + 1]:
+        fail(f"the probe did not resume from its checkpoint: steps {[r['step'] for r in rows]}")
+    timed = [r["step_time"] for r in rows[1:n]] or [rows[-1]["step_time"]]
+    summary = {
+        "job": d.job,
+        "machine": json.loads((d.tmp / "machine.json").read_text()),
+        "probe": {
+            "first_step_s (compile)": rows[0]["step_time"],
+            "resumed_first_step_s (cache)": rows[n]["step_time"],
+            "step_s_median": sorted(timed)[len(timed) // 2],
+            "matmul_flops_per_step": rows[-1]["flops_per_s"] * rows[-1]["step_time"],
+            f"{UNIT[d.job]}_per_step": rows[-1]["num_items"],
+            "rows_per_step": json.loads((d.tmp / "plan.json").read_text())["rows"],
+        },
+        "data_bytes": dir_bytes(data),
+        "call1_s": round(time.time() - t0, 1),
+    }
+    (d.tmp / "call1.json").write_text(json.dumps(summary, indent=1))
+    shutil.copy2(d.tmp / "call1.json", d.out / "call1.json")
+    (d.tmp / "call1.ok").write_text(d.job)
+    log(f"call 1 done in {summary['call1_s']} s: {json.dumps(summary['probe'])}")
+
+
+def t2l_data(data: Path, n_probe: int) -> tuple[list[Path], list[str]]:
+    """Unpack call 1's universe and embeddings into `data`; the probe's --data (the universe's
+    first n_probe tasks: the same shapes, hence the same program, without tokenizing all of
+    them twice) and overrides."""
+    import tarfile
+
+    import yaml
+
+    data.mkdir(parents=True)
+    with tarfile.open(CALL1 / T2L_PACK) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(data, filter="data")
+        else:  # Python < 3.11.4 (the dry run on an older venv)
+            tar.extractall(data)  # noqa: S202 (our own archive)
+    names = yaml.safe_load((data / "universe" / "splits.yaml").read_text())["train"][:n_probe]
+    probe = data / "probe_universe"
+    probe.mkdir()
+    (probe / "splits.yaml").write_text(yaml.safe_dump({"train": names}))
+    for n in names:
+        (probe / n).symlink_to(data / "universe" / n, target_is_directory=True)
+    return [probe], [t2l_embeddings_flag(data)]
+
+
+def t2l_embeddings_flag(data: Path) -> str:
+    return f"--config.train.task_embeddings={data / 'task_embeddings.npz'}"
+
+
+def d2l_data(d: Device, data: Path, logf: Path) -> list[Path]:
+    """The NIAH shards and fact documents of the plan (call 1); the probe's --data."""
+    p = d.plan
     bins = ",".join(f"{lo}-{hi}" for lo, hi in NIAH_BINS)
     d.cli(
         "data",
@@ -375,53 +553,7 @@ def call1(args) -> None:
         f"--tokenizer={CALL1 / 'model'}",
         log_to=logf,
     )
-
-    # the probe: random weights, real shapes -> the same compiled program as call 2's training
-    fake = d.tmp / "random_model"
-    d.run(d.python, str(Path(__file__)), "random-weights", str(fake), log_to=logf)
-    probe = d.tmp / "probe"
-    n = p["probe_steps"]
-    for rows in p["rows"]:  # the most rows per step that fit in the accelerator's memory
-        shutil.rmtree(probe, ignore_errors=True)
-        common = d.train_args(
-            probe, niah_dirs(data, NIAH_BINS[:1]), f"--base_model={fake}", rows=rows, sets=args.set
-        )
-        rc = d.cli(
-            *common,
-            f"--config.train.steps={n}",
-            f"--config.train.save_every={n}",
-            log_to=logf,
-            check=False,
-        )
-        if rc == 0:
-            break
-        if "RESOURCE_EXHAUSTED" not in logf.read_text()[-20000:] or rows == p["rows"][-1]:
-            fail(f"the probe failed with {rows} rows per step (exit {rc}); see call1.log", rc)
-        log(f"{rows} rows per step do not fit in memory; trying fewer")
-    (d.tmp / "plan.json").write_text(json.dumps({"rows": rows, "sets": args.set}))
-    # a new process restores step n and runs one more: Orbax restore, and the compile cache hit
-    d.cli(*common, f"--config.train.steps={n + 1}", log_to=logf)
-    rows = read_metrics(probe / "metrics.jsonl")
-    if [r["step"] for r in rows][-2:] != [n, n + 1]:
-        fail(f"the probe did not resume from its checkpoint: steps {[r['step'] for r in rows]}")
-    timed = [r["step_time"] for r in rows[1:n]] or [rows[-1]["step_time"]]
-    summary = {
-        "machine": json.loads((d.tmp / "machine.json").read_text()),
-        "probe": {
-            "first_step_s (compile)": rows[0]["step_time"],
-            "resumed_first_step_s (cache)": rows[n]["step_time"],
-            "step_s_median": sorted(timed)[len(timed) // 2],
-            "matmul_flops_per_step": rows[-1]["flops_per_s"] * rows[-1]["step_time"],
-            "contexts_per_step": rows[-1]["num_items"],
-            "rows_per_step": json.loads((d.tmp / "plan.json").read_text())["rows"],
-        },
-        "data_bytes": dir_bytes(data),
-        "call1_s": round(time.time() - t0, 1),
-    }
-    (d.tmp / "call1.json").write_text(json.dumps(summary, indent=1))
-    shutil.copy2(d.tmp / "call1.json", d.out / "call1.json")
-    (d.tmp / "call1.ok").write_text("ok")
-    log(f"call 1 done in {summary['call1_s']} s: {json.dumps(summary['probe'])}")
+    return niah_dirs(data, NIAH_BINS[:1])
 
 
 def niah_dirs(data: Path, bins=NIAH_BINS) -> list[Path]:
@@ -435,10 +567,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def call2(args) -> None:
-    """Join and check the GGUF, convert it, train stage 1 (NIAH) and stage 2 (NIAH + facts)
-    under time budgets, export, and pack at most 8 files of at most 16 MiB into $OUT."""
+    """Join and check the GGUF, convert it, train (d2l: stage 1, NIAH, and stage 2, NIAH +
+    facts; t2l: T2L-SFT on the universe) under time budgets, export, and pack at most 8 files
+    of at most 16 MiB into $OUT."""
     t0 = time.time()
-    d = Device(args.tiny)
+    d = Device(args.tiny, args.job)
     p = d.plan
     if not (d.tmp / "call1.ok").exists():
         fail(
@@ -447,7 +580,7 @@ def call2(args) -> None:
         )
     d.out.mkdir(parents=True, exist_ok=True)
     logf = d.out / "call2.log"
-    manifest = json.loads((CALL2 / "manifest.json").read_text())
+    manifest = d.manifest(CALL2)
     gguf = d.tmp / "model.gguf"
     with gguf.open("wb") as f:
         for part in (d.tmp / "gguf.part1", CALL2 / "gguf.part2"):
@@ -465,6 +598,8 @@ def call2(args) -> None:
     runs = d.tmp / "runs"
     shutil.rmtree(runs, ignore_errors=True)
     deadline = t0 + (args.deadline_s or p["call2_deadline_s"])
+    if d.job == "t2l":
+        return call2_t2l(d, t0, deadline, model, data, runs, logf)
     train_s = deadline - time.time() - p["final_reserve_s"]
     share = p["stage2_share"] if args.stage2_share is None else args.stage2_share
     stage2_s = share * train_s
@@ -521,7 +656,36 @@ def call2(args) -> None:
         log(f"{name}: {json.dumps(st)}")
 
 
-def stage_stats(workdir: Path, budget: float) -> dict:
+def call2_t2l(d: Device, t0: float, deadline: float, model, data, runs, logf) -> None:
+    """The t2l job's training: one run of T2L-SFT on the universe until the deadline's budget
+    (lr cosine-decayed over it by the preset), the program call 1's probe compiled."""
+    p = d.plan
+    work = runs / "t2l"
+    budget = deadline - time.time() - p["final_reserve_s"] - IMPORT_S
+    d.cli(
+        *d.train_args(
+            work,
+            [data / "universe"],
+            f"--base_model={model}",
+            t2l_embeddings_flag(data),
+            f"--config.train.time_budget_s={budget:.0f}",
+        ),
+        log_to=logf,
+    )
+    final = runs / "final"
+    d.cli("export-run", f"--workdir={work}", f"--out={final}", log_to=logf)
+    stages = {"t2l": stage_stats(work, budget, "examples")}
+    summary = {
+        "job": "t2l",
+        "call1": json.loads((d.tmp / "call1.json").read_text()),
+        "stages": stages,
+        "call2_s": round(time.time() - t0, 1),
+    }
+    pack_out(d.out, final, summary, {"t2l": work})
+    log(f"call 2 done in {summary['call2_s']} s; t2l: {json.dumps(stages['t2l'])}")
+
+
+def stage_stats(workdir: Path, budget: float, unit: str = "contexts") -> dict:
     """Steps, contexts, speed and the floor of a finished stage, from its metrics.jsonl."""
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in lines if "loss" in r]
@@ -535,9 +699,9 @@ def stage_stats(workdir: Path, budget: float) -> dict:
     return {
         "budget_s": round(budget),
         "steps": len(rows),
-        "contexts": int(sum(r["num_items"] for r in rows)),
+        unit: int(sum(r["num_items"] for r in rows)),
         "first_step_s": round(rows[0]["step_time"], 1),
-        "contexts_per_s": round(sum(r["num_items"] for r in timed) / secs, 1),
+        f"{unit}_per_s": round(sum(r["num_items"] for r in timed) / secs, 1),
         "matmul_tflops_per_s": round(
             sum(r.get("flops_per_s", 0) for r in timed) / len(timed) / 1e12, 2
         ),
@@ -549,15 +713,19 @@ def stage_stats(workdir: Path, budget: float) -> dict:
 
 
 def pack_out(out: Path, final: Path, summary: dict, workdirs: dict[str, Path]) -> None:
-    """$OUT: the checkpoint (params split in two under 16 MiB), its config, metrics, summary."""
+    """$OUT: the checkpoint (params split in two under 16 MiB, its config: d2l_config.json or
+    t2l.json), metrics (every n-th line if a file would pass 15 MiB), summary."""
     params = (final / "params.safetensors").read_bytes()
     half = (len(params) + 1) // 2
     (out / "params.safetensors.part1").write_bytes(params[:half])
     (out / "params.safetensors.part2").write_bytes(params[half:])
     summary["params_sha256"] = hashlib.sha256(params).hexdigest()
-    shutil.copy2(final / "d2l_config.json", out / "d2l_config.json")
+    for f in final.glob("*.json"):
+        shutil.copy2(f, out / f.name)
     for name, w in workdirs.items():
-        shutil.copy2(w / "metrics.jsonl", out / f"{name}_metrics.jsonl")
+        lines = (w / "metrics.jsonl").read_text().splitlines(keepends=True)
+        every = max(1, -(-sum(map(len, lines)) // (15 * MiB)))
+        (out / f"{name}_metrics.jsonl").write_text("".join(lines[::every]))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     check_out(out)
 
@@ -657,15 +825,57 @@ def convert(args) -> None:
 
 
 # ============================================================================= the dry run
+def check_t2l_return(out: Path, folder: Path, call1_dir: Path) -> dict:
+    """What the README has the user do with call 2's $OUT of the t2l job: rebuild the checkpoint
+    folder, load it with its own encoder spec (all-MiniLM-L6-v2 here) against this machine's
+    SmolLM2 (the base fingerprint must match the device's converted GGUF), write an adapter for a
+    held-out family's description; and the carried embeddings equal this encoder's."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from hyperlora_jax.hypernet.t2l.api import TextToLoRA
+    from hyperlora_jax.models.fetch import fetch_model
+
+    folder.mkdir(parents=True)
+    with (folder / "params.safetensors").open("wb") as f:
+        for part in ("params.safetensors.part1", "params.safetensors.part2"):
+            f.write((out / part).read_bytes())
+    shutil.copy2(out / "t2l.json", folder / "t2l.json")
+    t2l = TextToLoRA.from_checkpoint(folder, base_model=fetch_model(MODEL))
+    adapter = t2l.generate(["Wrap the whole sentence in round brackets, in lower case."])
+    if not all(
+        np.isfinite(np.asarray(x)).all() for x in [*adapter.a.values(), *adapter.b.values()]
+    ):
+        fail("dry run: the returned T2L writes non-finite adapters")
+    with tarfile.open(call1_dir / T2L_PACK) as tar:
+        z = np.load(io.BytesIO(tar.extractfile("task_embeddings.npz").read()))
+        descs, carried = [str(x) for x in z["descriptions"][:8]], z["embeddings"][:8]
+    diff = float(np.abs(t2l.embed(descs) - carried.astype(np.float32)).max())
+    if diff > 0.02:
+        fail(f"dry run: the carried embeddings differ from the encoder's by {diff}")
+    return {
+        "modules": sorted(adapter.a),
+        "a_shape": list(np.shape(next(iter(adapter.a.values())))),
+        "embedding_max_abs_diff": diff,
+        "encoder": t2l.meta["encoder"]["model"],
+    }
+
+
 def dry_run(args) -> dict:
     """Both calls here, on the CPU, with the device's layout: a copy of the traveling tree (plus
     the carried .gpu/callN), `$OUT` per call, /tmp state kept between the calls, wheels installed
-    into a target folder, the real GGUF halves and tiny sizes; then the cold-machine exit."""
+    into a target folder, the real GGUF halves and tiny sizes; then the cold-machine exit. t2l:
+    the checkpoint folder rebuilt from $OUT loads here (check_t2l_return)."""
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="lease-dry-"))
     gpu = Path(args.gpu_dir or REPO / ".gpu")
-    if not (gpu / "call1" / "manifest.json").exists():
+    made = gpu / "call1" / "manifest.json"
+    made = json.loads(made.read_text()) if made.exists() else {}
+    stale = made.get("job", "d2l") != args.job or made.get("subset", 0) != args.tasks
+    if not made or stale:  # none, or for another job or universe subset
         prepare(args)
     dev = root / "repo"
     for f in traveling_files():
@@ -698,6 +908,7 @@ def dry_run(args) -> dict:
         "call1": [f"--set={kv}" for kv in args.set],
         "call2": [] if args.stage2_share is None else [f"--stage2-share={args.stage2_share}"],
     }
+    job = ["--job", args.job]
     for call in ("call1", "call2"):
         if call == "call2":
             shutil.copytree(gpu / "call2", dev / ".gpu" / "call2")
@@ -705,7 +916,7 @@ def dry_run(args) -> dict:
         out.mkdir()
         t = time.time()
         r = subprocess.run(
-            [py, "launch/device/lease.py", call, "--tiny", *call_args[call]],
+            [py, "launch/device/lease.py", call, "--tiny", *job, *call_args[call]],
             cwd=dev,
             env={**env, "OUT": str(out)},
         )
@@ -725,12 +936,14 @@ def dry_run(args) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     if hashlib.sha256(params).hexdigest() != summary["params_sha256"]:
         fail("dry run: the returned params do not reassemble")
+    if args.job == "t2l":
+        res["t2l_check"] = check_t2l_return(out, root / "t2l_checkpoint", gpu / "call1")
     # a cold machine: call 2 without call 1's /tmp answers 42 at once
     cold = root / "cold"
     cold.mkdir()
     t = time.time()
     r = subprocess.run(
-        [py, "launch/device/lease.py", "call2", "--tiny"],
+        [py, "launch/device/lease.py", "call2", "--tiny", *job],
         cwd=dev,
         env={**env, "LEASE_TMP": str(cold), "OUT": str(root / "out_cold")},
         capture_output=True,
@@ -749,6 +962,16 @@ def dry_run(args) -> dict:
     return res
 
 
+def job_arg(parser) -> None:
+    parser.add_argument(
+        "--job",
+        choices=JOBS,
+        default="d2l",
+        help="d2l: the embedded D2L (NIAH + facts); t2l: T2L-SFT on the task universe, in a "
+        "session whose d2l lease is done (default d2l)",
+    )
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -757,6 +980,12 @@ def main(argv=None) -> None:
     dr = sub.add_parser("dry-run", help="both calls end to end on this CPU, tiny sizes (here)")
     for x in (pr, dr):
         x.add_argument("--gpu-dir", help="where to build call1/ and call2/ (default .gpu)")
+        x.add_argument(
+            "--tasks",
+            type=int,
+            default=0,
+            help="t2l: carry only the universe's first N training tasks (rehearsals; 0: all)",
+        )
         x.add_argument(
             "--keep-tracked",
             action="store_true",
@@ -775,6 +1004,7 @@ def main(argv=None) -> None:
     for name in ("call1", "call2"):
         c = sub.add_parser(name, help=f"{name} on the device")
         c.add_argument("--tiny", action="store_true", help="dry-run sizes")
+        job_arg(c)
         if name == "call1":
             c.add_argument(
                 "--set",
@@ -803,7 +1033,13 @@ def main(argv=None) -> None:
     c = sub.add_parser("convert")
     c.add_argument("gguf")
     c.add_argument("folder")
+    for x in (pr, dr):
+        job_arg(x)
     args = ap.parse_args(argv)
+    if args.cmd in ("prepare", "dry-run") and args.tasks and args.job != "t2l":
+        fail("--tasks subsets the t2l job's universe: pass --job t2l, or drop --tasks")
+    if args.cmd in ("call2", "dry-run") and args.job == "t2l" and args.stage2_share is not None:
+        fail("--stage2-share splits the d2l job's two stages; the t2l job has one: drop it")
     if args.cmd in ("prepare", "dry-run"):
         sys.path.insert(0, str(REPO))
     {
