@@ -1,5 +1,8 @@
 """Batched text generation with a KV cache: one jitted program = prefill + lax.while_loop of steps.
 
+The prefill attends over the prompt's own keys in causal blocks (`forward(prefill=True)`) and
+writes its K/V into the cache once; each step then attends over the cache slots.
+
 Prompts are left-padded (segment id 0 = padding, so pads are never attended and positions start
 at 0 on each row's first real token, as in HF generate with an attention mask). Greedy when
 temperature == 0, else temperature + top-p sampling with jax.random. A row stops after emitting a
@@ -102,6 +105,7 @@ def _generate(
         cache=cache,
         dtype=dtype,
         logits_at=last,
+        prefill=True,
     )
     key, sub = jax.random.split(key)
     tok = _sample(out.logits[:, -1], sub, temperature, top_p)

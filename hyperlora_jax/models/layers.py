@@ -192,8 +192,16 @@ def attention_mask(m: MaskInputs, window: int | None):
     return allowed[:, None, None]
 
 
-# Query block length of the cache-free (prefill / encoding / training) attention path.
-ATTN_BLOCK = 128
+# Query and key block length of the flash-style path (prefill, encoding, training).
+ATTN_BLOCK = 256
+
+
+def _scale_logits(logits, c: ModelConfig, hd: int):
+    qpas = c.query_pre_attn_scalar
+    logits = logits * (qpas**-0.5 if qpas is not None else hd**-0.5)
+    if c.attn_logit_softcap is not None:
+        logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
+    return logits
 
 
 def _attend(qg, k, v, mask: MaskInputs, c: ModelConfig) -> jax.Array:
@@ -203,10 +211,7 @@ def _attend(qg, k, v, mask: MaskInputs, c: ModelConfig) -> jax.Array:
     logits = jnp.einsum(
         "bkqd,bksd->bkqs", qg.reshape(b, nkv, g * tq, hd), k, preferred_element_type=F32
     ).reshape(b, nkv, g, tq, s)
-    qpas = c.query_pre_attn_scalar
-    logits = logits * (qpas**-0.5 if qpas is not None else hd**-0.5)
-    if c.attn_logit_softcap is not None:
-        logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
+    logits = _scale_logits(logits, c, hd)
     allowed = attention_mask(mask, c.sliding_window)  # [b, 1, 1, tq, s]
     logits = jnp.where(allowed, logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, nkv, g * tq, s)
@@ -214,11 +219,67 @@ def _attend(qg, k, v, mask: MaskInputs, c: ModelConfig) -> jax.Array:
     return out.reshape(b, nkv, g, tq, hd)
 
 
+def _flash_attend(qg, k, v, mask: MaskInputs, c: ModelConfig, block: int) -> jax.Array:
+    """Causal attention when key j sits at index j (no cache slots): query block [s0, s1) visits
+    key blocks below s1 only, with a running max and sum (no T x T scores; each block's logits
+    stay in cache). Same shapes as `_attend`; rows with no allowed key come out finite. The key
+    blocks before the diagonal run in a fori_loop, so the program grows linearly with T."""
+    b, nkv, g, t, hd = qg.shape
+
+    def step(q, q_m, k0, kb, state):
+        """Fold key block [k0, k0 + kb) into the running (max, sum, out) of query rows q."""
+        m, run, acc = state
+        tq = q_m.q_idx.shape[1]
+        kblk = jax.lax.dynamic_slice_in_dim(k, k0, kb, axis=2)
+        vblk = jax.lax.dynamic_slice_in_dim(v, k0, kb, axis=2)
+        logits = jnp.einsum("bkqd,bksd->bkqs", q, kblk, preferred_element_type=F32)
+        logits = _scale_logits(logits.reshape(b, nkv, g, tq, kb), c, hd)
+        km = q_m._replace(
+            k_idx=jax.lax.dynamic_slice_in_dim(mask.k_idx, k0, kb, axis=1),
+            k_seg=jax.lax.dynamic_slice_in_dim(mask.k_seg, k0, kb, axis=1),
+        )
+        logits = jnp.where(attention_mask(km, c.sliding_window), logits, MASK_VALUE)
+        m_new = jnp.maximum(m, logits.max(-1))
+        p = jnp.exp(logits - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        pv = jnp.einsum(
+            "bkqs,bksd->bkqd",
+            p.astype(v.dtype).reshape(b, nkv, g * tq, kb),
+            vblk,
+            preferred_element_type=F32,
+        ).reshape(b, nkv, g, tq, hd)
+        return m_new, run * corr + p.sum(-1), acc * corr[..., None] + pv
+
+    outs = []
+    for s0 in range(0, t, block):
+        s1 = min(s0 + block, t)
+        tq = s1 - s0
+        q = qg[:, :, :, s0:s1].reshape(b, nkv, g * tq, hd)
+        q_m = MaskInputs(mask.q_idx[:, s0:s1], mask.q_seg[:, s0:s1], None, None, mask.sliding)
+        state = (
+            jnp.full((b, nkv, g, tq), MASK_VALUE, F32),
+            jnp.zeros((b, nkv, g, tq), F32),
+            jnp.zeros((b, nkv, g, tq, hd), F32),
+        )
+        if s0:  # full key blocks before the diagonal
+
+            def body(i, st, q=q, q_m=q_m):
+                return step(q, q_m, i * block, block, st)
+
+            state = jax.lax.fori_loop(0, s0 // block, body, state)
+        m, run, acc = step(q, q_m, s0, tq, state)  # the diagonal block
+        outs.append(acc / run[..., None])
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+
+
 class Attention(nn.Module):
     """GQA self-attention with optional q/k norm, soft-cap, sliding window and a KV cache."""
 
     config: ModelConfig
     param_dtype: jnp.dtype = F32
+    # The cache is empty and `mask` covers this call's own tokens: attend over them (flash path)
+    # and write K/V into the cache once, instead of attending over every cache slot.
+    prefill: bool = False
 
     @nn.compact
     def __call__(self, x, positions, inv_freq, mask: MaskInputs, lora, scale, adapter_index, cache):
@@ -245,33 +306,21 @@ class Attention(nn.Module):
         k = apply_rope(k, positions, inv_freq)
 
         new_cache = None
-        if cache is not None:  # write this step's keys at slots [end, end + T), attend to all slots
+        if cache is not None:  # write this step's keys at slots [end, end + T)
             upd = jax.vmap(lambda buf, new, e: jax.lax.dynamic_update_slice_in_dim(buf, new, e, 0))
             k_all = upd(cache["k"], k.astype(cache["k"].dtype), cache["end"])
             v_all = upd(cache["v"], v.astype(cache["v"].dtype), cache["end"])
             new_cache = {"k": k_all, "v": v_all}
-            k, v = k_all.astype(x.dtype), v_all.astype(x.dtype)
+            if not self.prefill:  # a decode step attends to all slots
+                k, v = k_all.astype(x.dtype), v_all.astype(x.dtype)
 
         g = nh // nkv
         # [b, kv, g, t, d]: batch dims leading so each einsum is a plain batched matmul
         # (XLA:CPU runs "btkgd,bskd->bkgts" as a slow generic loop, ~3x slower).
         qg = q.reshape(b, t, nkv, g, hd).transpose(0, 2, 3, 1, 4)
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        if cache is None and t > ATTN_BLOCK:
-            # No cache: key j sits at index j, so causal query block [s0, s1) needs keys [0, s1)
-            # only. Skips the masked upper triangle and keeps each block's logits in cache.
-            outs = []
-            for s0 in range(0, t, ATTN_BLOCK):
-                s1 = min(s0 + ATTN_BLOCK, t)
-                blk = MaskInputs(
-                    mask.q_idx[:, s0:s1],
-                    mask.q_seg[:, s0:s1],
-                    mask.k_idx[:, :s1],
-                    mask.k_seg[:, :s1],
-                    mask.sliding,
-                )
-                outs.append(_attend(qg[:, :, :, s0:s1], kt[:, :, :s1], vt[:, :, :s1], blk, c))
-            out = jnp.concatenate(outs, axis=3)
+        if cache is None or self.prefill:  # key j at index j: causal blocks, running softmax
+            out = _flash_attend(qg, kt, vt, mask, c, ATTN_BLOCK)
         else:
             out = _attend(qg, kt, vt, mask, c)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, nh * hd).astype(x.dtype)

@@ -67,6 +67,7 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype = F32
     lora_scale: float = 1.0
     collect_hidden: bool = False
+    prefill: bool = False
 
     @nn.compact
     def __call__(self, x, shared: LayerInputs, per_layer: PerLayer):
@@ -74,7 +75,7 @@ class DecoderLayer(nn.Module):
         lora = per_layer.lora
         norm = dict(dim=c.hidden_size, eps=c.rms_norm_eps, plus_one=c.norm_plus_one)
         kw = dict(param_dtype=self.param_dtype)
-        h, new_cache = Attention(c, name="attn", **kw)(
+        h, new_cache = Attention(c, prefill=self.prefill, name="attn", **kw)(
             RMSNorm(**norm, **kw, name="attn_norm")(x),
             shared.positions,
             per_layer.inv_freq,
@@ -107,6 +108,7 @@ class Decoder(nn.Module):
     collect_hidden: bool = False
     return_logits: bool = True
     remat_policy: str | None = None
+    prefill: bool = False
 
     @nn.compact
     def __call__(
@@ -157,7 +159,7 @@ class Decoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, (hidden, new_cache) = scan(
-            c, self.param_dtype, self.lora_scale, self.collect_hidden, name="layers"
+            c, self.param_dtype, self.lora_scale, self.collect_hidden, self.prefill, name="layers"
         )(x, shared, per_layer)
 
         x = RMSNorm(
@@ -275,8 +277,10 @@ def init_cache(
     }
 
 
-def _model(config, k, param_dtype, dtype=F32, scale=1.0, hidden=False, logits=True, remat=None):
-    return Decoder(config, k, param_dtype, dtype, scale, hidden, logits, remat)
+def _model(
+    config, k, param_dtype, dtype=F32, scale=1.0, hidden=False, logits=True, remat=None, pre=False
+):
+    return Decoder(config, k, param_dtype, dtype, scale, hidden, logits, remat, pre)
 
 
 def _dummy_inputs(config: ModelConfig, k: int):
@@ -330,6 +334,7 @@ def forward(
     remat_policy: str | None = None,
     embeddings_noise: jax.Array | None = None,
     logits_at: jax.Array | None = None,
+    prefill: bool = False,
     image_embeddings: jax.Array | None = None,
     image_groups: jax.Array | None = None,
 ) -> ForwardOutput:
@@ -343,6 +348,8 @@ def forward(
     remat_policy: None, "full", or a jax.checkpoint_policies name such as "dots_saveable".
     embeddings_noise [B, T, H]: added to the embeddings before Gemma's sqrt(H) scale (NEFTune).
     logits_at [B, P] (ints): logits only at these positions, [B, P, V] (cheaper when few matter).
+    prefill=True promises a fresh cache (init_cache, nothing written): attention then runs over
+    the T tokens only, in causal blocks, and their K/V are written into the cache once.
     adapter_index: ints [B, T] (one of the adapter's N adapters per token) or weights [B, T, N]
     (see `hyperlora_jax.models.layers.lora_delta`).
     image_groups [B, T] ints (k > 0: a placeholder of image k, models/vision.py) with
@@ -358,6 +365,8 @@ def forward(
         raise InputError(f"num_layers={num_layers} must be in [1, {config.num_layers}]")
     if cache is not None and k != config.num_layers:
         raise InputError("early exit (num_layers) cannot be combined with a KV cache")
+    if prefill and cache is None:
+        raise InputError("prefill=True needs a fresh cache (init_cache)")
     seg = (
         jnp.ones((b, t), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
     )
@@ -373,6 +382,7 @@ def forward(
             positions = _segment_positions(seg)
         q_idx = jnp.broadcast_to(steps, (b, t))
         k_idx, k_seg = q_idx, seg
+        k_seg_attn = k_seg
     else:
         end = cache["end"]
         if positions is None:
@@ -383,6 +393,9 @@ def forward(
             cache["segment_ids"], seg, end
         )
         k_idx = jnp.broadcast_to(jnp.arange(k_seg.shape[1], dtype=jnp.int32)[None], k_seg.shape)
+        k_seg_attn = k_seg
+        if prefill:  # keys = these T tokens at slots [0, T)
+            k_idx, k_seg_attn = q_idx, seg
         layer_cache = {"k": cache["k"], "v": cache["v"], "end": jnp.broadcast_to(end, (k, b))}
     positions = jnp.asarray(positions, jnp.int32)
     if image_groups is not None:
@@ -406,11 +419,13 @@ def forward(
     sliding = jnp.asarray(np.asarray(config.sliding_layers[:k]))
     inv_freq = jnp.asarray(_rope_table(config)[:k])
 
-    model = _model(config, k, F32, dtype, scale, return_hidden_states, return_logits, remat_policy)
+    model = _model(
+        config, k, F32, dtype, scale, return_hidden_states, return_logits, remat_policy, prefill
+    )
     logits, hs, new_layer_cache = model.apply(
         {"params": run_params},
         tokens,
-        LayerInputs(positions, q_idx, seg, k_idx, k_seg, adapter_index),
+        LayerInputs(positions, q_idx, seg, k_idx, k_seg_attn, adapter_index),
         PerLayer(inv_freq, sliding, lora, layer_cache),
         embeddings_noise,
         None if logits_at is None else jnp.asarray(logits_at, jnp.int32),
@@ -439,5 +454,6 @@ forward_jit = jax.jit(
         "return_logits",
         "dtype",
         "remat_policy",
+        "prefill",
     ),
 )
