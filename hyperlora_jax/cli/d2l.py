@@ -76,6 +76,8 @@ def _internalize(args) -> int:
         raise InputError("nothing to internalize: give --doc FILE and/or --image FILE")
     if args.image and len(args.doc) > 1:
         raise InputError("with --image, give at most one --doc (the text after the images)")
+    if args.image and args.chunk_size is not None:
+        raise InputError("images and their text are one chunk: drop --chunk-size with --image")
     texts = []
     for f in args.doc:
         p = Path(f)
