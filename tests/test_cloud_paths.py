@@ -126,3 +126,18 @@ def test_adapter_folder_round_trip_on_gs(fake_gcs):
     np.testing.assert_array_equal(back.a["q_proj"], ad.a["q_proj"])
     np.testing.assert_array_equal(back.b["q_proj"], ad.b["q_proj"])
     assert back.scale == 2.0
+
+
+def test_records_on_gs_write_and_read_back(fake_gcs):
+    from hyperlora_jax.data.storage import RecordSource, read_documents, write_records
+
+    recs = [{"text": f"document {i}", "n": i} for i in range(3)]
+    assert write_records("gs://bucket/data/a.jsonl", recs) == 3
+    assert write_records("gs://bucket/data/b.parquet", recs) == 3
+    assert (fake_gcs / "bucket" / "data" / "b.parquet").is_file()
+    # a folder, a glob and a file, each a gs:// URL
+    assert len(RecordSource("gs://bucket/data")) == 6
+    assert [r["n"] for r in RecordSource("gs://bucket/data/*.parquet")[:3]] == [0, 1, 2]
+    docs, bad = read_documents("gs://bucket/data/a.jsonl")
+    assert [d["text"] for d in docs] == ["document 0", "document 1", "document 2"] and not bad
+    assert docs[0]["source"] == "gs://bucket/data/a.jsonl"

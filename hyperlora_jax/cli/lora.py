@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from hyperlora_jax.cli.common import add_allow_other_base
+from hyperlora_jax.paths import Path
 
 
 def _export_peft(args: argparse.Namespace) -> int:

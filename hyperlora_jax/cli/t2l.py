@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from pathlib import Path
 
 from hyperlora_jax.cli.common import add_allow_other_base
+from hyperlora_jax.paths import Path
 
 
 def _generate(args: argparse.Namespace) -> int:

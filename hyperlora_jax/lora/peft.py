@@ -22,7 +22,6 @@ import math
 import re
 import shutil
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -33,6 +32,7 @@ from hyperlora_jax.lora.adapter import Adapter, module_path, pad_rank, to_numpy,
 from hyperlora_jax.lora.storage import atomic_dir, load_safetensors, save_safetensors
 from hyperlora_jax.models.config import TARGET_MODULES, ModelConfig
 from hyperlora_jax.models.hf import config_from_hf
+from hyperlora_jax.paths import Path
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
