@@ -141,3 +141,22 @@ def test_records_on_gs_write_and_read_back(fake_gcs):
     docs, bad = read_documents("gs://bucket/data/a.jsonl")
     assert [d["text"] for d in docs] == ["document 0", "document 1", "document 2"] and not bad
     assert docs[0]["source"] == "gs://bucket/data/a.jsonl"
+
+
+def test_token_shards_on_gs(fake_gcs):
+    from hyperlora_jax.data import token_shards as ts
+
+    for s in range(2):
+        b = ts.ShardBuilder(vocab_size=100)
+        b.add([1, 2, 3 + s], [([4, 5, 6], (1, 3))])
+        n = ts.write_shard(
+            f"gs://bucket/tok/{ts.shard_name(s, 2)}", b.arrays(), {"vocab_size": 100}
+        )
+        assert n > 0
+    names = sorted(p.name for p in (fake_gcs / "bucket" / "tok").iterdir())
+    assert names == [ts.shard_name(0, 2), ts.shard_name(1, 2)]  # no temporary left behind
+    for where in ("gs://bucket/tok", "gs://bucket/tok/*.npz"):
+        found = ts.find_shards(where)
+        assert [str(f) for f in found] == [f"gs://bucket/tok/{n}" for n in names]
+    shard = ts.read_shard(found[1])
+    assert shard.ctx_ids.tolist() == [1, 2, 4] and shard.meta["vocab_size"] == 100

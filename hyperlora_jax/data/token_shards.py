@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import array
 import glob
+import io
 import json
 import logging
 import os
@@ -33,7 +34,6 @@ import re
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ import numpy as np
 from hyperlora_jax.data import packing
 from hyperlora_jax.errors import InputError
 from hyperlora_jax.models.chat import ctx_affixes, slice_into_chunks
+from hyperlora_jax.paths import Path, files_under, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ def write_shard(
     entries.update(arrays)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    # an object store has no rename: the shard is built in memory and written whole
+    tmp = io.BytesIO() if is_remote(path) else path.with_name(path.name + ".tmp")
     mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
     with zipfile.ZipFile(tmp, "w", mode) as zf:
         for name, arr in entries.items():
@@ -154,8 +156,10 @@ def write_shard(
             info.compress_type = mode
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+    if is_remote(path):
+        return path.write_bytes(tmp.getvalue())
     os.replace(tmp, path)
-    return path.stat().st_size
+    return os.path.getsize(path)
 
 
 def clear_shards(folder: str | os.PathLike) -> None:
@@ -236,7 +240,8 @@ def read_shard(path: str | os.PathLike) -> Shard:
     """Load and check one shard; anything malformed is an InputError naming the file."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        src = io.BytesIO(path.read_bytes()) if is_remote(path) else path
+        with np.load(src, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise InputError(f"{path}: not a readable token shard ({e})") from e
@@ -288,9 +293,11 @@ def find_shards(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     without: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
-            hits = sorted(p.rglob("*.npz"))
+            hits = [f for f in files_under(p) if f.suffix == ".npz"]
         elif p.exists():
             hits = [p] if p.suffix == ".npz" else []
+        elif is_remote(p):  # gs://bucket/dir/*.npz: a pattern in the last part only
+            hits = sorted(h for h in p.parent.glob(p.name) if h.suffix == ".npz")
         else:
             hits = sorted(Path(h) for h in glob.glob(str(p), recursive=True) if h.endswith(".npz"))
         if hits:
