@@ -4,9 +4,9 @@ from every command module for `--help`, which must not wait for jax."""
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
-from pathlib import Path
 
 from hyperlora_jax.errors import ConfigError, InputError
+from hyperlora_jax.paths import Path
 
 # Base models are loaded by hyperlora_jax.models.load.load_base, which takes all of these.
 MODEL_HELP = "known model name (see fetch-model), model folder, .gguf file or hub id"

@@ -7,10 +7,10 @@ import argparse
 import json
 import logging
 import time
-from pathlib import Path
 
 from hyperlora_jax.cli.common import MODEL_HELP, check_output_dir, non_negative_int, positive_int
 from hyperlora_jax.errors import ConfigError, InputError
+from hyperlora_jax.paths import Path, files_under
 
 
 def register(subparsers) -> None:
@@ -433,7 +433,10 @@ def _inspect(args: argparse.Namespace) -> int:
     if not p.exists():
         raise InputError(f"no dataset file or folder at {p}; check the path")
     files = storage.expand_paths(p) if p.is_dir() else [p]
-    files += sorted(p.rglob("*.array_record")) + sorted(p.rglob("*.npz")) if p.is_dir() else []
+    if p.is_dir():
+        under = files_under(p)
+        files += [f for f in under if f.suffix == ".array_record"]
+        files += [f for f in under if f.suffix == ".npz"]
     info = {}
     for f in files:
         try:
