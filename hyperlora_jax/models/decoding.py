@@ -25,6 +25,7 @@ from hyperlora_jax.errors import InputError
 from hyperlora_jax.models.config import ModelConfig
 from hyperlora_jax.models.tokenizer import apply_chat, stop_token_ids
 from hyperlora_jax.models.transformer import forward, init_cache
+from hyperlora_jax.precision import Precision, get_precision
 
 if TYPE_CHECKING:  # hints only: models sit below lora (forward reads .a, .b, .scale)
     from hyperlora_jax.lora.adapter import Adapter
@@ -149,17 +150,23 @@ def generate(
     pad_id: int | None = None,
     adapter: Adapter | None = None,
     tokenizer: Any = None,
-    dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | None = None,
     pad_to_multiple: int = 8,
+    precision: str | Precision | None = None,
 ) -> GenerationOutput:
     """Generate up to `max_new_tokens` for each prompt (token id lists, or strings + tokenizer).
 
     stop_ids default: the tokenizer's EOS and end-of-turn tokens plus config.eos_token_id.
     seed: an int or a jax.random key; the same seed gives the same samples.
+    precision: a policy of `hyperlora_jax.precision` ("f32" = the default, "bf16", "bf16-params",
+    "auto" = the one measured fastest for generation); params are cast to its param dtype.
+    `dtype` alone sets the compute dtype and leaves the params as they are.
     """
 
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if precision is not None and dtype is not None:
+        raise InputError("pass dtype or precision, not both")
     if temperature < 0 or not 0 < top_p <= 1:
         raise InputError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     if prompts and isinstance(prompts[0], str):
@@ -170,6 +177,9 @@ def generate(
         stop_ids = stop_token_ids(tokenizer, config.eos_token_id)
     pad = _default_pad(config, tokenizer) if pad_id is None else int(pad_id)
     tokens, seg = left_pad(prompts, pad, pad_to_multiple)
+    if dtype is None:  # a policy: params cast once per call (load them in its dtype to skip it)
+        policy = get_precision(precision, "generate")
+        params, dtype = policy.cast_params(params), policy.compute
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     # stop ids padded to a multiple of 8 with -1, so different stop sets share one program
     stops = np.full((max(8, -(-len(stop_ids) // 8) * 8),), -1, np.int32)

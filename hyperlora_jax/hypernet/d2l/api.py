@@ -57,6 +57,7 @@ from hyperlora_jax.models.fetch import HUB_ALIASES, KNOWN_MODELS, fetch_model
 from hyperlora_jax.models.hf import load_hf_model
 from hyperlora_jax.models.load import base_fingerprint, check_family, check_fingerprint
 from hyperlora_jax.models.tokenizer import load_tokenizer
+from hyperlora_jax.precision import Precision, get_precision
 
 # Chunks per compiled call: every document runs as groups of [CHUNK_GROUP, T] (the last group
 # padded), so a new chunk count compiles nothing and peak activations do not grow with the document.
@@ -259,7 +260,8 @@ class DocToLoRA:
     """A D2L hypernetwork bound to its frozen base model (and context encoder, default the same).
 
     internalize(texts) -> Adapter, applied by hyperlora_jax.models.transformer.forward or the
-    decoding helpers (adapter=...).
+    decoding helpers (adapter=...). precision: a policy of hyperlora_jax.precision (sets the
+    compute dtype and the hypernetwork params' dtype); without it, `dtype` is the compute dtype.
     """
 
     def __init__(
@@ -278,10 +280,14 @@ class DocToLoRA:
         pad_multiple: int = 64,
         meta: dict | None = None,
         ctx_vision: tuple[vision.VisionConfig, dict] | None = None,
+        precision: str | Precision | None = None,
     ):
         check_base_model(config, base_config, "the D2L hypernetwork")
         self.config = config
         self.params = jax.tree.map(jnp.asarray, params)
+        if precision is not None:  # a named policy: compute dtype + the hypernet params' dtype
+            policy = get_precision(precision, "internalize")
+            dtype, self.params = policy.compute, policy.cast_params(self.params)
         self.base_params = base_params
         self.base_config = base_config
         self.ctx_params = base_params if ctx_params is None else ctx_params
