@@ -15,6 +15,7 @@ from benchmarks import (  # noqa: E402
     harness,
     query_cost,
     train_throughput,
+    vs_official,
 )
 
 
@@ -60,6 +61,18 @@ def test_query_cost_quick(tmp_path):
     assert len(data["tables"]["total_cost_for_N_queries"]) == 3
     for png in ("query_cost_s.png", "query_cost_mem.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vs_official_quick(tmp_path):
+    """Every row per precision, with FLOPs, fraction of peak and the load before and after."""
+    assert vs_official.main(["--quick", "--out", str(tmp_path)]) == 0
+    data, _ = _report(tmp_path, "vs_official")
+    rows = data["tables"]["rows"]
+    assert {r["precision"] for r in rows} == {"f32", "bf16"} and len(rows) == 10
+    for r in rows:
+        assert r["median_s"] > 0 and r["gflop"] > 0 and r["frac_of_peak"] > 0
+        assert r["load1_before"] >= 0 and r["load1_after"] >= 0
+    assert data["extra"]["matmul_peak_at_end"]["bfloat16"]["gflops"] > 0
 
 
 @pytest.mark.slow
