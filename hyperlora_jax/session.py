@@ -44,6 +44,7 @@ from hyperlora_jax.models.decoding import generate
 from hyperlora_jax.models.fetch import HUB_ALIASES
 from hyperlora_jax.models.load import Base, base_fingerprint, check_fingerprint, load_base
 from hyperlora_jax.models.tokenizer import apply_chat, load_tokenizer, stop_token_ids
+from hyperlora_jax.precision import get_precision
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ROLES = ("system", "user", "assistant")
@@ -297,14 +298,19 @@ class Session:
         allow_other_base: bool = False,
         log: Callable[[str], None] | None = None,
         base: Base | None = None,
+        precision: str | None = None,
     ):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        # A named policy (hyperlora_jax.precision) overrides dtype: its compute dtype for
+        # generation and internalize, its param dtype for the loaded weights.
+        self.precision = None if precision is None else get_precision(precision, "generate")
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         self.model_name = str(model or DEFAULT_MODEL)
-        self.dtype = DTYPES[dtype]
-        self.base = base if base is not None else load_base(self.model_name, dtype=self.dtype)
+        self.dtype = DTYPES[dtype] if self.precision is None else self.precision.compute
+        param_dtype = self.dtype if self.precision is None else self.precision.params
+        self.base = base if base is not None else load_base(self.model_name, dtype=param_dtype)
         self.config, self.params, self.tokenizer = self.base[0], self.base[1], self.base[2]
         self.fingerprint = base_fingerprint(self.config, self.params)
         self.store = AdapterStore(max_adapters)
@@ -348,6 +354,7 @@ class Session:
                         # its own tokenizer: chat requests tokenize concurrently with internalize
                         tokenizer=load_tokenizer(self.base.path),
                         dtype=self.dtype,
+                        precision=self.precision,
                         allow_other_base=self.allow_other_base,
                     ),
                 )

@@ -108,3 +108,20 @@ def test_doc_to_lora_precision_policy():
             scale = float(jnp.max(jnp.abs(want)))
             err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
             assert err <= 0.05 * scale, (policy, err, scale)
+
+
+def test_session_precision_policy(fixtures_dir):
+    """Session(precision=...) (the chat / serve --precision flag): base weights stored in the
+    policy's param dtype, compute and the D2L hypernetwork in its compute / param dtypes."""
+    from hyperlora_jax.session import Session
+
+    d2l = fixtures_dir / "official" / "d2l"
+    s = Session(str(d2l / "tiny-gemma2"), d2l=d2l / "pytorch_model.bin", precision="bf16-params")
+    assert s.dtype == jnp.bfloat16
+    assert {x.dtype for x in jax.tree.leaves(s.params)} == {jnp.dtype(jnp.bfloat16)}
+    hyper = s.d2l()
+    assert {x.dtype for x in jax.tree.leaves(hyper.params)} == {jnp.dtype(jnp.bfloat16)}
+    assert hyper.dtype == jnp.bfloat16
+    s.internalize("The cat sat on the mat. It was warm.", "doc")  # runs end to end in bf16
+    with pytest.raises(ConfigError, match="precision 'half'"):
+        Session(str(d2l / "tiny-gemma2"), precision="half")

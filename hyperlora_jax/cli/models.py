@@ -66,6 +66,14 @@ def add_session_args(p: argparse.ArgumentParser, *, max_batch: int) -> None:
     )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument(
+        "--precision",
+        choices=("f32", "bf16", "bf16-params", "auto"),
+        default=None,
+        help="a precision policy (overrides --dtype): bf16 = bf16 matmul inputs with f32 "
+        "accumulation, params f32; bf16-params also stores the weights in bf16; auto = the one "
+        "measured fastest on CPU",
+    )
+    p.add_argument(
         "--d2l",
         default=None,
         help="Doc-to-LoRA checkpoint for internalizing documents (default: the shipped SmolLM2 "
@@ -114,6 +122,7 @@ def open_session(args: argparse.Namespace, adapter_dirs=(), *, chat_template: bo
         return Session(
             model,
             dtype=args.dtype,
+            precision=args.precision,
             d2l=args.d2l,
             t2l=args.t2l,
             t2l_encoder=args.t2l_encoder,
