@@ -966,6 +966,18 @@ CASES = [
     ),
     Case("plan-no-mesh", ["plan", "--config", TINY], "--mesh", "no --mesh"),
     Case(
+        "plan-unknown-chip",
+        ["plan", "--config", TINY, "--mesh", "data=2", "--analytic_only", "--chip", "tpu9"],
+        "unknown --chip 'tpu9'; choose one of v4, v5e",
+        "--chip tpu9",
+    ),
+    Case(
+        "plan-mesh-rest",
+        ["plan", "--config", TINY, "--mesh", "data=-1,fsdp=2"],
+        "give every axis a size",
+        "--mesh with a -1 axis (plan has no devices to fill it)",
+    ),
+    Case(
         "export-missing-run",
         ["export-run", "--workdir", "{tmp}/nope", "--out", "{tmp}/out"],
         "nope",
