@@ -23,7 +23,7 @@ quoted() {
 
 # mesh_sizes SPEC -> "DEVICES BATCH_DEVICES" (data=N,fsdp=N,tensor=N; -1 = the rest)
 mesh_sizes() {
-  local spec=$1 data=1 fsdp=1 tensor=1 part k v
+  local spec=$1 data=1 fsdp=1 tensor=1 part k v parts
   IFS=',' read -ra parts <<<"$spec"
   for part in "${parts[@]}"; do
     k=${part%%=*} v=${part#*=}
