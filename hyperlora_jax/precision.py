@@ -8,9 +8,11 @@ softmax and norms in f32; a policy only picks the input and storage dtypes.
   bf16-params  the same compute with params stored in bf16 (half the weight memory)
 
 "auto" picks `DEFAULTS[path]`, the policy measured fastest for that path on this project's
-2-core Zen 4 CPU (issue 22, benchmarks/README.md: bf16-input matmuls with f32 accumulation run
-~1.85x the f32 rate; a 4,120-token prefill 8.1 -> 4.4 CPU-s, the context encoder on 4 x 1,030
-tokens 5.3 -> 2.7 CPU-s). The library functions stay exact (f32) unless asked.
+2-core Zen 4 CPU (issue 22, benchmarks/vs_official.py): internalize bf16 (official hypernetwork,
+1,024 tokens: 4.3 -> 2.3 s); training f32 (the bf16 step was 1.7x slower: its backward matmuls do
+not reach the bf16 rate); generation f32 (the bf16 prefill is ~1.8x faster but each decode step,
+a matrix-vector product, is ~1.6x slower, and end to end the 4K-token in-prompt query was slower).
+The library functions stay exact (f32) unless asked.
 """
 
 from __future__ import annotations
@@ -47,9 +49,8 @@ POLICIES = {
     "bf16-params": Precision("bf16-params", jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16)),
 }
 
-# The policy "auto" resolves to, per path (measured, see the module docstring). Training stays
-# f32 until its bf16 step is measured faster (benchmarks/vs_official.py).
-DEFAULTS = {"internalize": "bf16", "generate": "bf16", "train": "f32"}
+# The policy "auto" resolves to, per path (measured, see the module docstring).
+DEFAULTS = {"internalize": "bf16", "generate": "f32", "train": "f32"}
 
 
 def get_precision(policy: str | Precision | None, path: str = "generate") -> Precision:

@@ -305,6 +305,7 @@ class Session:
         # A named policy (hyperlora_jax.precision) overrides dtype: its compute dtype for
         # generation and internalize, its param dtype for the loaded weights.
         self.precision = None if precision is None else get_precision(precision, "generate")
+        self._d2l_precision = precision  # "auto" resolves per path: internalize has its own
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         self.model_name = str(model or DEFAULT_MODEL)
@@ -354,7 +355,7 @@ class Session:
                         # its own tokenizer: chat requests tokenize concurrently with internalize
                         tokenizer=load_tokenizer(self.base.path),
                         dtype=self.dtype,
-                        precision=self.precision,
+                        precision=self._d2l_precision,
                         allow_other_base=self.allow_other_base,
                     ),
                 )

@@ -123,5 +123,8 @@ def test_session_precision_policy(fixtures_dir):
     assert {x.dtype for x in jax.tree.leaves(hyper.params)} == {jnp.dtype(jnp.bfloat16)}
     assert hyper.dtype == jnp.bfloat16
     s.internalize("The cat sat on the mat. It was warm.", "doc")  # runs end to end in bf16
+    auto = Session(str(d2l / "tiny-gemma2"), d2l=d2l / "pytorch_model.bin", precision="auto")
+    assert auto.dtype == jnp.dtype(POLICIES[DEFAULTS["generate"]].compute)
+    assert auto.d2l().dtype == jnp.dtype(POLICIES[DEFAULTS["internalize"]].compute)
     with pytest.raises(ConfigError, match="precision 'half'"):
         Session(str(d2l / "tiny-gemma2"), precision="half")
