@@ -83,3 +83,25 @@ def add_allow_other_base(parser, records: str) -> None:
         action="store_true",
         help=f"use a base model whose fingerprint differs from the one the {records} records",
     )
+
+
+MESH_HELP = (
+    "device mesh data=N,fsdp=N,tensor=N over this process's devices, as `train --mesh` (-1 = "
+    "the remaining devices): base weights laid out by the training rules, rows (documents, "
+    "questions) split over data x fsdp; default: one device"
+)
+
+
+def add_mesh(parser) -> None:
+    """--mesh: sharded inference (models/sharding.py)."""
+    parser.add_argument("--mesh", default=None, metavar="data=N,fsdp=N,tensor=N", help=MESH_HELP)
+
+
+def mesh_from_args(args):
+    """The Mesh of --mesh (None without it); a ConfigError naming the fix when the sizes do not
+    fit the visible devices. Called before any model loads."""
+    if not getattr(args, "mesh", None):
+        return None
+    from hyperlora_jax.models.sharding import mesh_from_spec
+
+    return mesh_from_spec(args.mesh)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hyperlora_jax.cli.common import MODEL_HELP, add_allow_other_base, positive_int
+from hyperlora_jax.cli.common import (
+    MODEL_HELP,
+    add_allow_other_base,
+    add_mesh,
+    mesh_from_args,
+    positive_int,
+)
 from hyperlora_jax.errors import InputError
 
 
@@ -64,6 +70,7 @@ def register(subparsers) -> None:
         help="run the Perceiver layer by layer (lower peak memory, same result)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    add_mesh(p)
     add_allow_other_base(p, "checkpoint")
     p.set_defaults(func=_internalize)
 
@@ -94,6 +101,7 @@ def _internalize(args) -> int:
 
         for f in args.image:
             load_image(f)
+    mesh = mesh_from_args(args)
     from hyperlora_jax.embedded import EMBEDDED_D2L
 
     args.hypernet = args.hypernet or str(EMBEDDED_D2L)
@@ -101,6 +109,7 @@ def _internalize(args) -> int:
         args.hypernet,
         base_model=args.base_model,
         allow_other_base=args.allow_other_base,
+        mesh=mesh,
         **({"ctx_model": args.ctx_model} if args.ctx_model else {}),
     )
     if args.image:

@@ -8,7 +8,14 @@ import json
 import logging
 import time
 
-from hyperlora_jax.cli.common import MODEL_HELP, check_output_dir, non_negative_int, positive_int
+from hyperlora_jax.cli.common import (
+    MODEL_HELP,
+    add_mesh,
+    check_output_dir,
+    mesh_from_args,
+    non_negative_int,
+    positive_int,
+)
 from hyperlora_jax.errors import ConfigError, InputError
 from hyperlora_jax.paths import Path, files_under
 
@@ -124,6 +131,15 @@ def register(subparsers) -> None:
         "--limit", type=positive_int, default=None, help="use only the first N documents"
     )
     s.add_argument("--on-error", default="raise", choices=("raise", "skip"))
+    add_mesh(s)
+    s.add_argument(
+        "--num-processes",
+        type=positive_int,
+        default=1,
+        help="independent processes sharing the documents (e.g. one per host): each writes "
+        "OUT-<index>-of-<count> with its contiguous part; together they equal one process's",
+    )
+    s.add_argument("--process-index", type=non_negative_int, default=0, help="this process: 0..N-1")
     s.set_defaults(func=_selfgen)
 
     f = sub.add_parser(
@@ -285,6 +301,8 @@ def _selfgen(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".parquet", ".jsonl", ".array_record"):
         raise ConfigError(f"--out {out}: use a .parquet, .jsonl or .array_record file")
+    selfgen.process_part(0, args.process_index, args.num_processes)  # a bad index: before work
+    mesh = mesh_from_args(args)
     docs, bad = storage.read_documents(
         args.docs, text_field=args.text_field, on_error=args.on_error, max_chars=args.max_chars
     )
@@ -292,6 +310,14 @@ def _selfgen(args: argparse.Namespace) -> int:
         docs = docs[: args.limit]
     if not docs:
         raise InputError(f"no usable documents in {args.docs}")
+    part = selfgen.process_part(len(docs), args.process_index, args.num_processes)
+    if not part:
+        raise InputError(
+            f"process {args.process_index} of {args.num_processes} gets none of the "
+            f"{len(docs)} documents; use at most {len(docs)} processes"
+        )
+    docs = docs[part.start : part.stop]
+    out = selfgen.part_path(out, args.process_index, args.num_processes)
     config, params, tok, _ = load_base(args.model)
     cfg = selfgen.SelfGenConfig(
         n_qa_pairs=args.n_qa_pairs,
@@ -302,8 +328,9 @@ def _selfgen(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         logprob_dtype=args.logprob_dtype,
     )
-    gen = selfgen.make_jax_generate(params, config, tok, batch_size=args.batch_size)
-    topk = selfgen.make_jax_topk(params, config, k=args.top_k, batch_size=args.batch_size)
+    sharded = {"mesh": mesh, "batch_size": args.batch_size}
+    gen = selfgen.make_jax_generate(params, config, tok, **sharded)
+    topk = selfgen.make_jax_topk(params, config, k=args.top_k, **sharded)
     questions = q_tok = q_gen = None
     if args.questions_field:
         questions = []
@@ -317,7 +344,7 @@ def _selfgen(args: argparse.Namespace) -> int:
             questions.append(qs)
     elif args.question_model and args.question_model != args.model:
         qc, qp, q_tok, _ = load_base(args.question_model)
-        q_gen = selfgen.make_jax_generate(qp, qc, q_tok, batch_size=args.batch_size)
+        q_gen = selfgen.make_jax_generate(qp, qc, q_tok, **sharded)
     else:
         q_tok, q_gen = tok, gen
     t0 = time.time()
@@ -336,6 +363,7 @@ def _selfgen(args: argparse.Namespace) -> int:
     storage.write_records(out, recs)
     stats.update(
         documents=len(docs),
+        document_range=[part.start, part.stop],
         records=len(recs),
         bad_input_records=[str(b) for b in bad],
         seconds=round(dt, 1),

@@ -17,8 +17,10 @@ from typing import Any
 
 from hyperlora_jax.cli.common import (
     MODEL_HELP,
+    add_mesh,
     check_output_dir,
     choice_list,
+    mesh_from_args,
     name_value_pairs,
     non_negative_int,
     output_dir,
@@ -48,13 +50,18 @@ def run_d2l(args: argparse.Namespace) -> int:
         raise ConfigError(
             "give exactly one data source: --niah PATH, --niah-bins LO-HI,... or --qa"
         )
+    mesh = mesh_from_args(args)
     t0 = time.perf_counter()
     config, params, tok, base_path = load_base(args.base)
+    if mesh is not None:  # laid out once, shared by the evaluator and the hypernetwork
+        from hyperlora_jax.models.sharding import shard_model_params
+
+        params = shard_model_params(params, config, mesh)
     d2l = None
     if args.checkpoint:
         from hyperlora_jax.api import load_d2l
 
-        d2l = load_d2l(args.checkpoint, base_model=(config, params), tokenizer=tok)
+        d2l = load_d2l(args.checkpoint, base_model=(config, params), tokenizer=tok, mesh=mesh)
     if args.niah:
         examples = niah.load_niah(args.niah, args.limit)
     elif args.niah_bins:
@@ -75,6 +82,7 @@ def run_d2l(args: argparse.Namespace) -> int:
         cd=cd,
         iterative=args.iterative,
         dtype=jnp.dtype(args.dtype),
+        mesh=mesh,
     )
     records = qa.run(ev, examples, methods)
     summary = qa.summarize(records)
@@ -377,6 +385,7 @@ def register(subparsers) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--dtype", default="float32", choices=DTYPES)
     d.add_argument("--out", required=True)
+    add_mesh(d)
     d.set_defaults(func=run_d2l)
 
     i = sub.add_parser(

@@ -33,6 +33,7 @@ from hyperlora_jax.data.prompts import QA_PROMPT_TEMPLATE, SELF_QA_INTX
 from hyperlora_jax.data.storage import ErrorLog
 from hyperlora_jax.errors import InputError
 from hyperlora_jax.models import chat, decoding
+from hyperlora_jax.models import sharding as shd
 from hyperlora_jax.models.tokenizer import stop_token_ids
 from hyperlora_jax.models.transformer import forward
 
@@ -352,11 +353,16 @@ def make_jax_generate(
     batch_size: int = 8,
     dtype: Any = None,
     pad_to_multiple: int = 64,
+    mesh: Any = None,
 ) -> GenerateFn:
-    """Greedy batched generation through hyperlora_jax.models.decoding (left padding)."""
+    """Greedy batched generation through hyperlora_jax.models.decoding (left padding).
+    mesh: the weights laid out by the training rules once, each batch's prompts split over the
+    batch axes (decoding.generate(mesh=...))."""
 
     stops = set(stop_token_ids(tokenizer, config.eos_token_id))
     dtype = dtype or jnp.float32
+    if mesh is not None:
+        params = shd.shard_model_params(params, config, mesh)
 
     def generate(prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
         # longest first keeps the padding inside a batch small
@@ -372,6 +378,7 @@ def make_jax_generate(
                 stop_ids=tuple(sorted(stops)),
                 dtype=dtype,
                 pad_to_multiple=pad_to_multiple,
+                mesh=mesh,
             )
             for i, row, n in zip(idx, out.tokens, out.lengths):
                 t = [int(x) for x in row[: int(n)]]
@@ -385,12 +392,25 @@ TopKFn = Callable[[list[list[int]], list[int]], list[tuple[np.ndarray, np.ndarra
 
 
 def make_jax_topk(
-    params: Any, config: Any, *, k: int = 16, batch_size: int = 8, dtype: Any = None
+    params: Any,
+    config: Any,
+    *,
+    k: int = 16,
+    batch_size: int = 8,
+    dtype: Any = None,
+    mesh: Any = None,
 ) -> TopKFn:
     """topk(sequences, n_prompt) -> per sequence (vals [n_resp, k], idx [n_resp, k]): the teacher's
-    top-k log-probs at every response token (the distribution the token was drawn from)."""
+    top-k log-probs at every response token (the distribution the token was drawn from).
+    mesh: the weights by the training rules, each batch (batch_size rounded up to a multiple of
+    the batch axes' size) split over the batch axes."""
 
     dtype = dtype or jnp.float32
+    rows = batch_size
+    if mesh is not None:
+        params = shd.shard_model_params(params, config, mesh)
+        m = shd.batch_multiple(mesh)
+        rows = -(-batch_size // m) * m
 
     @jax.jit
     def run(p, tokens, seg, at):  # params as an argument: never baked into the program as constants
@@ -409,19 +429,44 @@ def make_jax_topk(
             t = bucket(max(len(x) for x in chunk))
             r = bucket(max(e - b for b, e in spans))
             # the batch padded to batch_size too, so the last partial batch does not recompile
-            tok = np.zeros((batch_size, t), np.int32)
-            seg = np.zeros((batch_size, t), np.int32)
-            at = np.zeros((batch_size, r), np.int32)
+            tok = np.zeros((rows, t), np.int32)
+            seg = np.zeros((rows, t), np.int32)
+            at = np.zeros((rows, r), np.int32)
             for i, (x, (b, e)) in enumerate(zip(chunk, spans)):
                 tok[i, : len(x)] = x
                 seg[i, : len(x)] = 1
                 at[i, : e - b] = np.arange(b, e)  # the positions predicting response tokens
+            if mesh is not None:
+                tok, seg, at = (shd.put_rows(x, mesh) for x in (tok, seg, at))
             vals, idx = (np.asarray(a) for a in run(params, tok, seg, at))
             for i, (b, e) in enumerate(spans):
                 res.append((vals[i, : e - b], idx[i, : e - b]))
         return res
 
     return topk
+
+
+# ----------------------------------------------------------------------------- several processes
+def process_part(n_docs: int, process_index: int, num_processes: int) -> range:
+    """The documents of one of `num_processes` independent selfgen processes (one per host on a
+    pod): contiguous and disjoint, so the parts' records, concatenated in process order, are one
+    process's records."""
+    if num_processes < 1 or not 0 <= process_index < num_processes:
+        raise InputError(
+            f"process index {process_index} of {num_processes} processes; give "
+            f"--num-processes N >= 1 and --process-index 0..N-1"
+        )
+    return range(
+        n_docs * process_index // num_processes, n_docs * (process_index + 1) // num_processes
+    )
+
+
+def part_path(out, process_index: int, num_processes: int):
+    """Where one process of several writes its part: `sg.parquet` -> `sg-00001-of-00002.parquet`
+    (a glob `sg-*.parquet` reads them all, e.g. `train --data`); one process: `out` itself."""
+    if num_processes == 1:
+        return out
+    return out.with_name(f"{out.stem}-{process_index:05d}-of-{num_processes:05d}{out.suffix}")
 
 
 # ----------------------------------------------------------------------------- pipeline

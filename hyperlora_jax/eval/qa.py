@@ -27,6 +27,7 @@ from hyperlora_jax.eval.trackers import StageTracker
 from hyperlora_jax.hypernet.d2l import api as dl
 from hyperlora_jax.hypernet.d2l.model import bias_lora, context_features, generate_chunk_loras
 from hyperlora_jax.models import decoding
+from hyperlora_jax.models import sharding as shd
 from hyperlora_jax.models.chat import format_user_turn
 
 METHODS = ("d2l", "full_context", "no_context", "cd_oracle")
@@ -110,7 +111,9 @@ class D2LEvaluator:
     """Answers questions about documents with each method, tracking time and memory per stage.
 
     `d2l` is a hypernet.d2l.api.DocToLoRA (may be None when only baselines run); the base
-    model is given explicitly so baselines work without a hypernetwork.
+    model is given explicitly so baselines work without a hypernetwork. mesh: a jax Mesh
+    (`--mesh`): the base weights laid out by the training rules (give `d2l` the same mesh),
+    a document's chunks and the prompts split over the batch axes; the same answers.
     """
 
     def __init__(
@@ -127,7 +130,11 @@ class D2LEvaluator:
         iterative: bool = False,
         dtype=jnp.float32,
         prompt_multiple: int = 64,
+        mesh: Any = None,
     ):
+        self.mesh = mesh
+        if mesh is not None:
+            base_params = shd.shard_model_params(base_params, base_config, mesh)
         self.params, self.config, self.tok, self.d2l = base_params, base_config, tokenizer, d2l
         self.chunk_size = chunk_size
         self.max_new_tokens = max_new_tokens
@@ -154,6 +161,7 @@ class D2LEvaluator:
                 tokenizer=self.tok,
                 dtype=self.dtype,
                 pad_to_multiple=self.prompt_multiple,
+                mesh=self.mesh,
             )
             s.done(out.tokens)
         return out.texts[0].strip()
@@ -167,6 +175,9 @@ class D2LEvaluator:
             raise ConfigError("method d2l needs a D2L checkpoint (--checkpoint)")
         chunks = d.chunk_document(context, self.chunk_size)
         tokens, mask = dl.pad_chunks(chunks, multiple=d.pad_multiple)
+        if self.mesh is not None:  # the chunks over the batch axes (padded; cut after the hyp)
+            m = shd.batch_multiple(self.mesh)
+            tokens, mask = (shd.put_rows(shd.pad_rows(x, m), self.mesh) for x in (tokens, mask))
         if "enc" not in self._jits:
             self._jits["enc"] = jax.jit(
                 lambda p, t, m: context_features(p, d.ctx_config, d.config, t, m, dtype=d.dtype)
@@ -181,6 +192,7 @@ class D2LEvaluator:
             feats = s.done(self._jits["enc"](d.ctx_params, jnp.asarray(tokens), jnp.asarray(mask)))
         with self.tracker.stage("hypernetwork", example, **extra) as s:
             a, b = s.done(self._jits["hyp"](d.params, feats, jnp.asarray(mask)))
+            a, b = jax.tree.map(lambda x: x[: len(chunks)], (a, b))
         del feats
         with self.tracker.stage("composition", example, **extra) as s:
             bias = bias_lora(d.params, d.config) if d.config.use_bias else None
@@ -205,6 +217,7 @@ class D2LEvaluator:
                 tokenizer=self.tok,
                 dtype=self.dtype,
                 pad_to_multiple=self.prompt_multiple,
+                mesh=self.mesh,
             )
             s.done(out.tokens)
         responses = [row[: int(n)].tolist() for row, n in zip(out.tokens, out.lengths)]

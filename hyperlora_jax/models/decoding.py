@@ -153,6 +153,7 @@ def generate(
     dtype: jnp.dtype | None = None,
     pad_to_multiple: int = 8,
     precision: str | Precision | None = None,
+    mesh: Any = None,
 ) -> GenerationOutput:
     """Generate up to `max_new_tokens` for each prompt (token id lists, or strings + tokenizer).
 
@@ -161,6 +162,8 @@ def generate(
     precision: a policy of `hyperlora_jax.precision` ("f32" = the default, "bf16", "bf16-params",
     "auto" = the one measured fastest for generation); params are cast to its param dtype.
     `dtype` alone sets the compute dtype and leaves the params as they are.
+    mesh: a jax Mesh (models/sharding.py): the weights laid out by the training rules, the
+    prompts (and a per-row adapter) split over its batch axes; same tokens as on one device.
     """
 
     if max_new_tokens < 1:
@@ -181,6 +184,9 @@ def generate(
         policy = get_precision(precision, "generate")
         params, dtype = policy.cast_params(params), policy.compute
     key = jax.random.key(seed) if isinstance(seed, int) else seed
+    n_rows = len(tokens)
+    if mesh is not None:
+        params, tokens, seg, adapter = _on_mesh(mesh, config, params, tokens, seg, adapter)
     # stop ids padded to a multiple of 8 with -1, so different stop sets share one program
     stops = np.full((max(8, -(-len(stop_ids) // 8) * 8),), -1, np.int32)
     stops[: len(stop_ids)] = np.asarray(list(stop_ids), np.int32)
@@ -198,7 +204,7 @@ def generate(
         pad_id=pad,
         dtype=jnp.dtype(dtype),
     )
-    out = np.asarray(out)
+    out = np.asarray(out)[:n_rows]
     is_stop = np.isin(out, np.asarray(list(stop_ids) or [-1]))
     lengths = np.where(is_stop.any(1), is_stop.argmax(1) + 1, max_new_tokens)
     texts = None
@@ -208,6 +214,19 @@ def generate(
             for row, n in zip(out, lengths)
         ]
     return GenerationOutput(out, lengths, texts)
+
+
+def _on_mesh(mesh, config, params, tokens, seg, adapter):
+    """generate's inputs onto `mesh`: weights by the logical rules, rows padded to the batch
+    axes' size (the last row repeated; dropped from the output) and split over them."""
+    from hyperlora_jax.models import sharding as shd
+
+    m = shd.batch_multiple(mesh)
+    n = len(tokens)
+    if adapter is not None and adapter.batch_shape and adapter.batch_shape[0] == n:
+        adapter = jax.tree.map(lambda x: shd.put_rows(shd.pad_rows(x, m), mesh), adapter)
+    tokens, seg = (shd.put_rows(shd.pad_rows(x, m), mesh) for x in (tokens, seg))
+    return shd.shard_model_params(params, config, mesh), tokens, seg, adapter
 
 
 def chat(

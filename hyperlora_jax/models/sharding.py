@@ -8,6 +8,7 @@ rules table yields a valid sharding on any mesh.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -305,16 +306,19 @@ def put_rows(x, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.device_put(x, batch_sharding(mesh, np.ndim(x), rules))
 
 
+@functools.lru_cache(maxsize=16)
+def _logical_axes_of(config):
+    from hyperlora_jax.models import transformer
+
+    return transformer.param_logical_axes(config)
+
+
 def shard_model_params(params, config, mesh: Mesh, rules=DEFAULT_RULES):
     """A base (or context) model's weights onto the mesh by transformer.param_logical_axes, the
     layout training gives them; a tree of another layout (e.g. a vision tower) by its path
     names (tree_shardings)."""
-    from hyperlora_jax.models import transformer
-
     try:
-        shardings = shardings_from_logical(
-            transformer.param_logical_axes(config), params, mesh, rules
-        )
+        shardings = shardings_from_logical(_logical_axes_of(config), params, mesh, rules)
     except (ValueError, TypeError, KeyError):  # not the transformer's tree
         shardings = tree_shardings(params, mesh, rules)
     return shard_tree(params, shardings)

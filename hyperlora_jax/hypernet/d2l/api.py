@@ -40,6 +40,7 @@ from hyperlora_jax.hypernet.d2l.model import (
     generate_chunk_loras,
 )
 from hyperlora_jax.lora.adapter import Adapter
+from hyperlora_jax.models import sharding as shd
 from hyperlora_jax.models import transformer, vision
 from hyperlora_jax.models.chat import (
     _encode,
@@ -262,6 +263,10 @@ class DocToLoRA:
     internalize(texts) -> Adapter, applied by hyperlora_jax.models.transformer.forward or the
     decoding helpers (adapter=...). precision: a policy of hyperlora_jax.precision (sets the
     compute dtype and the hypernetwork params' dtype); without it, `dtype` is the compute dtype.
+    mesh: a jax Mesh (models/sharding.py, `--mesh data=..,fsdp=..,tensor=..`): the base and
+    context weights laid out by the training rules, the hypernetwork's by tree_shardings, and
+    chunks, documents and questions split over the batch axes (data, fsdp); one adapter per
+    document as on one device.
     """
 
     def __init__(
@@ -281,6 +286,7 @@ class DocToLoRA:
         meta: dict | None = None,
         ctx_vision: tuple[vision.VisionConfig, dict] | None = None,
         precision: str | Precision | None = None,
+        mesh: Any = None,
     ):
         check_base_model(config, base_config, "the D2L hypernetwork")
         self.config = config
@@ -311,6 +317,25 @@ class DocToLoRA:
                 f"the vision tower projects to {ctx_vision[0].text_hidden_size} but the context "
                 f"encoder has hidden size {self.ctx_config.hidden_size}; load both from one VLM"
             )
+        self.mesh = mesh
+        if mesh is not None:
+            self._to_mesh(mesh)
+
+    def _to_mesh(self, mesh) -> None:
+        """Weights onto the mesh: the base and context models by the logical rules, the
+        hypernetwork by its path names (big unnamed weights over fsdp)."""
+        same = self.ctx_params is self.base_params
+        self.base_params = shd.shard_model_params(self.base_params, self.base_config, mesh)
+        self.ctx_params = (
+            self.base_params
+            if same
+            else shd.shard_model_params(self.ctx_params, self.ctx_config, mesh)
+        )
+        self.params = shd.shard_params(self.params, mesh)
+
+    def _rows(self, x) -> jax.Array:
+        """Rows (a multiple of the batch axes' size) split over the mesh; as is without one."""
+        return jnp.asarray(x) if self.mesh is None else shd.put_rows(x, self.mesh)
 
     # -- construction
     @classmethod
@@ -489,40 +514,48 @@ class DocToLoRA:
         flat = [c for d in docs_chunks for c in d]
         slot = [(g, j) for g, k in enumerate(n_chunks) for j in range(k)]
         tokens, mask = pad_chunks(flat, multiple=self.pad_multiple, length=pad_to)
+        m = shd.batch_multiple(self.mesh)  # a group's chunks split over the batch axes
+        group = -(-group // m) * m
         kw = dict(config=self.config, ctx_config=self.ctx_config, iterative=iterative)
 
         def run(start: int):
             # the last group repeats its last chunk: one shape; _write_slots drops those rows
             rows = np.minimum(np.arange(start, start + group), len(flat) - 1)
             return chunk_loras(
-                self.params, self.ctx_params, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]),
+                self.params, self.ctx_params, self._rows(tokens[rows]), self._rows(mask[rows]),
                 dtype=self.dtype, **kw,
             )  # fmt: skip
 
         n_docs, slots = len(n_chunks), max(n_chunks) + 1
-        doc = np.array([g for g, _ in slot] + [n_docs] * group, np.int32)  # filler rows: dropped
+        # on a mesh the documents' adapters are split over the batch axes (padded, cut below)
+        n_out = -(-n_docs // m) * m
+        doc = np.array([g for g, _ in slot] + [n_out] * group, np.int32)  # filler rows: dropped
         idx = np.array([j for _, j in slot] + [0] * group, np.int32)
         out, prev = None, None
         for start in range(0, len(flat), group):
             loras = run(start)
             if out is None:  # [n_docs, L, Kmax + 1 slots, r, d]; unused slots stay exact zeros
                 out = jax.tree.map(
-                    lambda x: jnp.zeros((n_docs, x.shape[1], slots, *x.shape[2:]), x.dtype), loras
+                    lambda x: jnp.zeros((n_out, x.shape[1], slots, *x.shape[2:]), x.dtype), loras
                 )
+                if self.mesh is not None:
+                    out = jax.tree.map(lambda x: shd.put_rows(x, self.mesh), out)
             out = _write_slots(out, loras, doc[start : start + group], idx[start : start + group])
             if prev is not None:  # at most two groups in flight: activations stay bounded
                 jax.block_until_ready(prev)
             prev = loras
         a_scale = None
         if scalers is not None:  # A of each document's chunk slots only (official combine_lora)
-            a_scale = np.ones((n_docs, slots))
+            a_scale = np.ones((n_out, slots))
             for g, k in enumerate(n_chunks):
                 a_scale[g, :k] = scalers[g]
         bias = bias_lora(self.params, self.config) if self.config.use_bias else None
         a, b = _finish_slots(
             out, bias, a_scale, 1.0 if bias_scaler is None else bias_scaler,
-            np.asarray(n_chunks, np.int32),
+            np.asarray(n_chunks + [1] * (n_out - n_docs), np.int32),
         )  # fmt: skip
+        if n_out != n_docs:
+            a, b = jax.tree.map(lambda x: x[:n_docs], (a, b))
         return Adapter(a, b, float(self.config.lora_alpha))
 
     def image_document_ids(self, n_images: int, text: str | None = None) -> list[int]:
@@ -645,15 +678,22 @@ class DocToLoRA:
     # -- using the adapter
     def logits(self, query_ids: jax.Array, adapter: Adapter | None = None, **kw) -> jax.Array:
         """Base-model logits for token ids [B, T] with `adapter` applied (None = base model)."""
+        query_ids = np.asarray(query_ids)
+        n = len(query_ids)
+        if self.mesh is not None and not kw:  # rows (and per-row adapters) over the batch axes
+            m = shd.batch_multiple(self.mesh)
+            if adapter is not None and adapter.batch_shape and adapter.batch_shape[0] == n:
+                adapter = jax.tree.map(lambda x: self._rows(shd.pad_rows(x, m)), adapter)
+            query_ids = shd.pad_rows(query_ids, m)
         out = transformer.forward(
             self.base_params,
             self.base_config,
-            jnp.asarray(query_ids),
+            self._rows(query_ids) if self.mesh is not None and not kw else jnp.asarray(query_ids),
             adapter=adapter,
             dtype=self.dtype,
             **kw,
         )
-        return out.logits
+        return out.logits[:n]
 
     def generate(
         self,
@@ -684,6 +724,7 @@ class DocToLoRA:
             adapter=adapter,
             tokenizer=tok,
             dtype=self.dtype,
+            mesh=self.mesh,
             **kw,
         )
         return out.texts[0] if single else out.texts

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,6 +27,7 @@ from hyperlora_jax.hypernet.t2l.task_encoder import (
     check_descriptions,
 )
 from hyperlora_jax.lora.adapter import Adapter
+from hyperlora_jax.models import sharding as shd
 from hyperlora_jax.models.config import load_hf_config
 from hyperlora_jax.models.hf import config_from_hf
 from hyperlora_jax.models.load import check_fingerprint, folder_fingerprint
@@ -37,7 +39,11 @@ def _generate(config, params, embs, constants, scale_mode):
 
 
 class TextToLoRA:
-    """A T2L hypernetwork with its task encoder: descriptions or embeddings -> `Adapter`."""
+    """A T2L hypernetwork with its task encoder: descriptions or embeddings -> `Adapter`.
+
+    mesh: a jax Mesh (models/sharding.py, `--mesh`): the hypernetwork's params laid out by
+    tree_shardings and the tasks split over the batch axes (data, fsdp), one adapter per task.
+    """
 
     def __init__(
         self,
@@ -48,6 +54,7 @@ class TextToLoRA:
         meta: dict | None = None,
         encoder: TaskEncoder | None = None,
         base_fingerprint: str | None = None,
+        mesh: Any = None,
     ):
         self.config = config
         self.params = jax.tree.map(jax.numpy.asarray, params)
@@ -56,6 +63,9 @@ class TextToLoRA:
         self.encoder = encoder
         # The base model the adapters are for: the one given at load time, else the recorded one.
         self.base_fingerprint = base_fingerprint or self.meta.get("base_fingerprint")
+        self.mesh = mesh
+        if mesh is not None:
+            self.params = shd.shard_params(self.params, mesh)
 
     @classmethod
     def from_checkpoint(
@@ -65,6 +75,7 @@ class TextToLoRA:
         encoder: TaskEncoder | str | Path | None = None,
         base_model: str | Path | None = None,
         allow_other_base: bool = False,
+        mesh: Any = None,
     ) -> TextToLoRA:
         """Load our checkpoint folder. `encoder`: a TaskEncoder, an embeddings file
         (.jsonl/.npz/.npy), or a local sentence-encoder folder; otherwise the checkpoint's
@@ -98,6 +109,7 @@ class TextToLoRA:
             meta=meta,
             encoder=encoder,
             base_fingerprint=fingerprint,
+            mesh=mesh,
         )
 
     @property
@@ -152,4 +164,9 @@ class TextToLoRA:
             raise InputError("task embeddings contain NaN or inf")
         if scale_mode not in ("trained", "vllm054"):
             raise ConfigError(f"scale_mode={scale_mode!r}; expected 'trained' or 'vllm054'")
-        return _generate(self.config, self.params, embs, self.constants, scale_mode)
+        if self.mesh is None:
+            return _generate(self.config, self.params, embs, self.constants, scale_mode)
+        n = len(embs)  # tasks over the batch axes: padded to their size, the padding cut
+        rows = shd.put_rows(shd.pad_rows(embs, shd.batch_multiple(self.mesh)), self.mesh)
+        out = _generate(self.config, self.params, rows, self.constants, scale_mode)
+        return jax.tree.map(lambda x: x[:n], out)
