@@ -55,11 +55,14 @@ def measure(rep, name, fn, flops, precision, peaks, repeats, official=None, **ex
     jax.block_until_ready(fn())
     first = time.perf_counter() - t0
     mem = harness.peak_memory_of(fn)
+    cpu0 = time.process_time()
     tm = harness.timeit(fn, warmup=0, repeats=repeats)
+    # CPU seconds per call over all threads: less sensitive to other processes than wall time
+    cpu = (time.process_time() - cpu0) / repeats
     peak = peaks["bfloat16" if get_precision(precision).compute == jnp.bfloat16 else "float32"]
     row = {
         "row": name, "precision": precision, "first_call_s": first, "median_s": tm["median_s"],
-        "min_s": tm["min_s"], "gflop": flops / 1e9,
+        "min_s": tm["min_s"], "cpu_s": cpu, "gflop": flops / 1e9,
         "frac_of_peak": flops / tm["median_s"] / peak["flops_per_s"],
         "peak_mem_mib": mem["bytes"] / harness.MiB, "load1_before": before, "load1_after": load1(),
         **extra,
@@ -161,8 +164,9 @@ def main(argv=None) -> int:
         notes="ours / official on the shapes of reference/official-cpu-timings.md; official times "
         "re-measured 2026-12-04 at idle load. frac_of_peak divides the row's jaxpr matmul FLOPs by "
         "its median time and by the matmul peak (f32, or bf16 inputs with f32 accumulation) "
-        "measured at the start of this run; load1_* is the 1-minute load average (2 cores: above "
-        "~2 the CPU was shared and times are inflated).",
+        "measured at the start of this run; cpu_s: process CPU seconds per call (all threads); "
+        "load1_* is the 1-minute load average (2 cores: above ~2 the CPU was shared and wall "
+        "times are inflated).",
     )  # fmt: skip
     cfg_b = setups.base_config("tiny" if a.quick else "smollm2")
     base = transformer.init_params(cfg_b, jax.random.key(0))
