@@ -17,7 +17,7 @@ from hyperlora_jax.models import sharding as shd
 
 ROOT = Path(__file__).parents[1]
 # Measured (2 CPU cores, f32, matmul precision highest): adapters 1.2e-7 (entries up to 0.06),
-# logits 6.2e-6, top-k log-probs 7.6e-6, T2L 0; tokens, eval answers, top-k indices identical.
+# logits 6.2e-6, top-k log-probs 7.6e-6, T2L 0; tokens, teacher answers, top-k indices identical.
 ADAPTER_TOL, LOGITS_TOL = 1e-5, 1e-4
 
 
@@ -42,8 +42,7 @@ def test_sharded_inference_equals_single_device():
     assert res["adapter_diff"] <= ADAPTER_TOL and res["adapter_scale"] > 1e-3, res
     assert res["t2l_diff"] <= ADAPTER_TOL, res
     assert res["logits_diff"] <= LOGITS_TOL and res["topk_vals_diff"] <= LOGITS_TOL, res
-    assert res["tokens_equal"] and res["eval_answers_equal"], res
-    assert res["cli_adapter_diff"] <= ADAPTER_TOL and res["eval_adapter_diff"] <= ADAPTER_TOL, res
+    assert res["tokens_equal"] and res["eval_adapter_diff"] <= ADAPTER_TOL, res
     assert res["teacher_equal"] and res["topk_idx_equal"], res
     # base weights laid out by the training rules: vocab -> tensor, embed -> fsdp
     assert res["embed_sharding"] == "P('tensor', 'fsdp')" and res["n_devices_base"] == 8, res
