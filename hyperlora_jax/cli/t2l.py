@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from hyperlora_jax.cli.common import add_allow_other_base
+from hyperlora_jax.cli.common import add_allow_other_base, add_mesh, mesh_from_args
 from hyperlora_jax.paths import Path
 
 
@@ -33,11 +33,13 @@ def _generate(args: argparse.Namespace) -> int:
                 f"{args.embeddings} holds embeddings of shape {list(embs.shape)}; expected "
                 f"[{len(args.task)}, E], one row per --task"
             )
+    mesh = mesh_from_args(args)
     t2l = TextToLoRA.from_checkpoint(
         args.hypernet,
         encoder=args.encoder,
         base_model=args.base_model,
         allow_other_base=args.allow_other_base,
+        mesh=mesh,
     )
     if embs is not None:
         adapters = t2l.generate(embs, scale_mode=args.scale_mode)
@@ -139,5 +141,6 @@ def register(subparsers) -> None:
         help="trained: alpha/sqrt(r) as T2L trained (default); vllm054: alpha/r as in the README",
     )
     p.add_argument("--overwrite", action="store_true", help="replace non-empty output folders")
+    add_mesh(p)
     add_allow_other_base(p, "checkpoint")
     p.set_defaults(func=_generate)
