@@ -12,6 +12,7 @@ from hyperlora_jax.lora.adapter import Adapter, concat
 from hyperlora_jax.lora.peft import export_peft, import_peft
 from hyperlora_jax.lora.storage import load_adapter, save_adapter
 from hyperlora_jax.models.fetch import fetch_model
+from hyperlora_jax.paths import as_path
 
 __all__ = [
     "Adapter",
@@ -33,7 +34,7 @@ def load_d2l(path: str | Path, base_model=None, **kw) -> DocToLoRA:
     base_model and **kw: as DocToLoRA.from_params; models an official file names are also looked
     up beside it.
     """
-    path = Path(path)
+    path = as_path(path)  # gs:// too (our folders; an official file is read locally)
     if not path.is_file():
         return DocToLoRA.from_checkpoint(path, base_model, **kw)
     config, params, meta = read_official(path)

@@ -112,6 +112,27 @@ def test_tiny_run_resume_and_export_on_gs(fake_gcs):
     assert main(["export-run", f"--workdir={work}", f"--out={out}"]) == 2
 
 
+def test_convert_and_internalize_on_gs(fake_gcs):
+    """An official checkpoint converted to gs://, read back from there by `internalize` with a
+    gs:// document and adapter: the same adapter as the local run."""
+    fx = ROOT / "tests/fixtures/official/d2l"
+    base = ["--base-model", str(fx / "tiny-gemma2")]
+    assert (
+        main(["convert", "official-d2l", str(fx / "pytorch_model.bin"), "gs://b/d2l", *base]) == 0
+    )
+    (fake_gcs / "b" / "doc.txt").write_text("Tamsin Holloway keeps a tortoise in Redcliff.")
+    on_gs = ["--hypernet", "gs://b/d2l", "--doc", "gs://b/doc.txt", "--out", "gs://b/ad"]
+    here = fake_gcs.parent / "local"
+    on_disk = ["--hypernet", str(fake_gcs / "b/d2l"), "--doc", str(fake_gcs / "b/doc.txt")]
+    assert main(["internalize", *on_gs, *base]) == 0
+    assert main(["internalize", *on_disk, "--out", str(here), *base]) == 0
+    remote, local = load_adapter("gs://b/ad"), load_adapter(here)
+    assert list(remote.a) == list(local.a)
+    for m in remote.a:
+        np.testing.assert_array_equal(remote.a[m], local.a[m])
+        np.testing.assert_array_equal(remote.b[m], local.b[m])
+
+
 def test_adapter_folder_round_trip_on_gs(fake_gcs):
     rng = np.random.default_rng(0)
     ad = Adapter(

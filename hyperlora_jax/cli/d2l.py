@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from hyperlora_jax.cli.common import (
     MODEL_HELP,
     add_allow_other_base,
@@ -12,6 +10,7 @@ from hyperlora_jax.cli.common import (
     positive_int,
 )
 from hyperlora_jax.errors import InputError
+from hyperlora_jax.paths import as_path
 
 
 def register(subparsers) -> None:
@@ -87,7 +86,7 @@ def _internalize(args) -> int:
         raise InputError("images and their text are one chunk: drop --chunk-size with --image")
     texts = []
     for f in args.doc:
-        p = Path(f)
+        p = as_path(f)  # gs:// too
         if not p.is_file():
             raise InputError(f"no document file at {p}")
         try:

@@ -58,6 +58,7 @@ from hyperlora_jax.models.fetch import HUB_ALIASES, KNOWN_MODELS, fetch_model
 from hyperlora_jax.models.hf import load_hf_model
 from hyperlora_jax.models.load import base_fingerprint, check_family, check_fingerprint
 from hyperlora_jax.models.tokenizer import load_tokenizer
+from hyperlora_jax.paths import as_path
 from hyperlora_jax.precision import Precision, get_precision
 
 # Chunks per compiled call: every document runs as groups of [CHUNK_GROUP, T] (the last group
@@ -350,7 +351,7 @@ class DocToLoRA:
         base_model and **kw: as from_params; a model the checkpoint names is also looked up
         beside the folder it was converted from.
         """
-        path = Path(path)
+        path = as_path(path)  # a gs:// folder too
         config, params, meta = load_checkpoint(path)
         src = (meta.get("source") or {}).get("path")
         root = Path(src).parent if src else path.parent
