@@ -9,6 +9,7 @@ rewrites metrics.jsonl instead of appending to it.
 
 from __future__ import annotations
 
+import io
 import os
 
 from etils import epath
@@ -35,3 +36,13 @@ def files_under(folder: epath.Path) -> list[epath.Path]:
     for p in epath.Path(folder).iterdir():
         out += files_under(p) if p.is_dir() else [p]
     return sorted(out)
+
+
+def save_figure(fig, path: PathLike, **kw) -> None:
+    """fig.savefig to a local or gs:// path (matplotlib writes local files only: render to
+    bytes, then write them through epath)."""
+    path = as_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", **kw)
+    path.write_bytes(buf.getvalue())

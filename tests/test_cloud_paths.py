@@ -181,3 +181,18 @@ def test_token_shards_on_gs(fake_gcs):
         assert [str(f) for f in found] == [f"gs://bucket/tok/{n}" for n in names]
     shard = ts.read_shard(found[1])
     assert shard.ctx_ids.tolist() == [1, 2, 4] and shard.meta["vocab_size"] == 100
+
+
+def test_eval_results_on_gs(fake_gcs):
+    """`eval d2l --out gs://...` writes its results, table and plots through epath."""
+    fx = ROOT / "tests/fixtures/official/d2l"
+    rc = main([
+        "eval", "d2l", "--base", str(fx / "tiny-gemma2"), "--checkpoint",
+        str(fx / "pytorch_model.bin"), "--niah-bins", "32-128", "--niah-per-bin", "1",
+        "--methods", "d2l,no_context", "--max-new-tokens", "2", "--out", "gs://b/eval",
+    ])  # fmt: skip
+    assert rc == 0
+    out = fake_gcs / "b" / "eval"
+    assert set(json.loads((out / "results.json").read_text())["summary"]) == {"d2l", "no_context"}
+    pngs = sorted(out.glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

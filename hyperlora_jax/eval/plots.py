@@ -12,6 +12,8 @@ import json
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from hyperlora_jax.paths import save_figure  # noqa: E402
+
 
 def line_plot(
     series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
@@ -38,9 +40,7 @@ def line_plot(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return fig
 
@@ -107,8 +107,6 @@ def plot_confusion(
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return fig

@@ -28,6 +28,7 @@ from hyperlora_jax.lora import adapter as lora
 from hyperlora_jax.lora.adapter import Adapter
 from hyperlora_jax.lora.storage import load_adapter, read_adapter_meta
 from hyperlora_jax.models import decoding
+from hyperlora_jax.paths import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -257,5 +258,5 @@ def bar_plot(res: dict, path: str | Path) -> None:
     ax.legend()
     ax.set_title("T2L on the task suite (SmolLM2-135M-Instruct)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import statistics
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+
+from hyperlora_jax.paths import as_path
 
 
 def _read_status_kb(key: str) -> int | None:
@@ -122,22 +125,23 @@ class StageTracker:
 
     def save_csv(self, path: str | Path) -> None:
         """One row per (example, stage), as the official `{split}_{ds}_tracked_stats.csv`."""
-        path = Path(path)
+        f = io.StringIO(newline="")  # epath's open() takes no newline=: csv to memory first
+        w = csv.writer(f)
+        w.writerow(["example", "stage", "seconds", "peak_bytes", "memory_kind", "extra"])
+        for r in self.records:
+            w.writerow(
+                [
+                    r.example,
+                    r.stage,
+                    f"{r.seconds:.6f}",
+                    r.peak_bytes,
+                    r.memory_kind,
+                    json.dumps(r.extra),
+                ]
+            )
+        path = as_path(path)  # gs:// too
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["example", "stage", "seconds", "peak_bytes", "memory_kind", "extra"])
-            for r in self.records:
-                w.writerow(
-                    [
-                        r.example,
-                        r.stage,
-                        f"{r.seconds:.6f}",
-                        r.peak_bytes,
-                        r.memory_kind,
-                        json.dumps(r.extra),
-                    ]
-                )
+        path.write_text(f.getvalue())
 
 
 class _Stage:
