@@ -9,6 +9,7 @@ Orbax's GCS code path: commit-file atomicity, no renames) runs as it does agains
 """
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -112,19 +113,23 @@ def test_tiny_run_resume_and_export_on_gs(fake_gcs):
     assert main(["export-run", f"--workdir={work}", f"--out={out}"]) == 2
 
 
-def test_convert_and_internalize_on_gs(fake_gcs):
+def test_convert_and_internalize_on_gs(fake_gcs, monkeypatch):
     """An official checkpoint converted to gs://, read back from there by `internalize` with a
-    gs:// document and adapter: the same adapter as the local run."""
+    gs:// document, base model and adapter: the same adapter as the local run."""
+    monkeypatch.setenv("HYPERLORA_CACHE", str(fake_gcs.parent / "cache"))
     fx = ROOT / "tests/fixtures/official/d2l"
     base = ["--base-model", str(fx / "tiny-gemma2")]
-    assert (
-        main(["convert", "official-d2l", str(fx / "pytorch_model.bin"), "gs://b/d2l", *base]) == 0
-    )
+    convert = ["convert", "official-d2l", str(fx / "pytorch_model.bin"), "gs://b/d2l"]
+    assert main([*convert, *base]) == 0
     (fake_gcs / "b" / "doc.txt").write_text("Tamsin Holloway keeps a tortoise in Redcliff.")
+    shutil.copytree(fx / "tiny-gemma2", fake_gcs / "b" / "models" / "tiny-gemma2")
     on_gs = ["--hypernet", "gs://b/d2l", "--doc", "gs://b/doc.txt", "--out", "gs://b/ad"]
     here = fake_gcs.parent / "local"
     on_disk = ["--hypernet", str(fake_gcs / "b/d2l"), "--doc", str(fake_gcs / "b/doc.txt")]
-    assert main(["internalize", *on_gs, *base]) == 0
+    assert main(["internalize", *on_gs, "--base-model", "gs://b/models/tiny-gemma2"]) == 0
+    assert len(list((fake_gcs.parent / "cache" / "models").iterdir())) == 1  # copied once
+    no_model = ["--base-model", "gs://b/nothing", "--out", "gs://b/ad2"]
+    assert main(["internalize", *on_gs[:4], *no_model]) == 2  # one line: no config.json there
     assert main(["internalize", *on_disk, "--out", str(here), *base]) == 0
     remote, local = load_adapter("gs://b/ad"), load_adapter(here)
     assert list(remote.a) == list(local.a)

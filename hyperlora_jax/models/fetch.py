@@ -241,6 +241,8 @@ def fetch_model(name_or_path: str, dest: str | os.PathLike | None = None) -> Pat
     Known names: see KNOWN_MODELS (or their hub ids, HUB_ALIASES). Results are cached: a second
     call returns at once.
     """
+    if "://" in str(name_or_path):  # gs://BUCKET/models/NAME: copied to the cache once
+        return _from_remote(str(name_or_path), dest)
     p = Path(name_or_path).expanduser()
     if p.is_dir() and _is_ready(p):
         if dest is None:
@@ -306,6 +308,42 @@ def _convert_into(name_or_path: str, name: str, known, p: Path, target: Path) ->
         if target.exists():  # a stale partial folder, or another process won the race
             if (target / DONE_FILE).exists():
                 return target
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _from_remote(url: str, dest) -> Path:
+    """A model folder on an object store (gs://, through etils.epath), copied to the local cache
+    (or dest) once: the loaders read local files (safetensors are memory-mapped)."""
+    from hyperlora_jax.paths import files_under
+
+    key = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    target = Path(dest).expanduser() if dest else cache_dir() / "models" / f"remote-{key}"
+    if (target / DONE_FILE).exists():
+        return target
+    from etils import epath
+
+    src = epath.Path(url)
+    if not (src / "config.json").exists():
+        raise CheckpointError(
+            f"{url} is no model folder (no config.json there); give a folder written with "
+            "save_pretrained(safe_serialization=True)"
+        )
+    progress(f"copying {url} to {target} (once) ...")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        for f in files_under(src):
+            out = tmp / str(f.relative_to(src))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(f.read_bytes())
+        if not _is_ready(tmp):
+            raise CheckpointError(f"{url} has config.json but no *.safetensors weights")
+        (tmp / DONE_FILE).write_text(json.dumps({"source": url}, indent=2))
+        if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
