@@ -167,6 +167,10 @@ def test_records_on_gs_write_and_read_back(fake_gcs):
     docs, bad = read_documents("gs://bucket/data/a.jsonl")
     assert [d["text"] for d in docs] == ["document 0", "document 1", "document 2"] and not bad
     assert docs[0]["source"] == "gs://bucket/data/a.jsonl"
+    # ArrayRecord: written locally then uploaded; read from a local copy made once
+    assert write_records("gs://bucket/ar/c.array_record", recs) == 3
+    assert (fake_gcs / "bucket" / "ar" / "c.array_record").is_file()
+    assert [RecordSource("gs://bucket/ar/c.array_record")[i]["n"] for i in range(3)] == [0, 1, 2]
 
 
 def test_token_shards_on_gs(fake_gcs):

@@ -8,10 +8,12 @@ record is msgpack with numpy arrays as an ext type: safe to decode (no pickle), 
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -255,11 +257,12 @@ def write_array_record(path: str | os.PathLike, records: Iterable[dict]) -> int:
     from array_record.python.array_record_module import ArrayRecordWriter
 
     path = Path(path)
-    if is_remote(path):
-        raise InputError(
-            f"{path}: ArrayRecord files are written to a local folder; write .jsonl or .parquet "
-            "to a gs:// path, or copy the finished folder there"
-        )
+    if is_remote(path):  # the writer needs a local file: written here, then uploaded whole
+        with tempfile.TemporaryDirectory() as tmp:
+            n = write_array_record(os.path.join(tmp, path.name), records)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes((Path(tmp) / path.name).read_bytes())
+        return n
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = ArrayRecordWriter(str(path), "group_size:1")
     n = 0
@@ -286,6 +289,22 @@ def write_records(path: str | os.PathLike, records: Sequence[dict]) -> int:
 
 
 # ------------------------------------------------------------------------- random-access sources
+def _local_copy(path: str) -> str:
+    """A gs:// ArrayRecord file copied once to the local temp folder (the reader opens local
+    files only); a local path as it is."""
+    if not is_remote(path):
+        return path
+    src = Path(path)
+    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    local = Path(tempfile.gettempdir()) / f"hyperlora_ar_{key}" / src.name
+    if not local.exists() or os.path.getsize(local) != src.stat().length:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.parent / f".{src.name}.tmp-{os.getpid()}"
+        tmp.write_bytes(src.read_bytes())
+        os.replace(tmp, local)
+    return str(local)
+
+
 class RecordSource:
     """Random-access records (len / getitem) over a list, JSONL, Parquet or ArrayRecord files.
 
@@ -305,7 +324,7 @@ class RecordSource:
         if ar:
             import grain
 
-            self._ar = grain.sources.ArrayRecordDataSource(ar)
+            self._ar = grain.sources.ArrayRecordDataSource([_local_copy(f) for f in ar])
         else:
             errors = ErrorLog("raise")
             self._records = [r for _, _, r in iter_raw_records(self._files, errors=errors)]
