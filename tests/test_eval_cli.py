@@ -77,6 +77,15 @@ def test_eval_t2l_cli_end_to_end(tmp_path):
         assert 0.0 <= res["tasks"]["boolq"][m] <= 1.0
     assert "| t2l |" in (out / "results.md").read_text()
     _png_ok(out / "accuracy_by_task.png")
+    # --mesh (here a 1-device mesh: the sharded code path; 8 devices: test_sharded_inference)
+    rc = main([
+        "eval", "t2l", "--base", f"{T2L}/tiny-mistral", "--checkpoint", ckpt,
+        "--encoder", str(emb), "--task", f"boolq={data}", "--max-new-tokens", "2",
+        "--parity", "--mesh", "data=1,fsdp=1,tensor=1", "--out", str(tmp_path / "mesh"),
+    ])  # fmt: skip
+    assert rc == 0
+    on_mesh = json.loads((tmp_path / "mesh" / "results.json").read_text())
+    assert on_mesh["samples"] == res["samples"]
 
 
 def test_eval_cli_errors_are_clear(tmp_path, capsys):

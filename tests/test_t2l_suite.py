@@ -208,3 +208,9 @@ def test_oracles_recon_multitask_and_suite_eval_from_the_cli(tmp_path, capsys):
     assert res["modes"] == ["base", "base_desc", "oracle", "multitask", "recon", "recon_random"]
     assert "recon_random" not in res["groups"]["seen"]  # the probe runs on held-out tasks
     assert (out / "accuracy_by_mode.png").stat().st_size > 0
+    # on a mesh (1 device here: the sharded code path), the same answers
+    assert main([*args[:-1], "--modes=base,oracle,t2l", "--mesh=data=1,fsdp=1,tensor=1",
+                 f"--out={tmp_path / 'mesh'}"]) == 0  # fmt: skip
+    on_mesh = json.loads((tmp_path / "mesh" / "results.json").read_text())
+    for task, modes in on_mesh["samples"].items():
+        assert modes == {m: res["samples"][task][m] for m in modes}

@@ -251,13 +251,14 @@ def run_t2l(args: argparse.Namespace) -> int:
         raise ConfigError("give at least one --task NAME=FILE (e.g. arc_easy=arc_easy_test.jsonl)")
     files = name_value_pairs(args.task, "--task", "boolq=boolq_val.jsonl")
     data = {name: tasks.load_examples(name, path, args.limit) for name, path in files.items()}
+    mesh = mesh_from_args(args)
     t2l = None
     if "t2l" in modes:
         if not args.checkpoint:
             raise ConfigError("mode t2l needs --checkpoint (a T2L checkpoint folder)")
         from hyperlora_jax.hypernet.t2l.api import TextToLoRA
 
-        t2l = TextToLoRA.from_checkpoint(args.checkpoint, encoder=args.encoder)
+        t2l = TextToLoRA.from_checkpoint(args.checkpoint, encoder=args.encoder, mesh=mesh)
     t0 = time.perf_counter()
     config, params, tok, base_path = load_base(args.base)
     tracker = StageTracker()
@@ -273,6 +274,7 @@ def run_t2l(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dtype=jnp.dtype(args.dtype),
         tracker=tracker,
+        mesh=mesh,
     )
     res.update(
         kind="t2l",
@@ -316,8 +318,9 @@ def run_t2l_suite(args: argparse.Namespace) -> int:
     seen = train[:: max(1, len(train) // n)][:n] if n else []
     tasks = {t: g for g, names in splits.items() for t in names} | {t: "seen" for t in seen}
     checkpoints = name_value_pairs(args.t2l or [], "--t2l", "sft=runs/t2l/sft")
+    mesh = mesh_from_args(args)
     t2ls = {
-        name: TextToLoRA.from_checkpoint(path, encoder=args.encoder)
+        name: TextToLoRA.from_checkpoint(path, encoder=args.encoder, mesh=mesh)
         for name, path in checkpoints.items()
     }
     t0 = time.perf_counter()
@@ -335,6 +338,7 @@ def run_t2l_suite(args: argparse.Namespace) -> int:
         n_descriptions=args.descriptions,
         batch_size=args.batch_size,
         modes=modes,
+        mesh=mesh,
     )
     res.update(base_model=str(base_path), wall_s=time.perf_counter() - t0, kind="t2l_suite")
     out = output_dir(args.out)
@@ -426,6 +430,7 @@ def register(subparsers) -> None:
     t.add_argument("--limit", type=positive_int)
     t.add_argument("--dtype", default="float32", choices=DTYPES)
     t.add_argument("--out", required=True)
+    add_mesh(t)
     t.set_defaults(func=run_t2l)
 
     s = sub.add_parser("t2l-suite", help="T2L vs baselines on a generated task suite")
@@ -450,4 +455,5 @@ def register(subparsers) -> None:
     )
     s.add_argument("--batch-size", type=positive_int, default=64, help="rows decoded together")
     s.add_argument("--out", required=True)
+    add_mesh(s)
     s.set_defaults(func=run_t2l_suite)

@@ -28,6 +28,7 @@ from hyperlora_jax.lora import adapter as lora
 from hyperlora_jax.lora.adapter import Adapter
 from hyperlora_jax.lora.storage import load_adapter, read_adapter_meta
 from hyperlora_jax.models import decoding
+from hyperlora_jax.models import sharding as shd
 from hyperlora_jax.paths import save_figure
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ def evaluate_suite(
     max_new_tokens: int = 28,
     batch_size: int = 64,
     progress: bool = True,
+    mesh=None,
 ) -> dict[str, Any]:
     """tasks: {name: group} (a held-out group or "seen"); modes: which of `MODES` to run.
     Returns per-task accuracies, group averages, samples.
@@ -118,6 +120,8 @@ def evaluate_suite(
     costs about what one narrow pass does."""
 
     t2ls = t2ls or {}
+    if mesh is not None:  # laid out once; generate then shards only the rows
+        params = shd.shard_model_params(params, config, mesh)
     bad = sorted(set(modes) - set(MODES))
     if bad or not modes:
         raise InputError(f"modes: unknown {bad or 'none given'}; choose from {', '.join(MODES)}")
@@ -163,6 +167,7 @@ def evaluate_suite(
             tokenizer=tokenizer,
             dtype=jnp.float32,
             pad_to_multiple=32,
+            mesh=mesh,
         )
         texts += out.texts[: batch_size - fill]
     hits: dict[tuple[str, str], list] = {}

@@ -21,6 +21,7 @@ from hyperlora_jax.errors import InputError
 from hyperlora_jax.eval import metrics
 from hyperlora_jax.lora.adapter import unstack
 from hyperlora_jax.models import decoding
+from hyperlora_jax.models import sharding as shd
 
 ARC_TEMPLATE = (
     "Answer the question below by choosing the correct choice.\n\n"
@@ -306,6 +307,7 @@ def evaluate_t2l(
     batch_size: int = 16,
     dtype=None,
     tracker=None,
+    mesh=None,
 ) -> dict[str, Any]:
     """Accuracy of each mode on each task. "t2l" averages the 3 LoRAs generated from the task's 3
     eval descriptions (the README's T2L row). parity=True is README-parity: official parsers and
@@ -314,6 +316,8 @@ def evaluate_t2l(
     if "t2l" in modes and t2l is None:
         raise InputError("mode 't2l' needs a T2L checkpoint (--checkpoint)")
     max_new = max_new_tokens or (512 if parity else 256)
+    if mesh is not None:  # laid out once; generate then shards only the rows
+        base_params = shd.shard_model_params(base_params, base_config, mesh)
     dtype = dtype or jnp.float32
     results: dict[str, Any] = {}
     samples: dict[str, Any] = {}
@@ -332,6 +336,7 @@ def evaluate_t2l(
                     max_new_tokens=max_new,
                     tokenizer=tokenizer,
                     dtype=dtype,
+                    mesh=mesh,
                 )
             outs += g.texts
         correct = [score(task, o, target(task, r, parity), parity) for o, r in zip(outs, rows)]
