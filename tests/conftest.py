@@ -21,6 +21,30 @@ import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+
+def run_on_fake_devices(script: str, n: int = 8) -> dict:
+    """Run tests/SCRIPT in a fresh process on n fake CPU devices (the device count is fixed at
+    JAX start) and return the JSON it prints after "RESULT "."""
+    import json
+    import subprocess
+
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count={n}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    r = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / script)],
+        cwd=Path(__file__).parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.split("RESULT ", 1)[1])
+
+
 jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests compile the same tiny programs; a compilation cache inside the checkout lets the
 # pytest-xdist workers share them (a clean clone starts with an empty cache, as CI does;

@@ -3,19 +3,12 @@ the D2L adapters, logits, generated tokens, T2L adapters and the selfgen teacher
 device's (subprocess: the device count is fixed at JAX start); a mesh that does not fit the
 devices is one clear line."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from conftest import XLA_TEST_FLAGS
+from conftest import run_on_fake_devices
 
 from hyperlora_jax.errors import ConfigError
 from hyperlora_jax.models import sharding as shd
 
-ROOT = Path(__file__).parents[1]
 # Measured (2 CPU cores, f32, matmul precision highest): adapters 1.2e-7 (entries up to 0.06),
 # logits 6.2e-6, top-k log-probs 7.6e-6, T2L 0; tokens, teacher answers, top-k indices identical.
 ADAPTER_TOL, LOGITS_TOL = 1e-5, 1e-4
@@ -23,21 +16,7 @@ ADAPTER_TOL, LOGITS_TOL = 1e-5, 1e-4
 
 @pytest.mark.slow
 def test_sharded_inference_equals_single_device():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_sharded_inference.py")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    res = run_on_fake_devices("_sharded_inference.py")
     assert res["adapter_shape"][0] == 3 and res["t2l_shape"][0] == 5, res  # padding cut off
     assert res["adapter_diff"] <= ADAPTER_TOL and res["adapter_scale"] > 1e-3, res
     assert res["t2l_diff"] <= ADAPTER_TOL, res

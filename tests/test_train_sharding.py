@@ -1,38 +1,16 @@
 """Sharded training step on 8 fake CPU devices equals the single-device step, and parameters are
 laid out as the logical-axis rules say (subprocess: the device count is fixed at JAX start)."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from conftest import XLA_TEST_FLAGS
+from conftest import run_on_fake_devices
 
 from hyperlora_jax.errors import ConfigError
 from hyperlora_jax.train import sharding as shd
 
-ROOT = Path(__file__).parents[1]
-
 
 @pytest.mark.slow
 def test_sharded_step_equals_single_device_and_follows_rules():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_sharded_step.py")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.split("RESULT ", 1)[1])
+    res = run_on_fake_devices("_sharded_step.py")
     assert abs(res["loss1"] - res["loss8"]) <= 1e-5, res
     assert res["param_diff"] <= 1e-5, res
     # rules: vocab -> tensor, embed -> fsdp, mlp/heads -> tensor, layers replicated
