@@ -12,16 +12,18 @@ Official setups (reference/d2l.md §1, §3.4) and CPU-scale ones:
   tiny             random 2-layer base, latent 16, 1 block (tests, seconds on a CPU)
   gemma2_2b_vlm_ctx  cross-model (official train-cross-enc-slurm.sh): Gemma-3-4b-it's language
                    model reads the context (26 of its 34 layers), Gemma-2-2b-it is the base; the
-                   Imagenette eval (`eval d2l-images`) feeds it images. Inference only for now:
-                   `train` refuses a separate context encoder (ctx_model), see below
+                   Imagenette eval (`eval d2l-images`) feeds it images (training: below)
   tiny_vlm_ctx     its tiny twin: a 4-layer Gemma-3 text tower (H=48) over the tiny Gemma-2
-                   fixture base (tests/test_d2l_images.py, the images notebook's TINY mode)
+                   fixture base (tests/test_d2l_images.py, tests/test_train_cross_model.py, the
+                   images notebook's TINY mode)
 
 Launch:
   hyperlora-jax train --config configs/d2l.py:smollm2_niah --workdir runs/d2l_niah \
       --data NIAH_SHARDS --base_model smollm2-135m-instruct
   hyperlora-jax train --config configs/d2l.py:gemma2_2b_qa_chunks \
       --config.train.init_from=STAGE1_EXPORT ...   # stage 2 from `export-run` of stage 1
+  hyperlora-jax train --config configs/d2l.py:gemma2_2b_vlm_ctx --workdir runs/d2l_vlm_ctx \
+      --data SELFGEN_RECORDS --base_model google/gemma-2-2b-it --ctx_model google/gemma-3-4b-it
 
 Fields: `kind` ("d2l"), `base_model` (the base model's Hugging Face id: what `hyperlora-jax
 fetch-model`, `--base_model` and exported checkpoints name), `base_preset` (its architecture in
@@ -31,8 +33,9 @@ data/feeds.py. `train.steps`, when set, wins over `train.epochs` (x num_train_sa
 Cross-model presets add `ctx_model` (the context encoder's id) and `ctx_preset` (its text
 architecture) or an inline `ctx_model_config`; the hypernetwork reads features of the context
 encoder's width and `hypernet.ctx_encoder_last_layer` = the base's depth keeps as many maps as
-the base has layers. Training them needs the encoder's own tokenizer in the data feeds and its
-weights beside the base's, which the trainer does not do yet (a ConfigError says so).
+the base has layers. Training loads the encoder (--ctx_model, default `ctx_model`; tiny_vlm_ctx
+without it: a random `ctx_model_config` model) beside the base and reads the contexts of the data
+in its tokenizer (docs/images.md, "Training a cross-model hypernetwork").
 """
 
 from __future__ import annotations
@@ -339,14 +342,22 @@ def tiny_vlm_ctx() -> mlc.ConfigDict:
     c.ctx_model = None
     c.ctx_preset = None
     # the tiny Gemma-2 fixture (tests/fixtures/official/d2l/tiny-gemma2) and the text tower of
-    # hyperlora_jax.models.testing.save_tiny_vlm
+    # hyperlora_jax.models.testing.save_tiny_vlm, whole architectures: the random models of a run
+    # without --base_model / --ctx_model are built like them, and those folders load into them
+    gemma = dict(embed_scale=True, norm_plus_one=True, sandwich_norm=True,
+                 hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)  # fmt: skip
     c.base_model_config = mlc.ConfigDict(
         dict(family="gemma2", vocab_size=512, hidden_size=64, intermediate_size=128,
-             num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16)
+             num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=1024,
+             layer_types=("sliding", "full", "sliding"), attn_logit_softcap=50.0,
+             final_logit_softcap=30.0, query_pre_attn_scalar=16.0,
+             max_position_embeddings=2048, **gemma)
     )  # fmt: skip
     c.ctx_model_config = mlc.ConfigDict(
         dict(family="gemma3", vocab_size=512, hidden_size=48, intermediate_size=96,
-             num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16)
+             num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, sliding_window=64,
+             layer_types=("sliding", "full") * 2, rope_theta=1e6, rope_local_theta=10000.0,
+             qk_norm=True, query_pre_attn_scalar=256.0, max_position_embeddings=512, **gemma)
     )  # fmt: skip
     return c
 

@@ -17,8 +17,8 @@ from hyperlora_jax.train.config_file import define_config_flag, load_config, one
 
 TRAIN_HELP = """usage: hyperlora-jax train --config FILE.py:PRESET [--config.a.b=VALUE ...]
                            [--workdir DIR] [--data PATH ...] [--base_model DIR]
-                           [--mesh data=N,fsdp=N,tensor=N] [--coordinator HOST:PORT
-                           --num_processes N --process_id I]
+                           [--ctx_model DIR] [--mesh data=N,fsdp=N,tensor=N]
+                           [--coordinator HOST:PORT --num_processes N --process_id I]
 
 Meta-trains the hypernetwork of the config; resumes from the newest checkpoint in --workdir.
 A progress bar shows the steps; the first step compiles (seconds for `tiny`, minutes for a real
@@ -37,6 +37,11 @@ options:
                             built-in synthetic task.
   --base_model DIR          base model: known name, folder, .gguf or hub id (default: the
                             config's base_model)
+  --ctx_model DIR           cross-model D2L presets (d2l.py:gemma2_2b_vlm_ctx, tiny_vlm_ctx):
+                            the context encoder, e.g. a Gemma-3 VLM folder (default: the
+                            config's ctx_model; tiny_vlm_ctx: a random tiny encoder). Its
+                            tokenizer reads the contexts of --data (text records; self-gen
+                            records are decoded and re-tokenized; token shards are refused)
   --mesh SPEC               device mesh data=N,fsdp=N,tensor=N, -1 = the remaining devices
                             (default: the config's train.mesh)
   --coordinator, --num_processes, --process_id   multi-process runs (launch/README.md)
@@ -128,6 +133,9 @@ def _flags(name: str, argv: list[str]):
         flags.DEFINE_multi_string("data", [], "training records", flag_values=fv)
         flags.DEFINE_string(
             "base_model", None, "base model folder (save_pretrained)", flag_values=fv
+        )
+        flags.DEFINE_string(
+            "ctx_model", None, "cross-model D2L: the context encoder", flag_values=fv
         )
         flags.DEFINE_string("coordinator", None, "multi-process coordinator", flag_values=fv)
         flags.DEFINE_integer("num_processes", None, "multi-process count", flag_values=fv)

@@ -77,26 +77,46 @@ def _token_shard_items(files, opts, parts, seed: int, tokenizer=None):
     return items
 
 
-def _record_items(paths, opts, hp, seed: int, tokenizer=None) -> list[dict]:
-    """Text QA records (NIAH, facts: tokenized here) or self-gen records -> D2L items."""
+def _record_items(paths, opts, hp, seed: int, tokenizer=None, ctx_tokenizer=None) -> list[dict]:
+    """Text QA records (NIAH, facts: tokenized here) or self-gen records -> D2L items.
+
+    ctx_tokenizer: a separate context encoder's tokenizer (cross-model D2L): contexts are
+    tokenized (text records) or re-tokenized (self-gen records) with it and chunked with its
+    affixes; the QAs and teacher log-probs stay in the base tokenizer."""
 
     chunk = opts.chunk
     records = [rec for _, _, rec in iter_raw_records(paths, errors=ErrorLog("raise"))]
-    if records and "ctx_ids" not in records[0] and "context" in records[0]:
+    text = bool(records) and "ctx_ids" not in records[0] and "context" in records[0]
+    if ctx_tokenizer is not None:
+        if tokenizer is None:
+            raise ConfigError(
+                "cross-model records need the base model's tokenizer (--base_model) beside the "
+                "context encoder's"
+            )
+        chunk = pipeline.ChunkConfig.for_tokenizer(
+            ctx_tokenizer,
+            max_chunk_len=chunk.max_chunk_len,
+            min_chunk_len=chunk.min_chunk_len,
+            num_chunk_probs=chunk.num_chunk_probs,
+        )
+        if not text:
+            records = pipeline.retokenize_contexts(records, tokenizer, ctx_tokenizer)
+    if text:
         # text records {context, prompt, response} (NIAH): tokenized here, gold-response CE
         if hp.objective != "ce":
             raise ConfigError("text records carry no teacher log-probs: use train.loss=ce")
         if tokenizer is None:
             raise ConfigError("text records need the base model's tokenizer (--base_model)")
-        chunk = pipeline.ChunkConfig.for_tokenizer(
-            tokenizer,
-            max_chunk_len=chunk.max_chunk_len,
-            min_chunk_len=chunk.min_chunk_len,
-            num_chunk_probs=chunk.num_chunk_probs,
-        )
+        if ctx_tokenizer is None:
+            chunk = pipeline.ChunkConfig.for_tokenizer(
+                tokenizer,
+                max_chunk_len=chunk.max_chunk_len,
+                min_chunk_len=chunk.min_chunk_len,
+                num_chunk_probs=chunk.num_chunk_probs,
+            )
 
         def make_item(rec, rng):
-            return pipeline.text_qa_item(rec, rng, tokenizer, chunk)
+            return pipeline.text_qa_item(rec, rng, tokenizer, chunk, ctx_tokenizer=ctx_tokenizer)
     else:
 
         def make_item(rec, rng):
@@ -111,9 +131,10 @@ def _record_items(paths, opts, hp, seed: int, tokenizer=None) -> list[dict]:
     )
 
 
-def d2l_data(config, parts, paths: list[str], seed: int, tokenizer=None):
+def d2l_data(config, parts, paths: list[str], seed: int, tokenizer=None, ctx_tokenizer=None):
     """Packed D2L rows: token shards, text QA records (NIAH, facts) or self-gen records."""
-    return pack_d2l_items(parts, *d2l_items(config, parts, paths, seed, tokenizer), seed)
+    items, pc = d2l_items(config, parts, paths, seed, tokenizer, ctx_tokenizer)
+    return pack_d2l_items(parts, items, pc, seed)
 
 
 def pack_d2l_items(parts, items, pc, seed: int):
@@ -170,19 +191,32 @@ def d2l_feed(config, parts) -> D2LFeed:
     )
 
 
-def d2l_items(config, parts, paths: list[str], seed: int, tokenizer=None):
-    """(items, PackConfig) of the D2L training data (see d2l_data)."""
+def d2l_items(config, parts, paths: list[str], seed: int, tokenizer=None, ctx_tokenizer=None):
+    """(items, PackConfig) of the D2L training data (see d2l_data). A cross-model config
+    (parts.ctx_cfg) reads its contexts in `ctx_tokenizer`, its context encoder's."""
 
     hp = parts.hp
     opts = d2l_feed(config, parts)
     pc = opts.pack
+    cross = parts.ctx_cfg is not None
     if paths:
         shard_files = token_shards.find_shards(paths)
+        if shard_files and cross:
+            raise ConfigError(
+                f"{shard_files[0]}: token shards hold contexts in the base model's tokenizer but "
+                f"config {config.name!r} reads them with its own context encoder; train on the "
+                "text records instead (`data niah|facts` without --format tokens)"
+            )
+        if cross and ctx_tokenizer is None:
+            raise ConfigError(
+                f"config {config.name!r} reads contexts with its own model: --data needs its "
+                "tokenizer, pass --ctx_model DIR_OR_NAME"
+            )
         if shard_files:  # `data niah|facts --format tokens`: the text path's items, built lazily
             items = _token_shard_items(shard_files, opts, parts, seed, tokenizer)
             longest = items.longest_chunk
         else:
-            items = _record_items(paths, opts, hp, seed, tokenizer)
+            items = _record_items(paths, opts, hp, seed, tokenizer, ctx_tokenizer)
             longest = max((len(c) for it in items for c in it["ctx_chunks"]), default=0)
         if hp.max_chunk_len and longest > hp.max_chunk_len:
             raise ConfigError(
@@ -192,7 +226,10 @@ def d2l_items(config, parts, paths: list[str], seed: int, tokenizer=None):
     elif "base_model_config" in config:
         if hp.objective == "distill":
             raise ConfigError("the synthetic task has no teacher: add --config.train.loss=ce")
-        items = synthetic_d2l_items(parts.base_cfg.vocab_size, 4096, seed)
+        vocab = parts.base_cfg.vocab_size  # the ids must be valid for both models
+        if cross:
+            vocab = min(vocab, parts.ctx_cfg.vocab_size)
+        items = synthetic_d2l_items(vocab, 4096, seed)
         pc = packing.PackConfig(
             max_inp_len=8, max_ctx_len=4, max_contexts=1, max_chunks=1, max_qas=1, top_k=0
         )

@@ -158,6 +158,33 @@ def selfgen_item(
     return item
 
 
+def document_text(ctx_ids: Sequence[int], tokenizer) -> str:
+    """The document a self-gen record's templated context ids hold, decoded with the tokenizer
+    that made them (the base model's). The chat affixes are dropped when the ids carry them, so
+    the text is the document alone; the official `detokenize_ctx_text` decodes them too and the
+    context encoder's template then wraps the base's turn markup a second time, which inference
+    (`internalize --ctx-model`, one template) never shows the encoder."""
+    ids = [int(x) for x in np.asarray(ctx_ids).reshape(-1)]
+    prefix, suffix = ctx_affixes(tokenizer)
+    n, a, b = len(ids), len(prefix), len(suffix)
+    if n > a + b and ids[:a] == list(prefix) and ids[n - b :] == list(suffix):
+        ids = ids[a : n - b]
+    return tokenizer.decode(ids)
+
+
+def retokenize_contexts(records: Sequence[Mapping], tokenizer, ctx_tokenizer) -> list[dict]:
+    """Self-gen records (contexts in the base tokenizer) with their `ctx_ids` re-tokenized for a
+    different context encoder: decoded with `tokenizer`, templated with `ctx_tokenizer` (official
+    cross-model preprocessing, `construct_and_tokenize_ctx_qa`); one batched encode. Records
+    without ctx_ids are left as they are (`selfgen_item` reports them)."""
+    at = [i for i, r in enumerate(records) if r.get("ctx_ids") is not None]
+    texts = [document_text(records[i]["ctx_ids"], tokenizer) for i in at]
+    out = [dict(r) for r in records]
+    for i, ids in zip(at, tokenize_ctx_texts(texts, ctx_tokenizer)):
+        out[i]["ctx_ids"] = ids
+    return out
+
+
 def record_rng(seed: int, index: int) -> random.Random:
     """The rng of record `index` (its chunk count), the same in every pipeline."""
     return random.Random(f"{seed}-chunks-{index}")
@@ -277,12 +304,14 @@ def text_qa_item(
     tokenizer,
     chunk: ChunkConfig,
     chat_template: str | None = None,
+    ctx_tokenizer=None,
 ) -> dict:
     """A text record {context, prompt(s), response(s)} (e.g. NIAH) -> an item with gold-response
-    labels (cross-entropy training, as the official NIAH runs)."""
+    labels (cross-entropy training, as the official NIAH runs). ctx_tokenizer: a separate
+    context encoder's tokenizer (cross-model D2L) for the context; the QAs stay in `tokenizer`."""
 
     ctx, prompts, responses = text_qa_fields(rec)
-    ids = context_ids(tokenizer, ctx, chat_template)
+    ids = context_ids(ctx_tokenizer or tokenizer, ctx, chat_template)
     inputs, labels = [], []
     for p, r in zip(prompts, responses):
         x, y = qa_ids_and_labels(tokenizer, p, str(r), chat_template)

@@ -18,6 +18,7 @@ import numpy as np
 from hyperlora_jax.errors import CheckpointError, ConfigError
 from hyperlora_jax.hypernet.t2l.model import T2LConfig
 from hyperlora_jax.lora import adapter as lora
+from hyperlora_jax.models import transformer
 from hyperlora_jax.models.config import ModelConfig, get_preset
 from hyperlora_jax.train import d2l_loss, optim, t2l_loss
 from hyperlora_jax.train import sharding as shd
@@ -28,7 +29,7 @@ CHUNK_AFFIX_ROOM = 32  # a chunk is max_ctx_chunk_len ids plus its chat-turn hea
 
 
 def _d2l_loss(objective: str):
-    def make(config, d, base_cfg, hcfg):
+    def make(config, d, base_cfg, hcfg, ctx_cfg=None):
         t = config.train
         return d2l_loss.make_d2l_loss(
             hcfg,
@@ -40,6 +41,7 @@ def _d2l_loss(objective: str):
             dtype=d.dtype,
             remat_policy=d.remat_policy,
             max_label_len=d.max_label_len,
+            ctx_cfg=ctx_cfg,
         )
 
     return make
@@ -190,6 +192,15 @@ class Parts:
     count_fn: Any
     init_params: Any  # rng -> hypernet params (f32)
     rebuild_info: dict
+    ctx_cfg: Any = None  # cross-model D2L: the context encoder's ModelConfig (else None)
+
+    def frozen_logical_axes(self):
+        """Logical axes of the frozen params the loss reads: the base model's, or {"base": ...,
+        "ctx": ...} with a separate context encoder (d2l_loss.frozen_models)."""
+        axes = transformer.param_logical_axes(self.base_cfg)
+        if self.ctx_cfg is None:
+            return axes
+        return {"base": axes, "ctx": transformer.param_logical_axes(self.ctx_cfg)}
 
 
 def t2l_configs(config) -> tuple[Any, Any]:
@@ -217,14 +228,24 @@ def t2l_configs(config) -> tuple[Any, Any]:
     return base, hcfg
 
 
-def experiment(config) -> Parts:
-    """Base config, hypernetwork config, loss and initializer of an experiment config."""
+def experiment(config, ctx_cfg=None) -> Parts:
+    """Base config, hypernetwork config, loss and initializer of an experiment config.
+
+    ctx_cfg: the loaded context encoder's ModelConfig of a cross-model D2L config (default: the
+    config's `ctx_preset` / `ctx_model_config`); its width and depth must be the config's."""
     d = derive(config)
+    loss_kw = {}
     if d.kind == "d2l":
-        from hyperlora_jax.hypernet.d2l.model import configs_from_experiment
+        from hyperlora_jax.hypernet.d2l.model import (
+            configs_from_experiment,
+            ctx_config_from_experiment,
+        )
         from hyperlora_jax.hypernet.d2l.model import init_params as d2l_init
 
         base_cfg, hcfg = configs_from_experiment(config)
+        ctx_cfg = ctx_cfg or ctx_config_from_experiment(config)
+        if ctx_cfg is not None:
+            loss_kw["ctx_cfg"] = ctx_cfg
         init = lambda k: d2l_init(hcfg, k)  # noqa: E731
         count = d2l_loss.d2l_count
     else:
@@ -236,7 +257,7 @@ def experiment(config) -> Parts:
             n = config.train.num_adapters
             init = lambda k: lora_library_init(hcfg, base_cfg, n, k)  # noqa: E731
         count = t2l_loss.t2l_count
-    loss = LOSSES[d.kind][config.train[LOSS_KEY[d.kind]]][2](config, d, base_cfg, hcfg)
+    loss = LOSSES[d.kind][config.train[LOSS_KEY[d.kind]]][2](config, d, base_cfg, hcfg, **loss_kw)
     if config.train.init_from:  # e.g. stage 2 from stage 1: params only, fresh optimizer
         init = _params_from_checkpoint(config.train.init_from, d.kind, init)
     info = {
@@ -248,7 +269,7 @@ def experiment(config) -> Parts:
         "base_model_config": base_cfg.to_json(),
         "hypernet_config": hcfg.to_json(),
     }
-    return Parts(d, base_cfg, hcfg, loss, count, init, _jsonable(info))
+    return Parts(d, base_cfg, hcfg, loss, count, init, _jsonable(info), loss_kw.get("ctx_cfg"))
 
 
 def _params_from_checkpoint(path: str, kind: str, init_params):

@@ -7,6 +7,10 @@ logprobs_vals/logprobs_indices [B, T, K] at label tokens; context side ctx_ids/c
 ctx_segment_ids [B, Tc] (several chunks per row, chunk number 1..), chunk_context [B, C],
 n_ctx_chunks [B, Cx]. Optional online teacher: teacher_ids/teacher_segment_ids [B, Tt] and
 teacher_pos [B, T] (teacher position of the same response token).
+
+Cross-model D2L (another model reads the context, e.g. Gemma-3's language model for a Gemma-2
+base): the frozen params are {"base": ..., "ctx": ...} (`frozen_models`); the context side of the
+batch is in the context encoder's tokenizer, the student and teacher side in the base's.
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ def gather_chunks(feats: jax.Array, seg: jax.Array, num_chunks: int, chunk_len: 
     return g, mask.reshape(b * num_chunks, chunk_len)
 
 
+def frozen_models(frozen, ctx_cfg) -> tuple:
+    """(base params, context encoder params) of the frozen params the trainer passes: one model's
+    params, or {"base": ..., "ctx": ...} when a separate context encoder (ctx_cfg) reads."""
+    return (frozen["base"], frozen["ctx"]) if ctx_cfg is not None else (frozen, frozen)
+
+
 def d2l_count(batch) -> jax.Array:
     """Contexts in the batch (the official per-context loss normaliser)."""
     return jnp.sum(batch["n_ctx_chunks"] > 0)
@@ -71,6 +81,7 @@ def make_d2l_loss(
     hypernet_dtype=None,
     remat_policy: str | None = None,
     max_label_len: int | None = None,
+    ctx_cfg=None,
 ) -> LossFn:
     """D2L loss: student = base + generated adapter, without the document.
 
@@ -81,27 +92,31 @@ def make_d2l_loss(
     max_label_len: compute the LM head (and the teacher's) only at the first that many label
     positions of each row (None: every position). A row with more label tokens silently loses
     the rest: the data side must refuse such rows (`check_label_budget`).
+    ctx_cfg: the ModelConfig of a separate context encoder (cross-model D2L); the frozen params
+    are then {"base": ..., "ctx": ...} (`frozen_models`).
     """
 
     if objective not in ("distill", "ce"):
         raise ConfigError(f"D2L objective {objective!r}; expected 'distill' or 'ce'")
     hdtype = hypernet_dtype or dtype
-    encoder_layers(hcfg, base_cfg)  # a depth error surfaces here, not inside the traced step
+    enc_cfg = ctx_cfg if ctx_cfg is not None else base_cfg
+    encoder_layers(hcfg, enc_cfg)  # a depth error surfaces here, not inside the traced step
 
-    def adapter_fn(params, base_params, batch):
+    def adapter_fn(params, frozen, batch):
         """Per-row chunk adapters [B, C + 1, L, r, d] (slot C: the bias LoRA) and token weights
         [B, T, C + 1] selecting the chunks of each token's context plus the bias.
 
         Weighting the chunk LoRAs of a context by a 0/1 mask equals their official rank
         concatenation (combine_lora), without materialising composed [.., (K+1) r, d] factors;
         everything stays per row, so memory grows with the batch, not with its square."""
+        enc_params = frozen_models(frozen, ctx_cfg)[1]
         seg_c = batch["ctx_segment_ids"]
         bsz, tc = seg_c.shape
         n_slots = batch["chunk_context"].shape[1]
         with jax.named_scope("context_encoder"):
             feats = context_features(
-                base_params,
-                base_cfg,
+                enc_params,
+                enc_cfg,
                 hcfg,
                 batch["ctx_ids"],
                 seg_c,
@@ -139,8 +154,9 @@ def make_d2l_loss(
         weights = jnp.concatenate([chunk_w & has_ctx[..., None], has_ctx[..., None]], axis=-1)
         return adapter, weights.astype(jnp.float32)
 
-    def loss_fn(params, base_params, batch, rng, num_ctx):
-        adapter, weights = adapter_fn(params, base_params, batch)
+    def loss_fn(params, frozen, batch, rng, num_ctx):
+        adapter, weights = adapter_fn(params, frozen, batch)
+        base_params = frozen_models(frozen, ctx_cfg)[0]
         bsz, n_ctx_slots = batch["n_ctx_chunks"].shape
         rows = jnp.arange(bsz)[:, None]
         n_chunks = batch["n_ctx_chunks"].reshape(-1)

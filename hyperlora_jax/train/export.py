@@ -63,6 +63,8 @@ def export_run(workdir: str, out: str, *, step: int | None = None, overwrite: bo
 
         cfg = D2LConfig.from_json(info["hypernet_config"])
         meta = {**base, "training": training}
+        if info.get("ctx_model"):  # cross-model: the context encoder it trained with
+            meta["ctx_encoder_model"] = info["ctx_model"]
         return save_checkpoint(out, cfg, params, meta, overwrite=overwrite)
     from hyperlora_jax.hypernet.t2l.checkpoint import save_checkpoint
 

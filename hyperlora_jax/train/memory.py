@@ -111,10 +111,11 @@ def activation_terms(config, parts, mesh_shape: dict[str, int], rows: int) -> di
 
     h = parts.hyper_cfg
     tc = t.max_packed_ctx_len
-    depth = encoder_layers(h, cfg)
+    enc = parts.ctx_cfg or cfg  # cross-model D2L: another model reads the context
+    depth = encoder_layers(h, enc)
     lf = depth + 1 if h.layer_to_layer else 1  # feature maps per context token
-    feats = b * lf * tc * cfg.hidden_size * c
-    encoder_working = _layer_bytes(cfg, b, tc, c, tensor)
+    feats = b * lf * tc * enc.hidden_size * c
+    encoder_working = _layer_bytes(enc, b, tc, c, tensor)
     proj = b * lf * tc * (2 * 4 * h.feature_size + h.latent_size) * c
     chunk = hp.max_chunk_len or tc
     slots = b * t.max_chunks_per_pack * lf * chunk * h.latent_size * c * (h.num_blocks + 1)

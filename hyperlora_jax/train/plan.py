@@ -43,10 +43,13 @@ def plan(config, mesh: dict[str, int], rows: int | None = None, compile_step: bo
     m = shd.make_mesh(**mesh)
     base_dtype = jnp.bfloat16 if hp.dtype == jnp.bfloat16 else jnp.float32
     key = jax.random.key(0)
-    base_abs = jax.eval_shape(lambda k: transformer.init_params(parts.base_cfg, k, base_dtype), key)
-    base_sh = shd.shardings_from_logical(
-        transformer.param_logical_axes(parts.base_cfg), base_abs, m
+    model_abs = lambda c: jax.eval_shape(  # noqa: E731
+        lambda k: transformer.init_params(c, k, base_dtype), key
     )
+    base_abs = model_abs(parts.base_cfg)
+    if parts.ctx_cfg is not None:  # cross-model D2L: the context encoder's weights too
+        base_abs = {"base": base_abs, "ctx": model_abs(parts.ctx_cfg)}
+    base_sh = shd.shardings_from_logical(parts.frozen_logical_axes(), base_abs, m)
     hyper_abs = jax.eval_shape(parts.init_params, key)
     hyper_sh = shd.tree_shardings(hyper_abs, m)
     tx, sched = build.make_tx(config, parts, hyper_abs)
