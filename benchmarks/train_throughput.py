@@ -101,7 +101,7 @@ SMOLLM2_DIR = cache_dir() / "models" / "smollm2-135m-instruct"  # used if alread
 # Where a step's matmul FLOPs run, by the name stack of each matmul (first match wins; the LM
 # head sits inside the student's scope, so it is matched first). Anything else is "rest".
 FLOP_PARTS = (
-    ("lm_head", "hv->btv"),
+    ("lm_head", "lm_head"),
     ("context_encoder", "context_encoder"),
     ("perceiver_projection", "modality_projection"),
     ("perceiver_resampler", "aggregator"),

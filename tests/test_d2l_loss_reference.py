@@ -200,7 +200,7 @@ def test_d2l_loss_flops_follow_real_tokens_and_labels():
     def parts(fn):
         by_scope = count_flops_by_scope(jax.grad(fn), hyper)
         proj = sum(f for s, f in by_scope.items() if "modality_projection" in s)
-        head = sum(f for s, f in by_scope.items() if "hv->btv" in s)
+        head = sum(f for s, f in by_scope.items() if "lm_head" in s)
         return proj, head
 
     new_proj, new_head = parts(lambda p: loss(p, base, batch, jax.random.key(0), 1.0)[0])

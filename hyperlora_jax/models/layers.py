@@ -17,6 +17,7 @@ import numpy as np
 
 from hyperlora_jax.errors import ConfigError
 from hyperlora_jax.models.config import ModelConfig
+from hyperlora_jax.precision import matmul
 
 F32 = jnp.float32
 # Finite "minus infinity": fully masked rows (padding) give a uniform softmax, never NaN.
@@ -153,7 +154,7 @@ class Proj(nn.Module):
     def __call__(self, x, lora=None, scale: float = 1.0, adapter_index=None):
         init = nn.initializers.normal(0.02)
         w = _param(self, "kernel", init, (self.d_in, self.d_out), self.names, self.param_dtype)
-        y = jnp.einsum("btd,do->bto", x, w.astype(x.dtype), preferred_element_type=F32)
+        y = matmul(x, w, x.dtype)  # f32 accumulation; a bf16 backward at the bf16 rate
         if self.use_bias:
             b = _param(
                 self, "bias", nn.initializers.zeros, (self.d_out,), self.names[1:], self.param_dtype

@@ -26,6 +26,7 @@ from hyperlora_jax.models.layers import (
     _param,
     layer_rope_table,
 )
+from hyperlora_jax.precision import matmul
 
 if TYPE_CHECKING:  # hints only: models sit below lora (forward reads .a, .b, .scale)
     from hyperlora_jax.lora.adapter import Adapter
@@ -187,7 +188,8 @@ class Decoder(nn.Module):
                 )
             if logits_at is not None:  # only the rows asked for: the LM head is a big matmul
                 x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
-            logits = jnp.einsum("bth,hv->btv", x, w.astype(x.dtype), preferred_element_type=F32)
+            with jax.named_scope("lm_head"):  # FLOP accounting finds the head by this name
+                logits = matmul(x, w, x.dtype)  # f32 accumulation; fast bf16 backward
             if c.final_logit_softcap is not None:
                 logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
         return logits, hs, new_cache
@@ -415,6 +417,13 @@ def forward(
     lora = _prepare_adapter(config, adapter, adapter_index, b, k)
     scale = adapter.scale if adapter is not None else 1.0
     layer_params = jax.tree.map(lambda x: x[:k], params["layers"])
+    if cache is None and jnp.dtype(dtype) != F32:
+        # Weight matrices [k, in, out] cast once, before the layer scan: cast inside it, a
+        # differentiated scan stacks a low-precision copy of every layer's weights as residuals,
+        # rewriting the whole stack each layer (issue 22). Norm vectors keep their dtype.
+        layer_params = jax.tree.map(
+            lambda x: x.astype(dtype) if x.ndim >= 3 and x.dtype == F32 else x, layer_params
+        )
     run_params = {**params, "layers": layer_params}
     sliding = jnp.asarray(np.asarray(config.sliding_layers[:k]))
     inv_freq = jnp.asarray(_rope_table(config)[:k])

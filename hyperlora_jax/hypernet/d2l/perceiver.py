@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from hyperlora_jax.errors import ConfigError
+from hyperlora_jax.precision import matmul
 
 # PyTorch nn.Linear default init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -80,9 +81,8 @@ class _Kernel(nn.Module):
 def _matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """x @ w with inputs in `dtype` and f32 accumulation (bf16 inputs run ~1.85x the f32 rate
     on this project's Zen 4 CPU, benchmarks/harness.py; accumulating in f32 keeps the sums exact
-    to f32 rounding)."""
-    y = jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
-    return y.astype(dtype)
+    to f32 rounding); precision.matmul gives bf16 a backward that runs at the bf16 rate too."""
+    return matmul(x, w, dtype).astype(dtype)
 
 
 class Dense(nn.Module):
@@ -127,8 +127,8 @@ class SwiGLU(nn.Module):
             return f(x)
         nb = -(-n // blk)
         flat = jnp.pad(x.reshape(n, d), ((0, nb * blk - n), (0, 0)))
-        # Its gradient is a scan of per-block weight-gradient matmuls: measured as fast as one
-        # large matmul per weight on CPU (a one-shot backward over all tokens was 2.3x slower).
+        # Forward only (inference) this is ~1.5x faster than one shot; training passes None
+        # (Perceiver.proj_block_tokens).
         y = jax.lax.map(f, flat.reshape(nb, blk, d)).reshape(nb * blk, self.out)
         return y[:n].reshape(*lead, self.out)
 
@@ -148,8 +148,8 @@ class PerceiverAttention(nn.Module):
         # Query head h uses kv head h // groups (flash-attn / repeat_kv convention).
         nkv, hd = c.num_kv_heads, c.head_dim
         q = _dense(c.n_heads * hd, "q_proj", dt)(latents)
-        wk = _Kernel((d_kv, nkv * hd), name="k_proj")().astype(dt)
-        wv = _Kernel((d_kv, nkv * hd), name="v_proj")().astype(dt)
+        wk = _Kernel((d_kv, nkv * hd), name="k_proj")()
+        wv = _Kernel((d_kv, nkv * hd), name="v_proj")()
         # Batch dims leading ([n, kv, g*q, hd] x [n, kv, s, hd]): plain batched matmuls on CPU.
         q = q.reshape(n, q_len, nkv, groups, hd).transpose(0, 2, 3, 1, 4)
         q = q.reshape(n, nkv, groups * q_len, hd)
@@ -159,7 +159,7 @@ class PerceiverAttention(nn.Module):
         # d_kv instead of head_dim (4x fewer FLOPs at latent_size 32). Same values.
         fold = d_kv < hd
         if fold:
-            wk, wv = wk.reshape(d_kv, nkv, hd), wv.reshape(d_kv, nkv, hd)
+            wk, wv = wk.astype(dt).reshape(d_kv, nkv, hd), wv.astype(dt).reshape(d_kv, nkv, hd)
             qk = jnp.einsum("nkqh,dkh->nkqd", q, wk, preferred_element_type=f32).astype(dt)
             scores = jnp.einsum("nkqd,nsd->nkqs", qk, x, preferred_element_type=f32)
         else:
@@ -240,11 +240,15 @@ class Perceiver(nn.Module):
 
     cfg: PerceiverConfig
     dtype: jnp.dtype = jnp.float32
+    # Modality projection block (SwiGLU.block_tokens); None = one shot over all tokens, which
+    # training uses: the gradient of the blocked lax.map is a scan of small weight-gradient
+    # matmuls whose stacked residuals XLA rewrites whole every step (issue 22: 4x slower in bf16).
+    proj_block_tokens: int | None = PROJ_BLOCK_TOKENS
 
     def setup(self):
         c = self.cfg
         self.modality_projection = SwiGLU(
-            c.intermediate_factor * c.input_size, c.latent_size, self.dtype, PROJ_BLOCK_TOKENS
+            c.intermediate_factor * c.input_size, c.latent_size, self.dtype, self.proj_block_tokens
         )
         self.encoder = Resampler(
             c, c.n_latents, c.num_blocks, c.num_self_attn_per_block, self.dtype
