@@ -181,8 +181,8 @@ def test_text_records_read_their_context_in_the_encoder_tokenizer(tokenizers, tm
     assert base_tok.decode(q).startswith("<bos><start_of_turn>user")  # the base's template
 
 
-def test_cross_model_errors(run, fixtures_dir, tmp_path, capsys, tokenizers):
-    _, base, _ = run
+def test_cross_model_errors(fixtures_dir, tmp_path, capsys, tokenizers):
+    base = fixtures_dir / "official/d2l/tiny-gemma2"
     cfg = load_config(PRESET, ["--config.train.loss=ce"])
     parts = build.experiment(cfg)
     np.savez(tmp_path / "shard.npz", x=np.zeros(1))
