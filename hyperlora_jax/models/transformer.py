@@ -417,10 +417,12 @@ def forward(
     lora = _prepare_adapter(config, adapter, adapter_index, b, k)
     scale = adapter.scale if adapter is not None else 1.0
     layer_params = jax.tree.map(lambda x: x[:k], params["layers"])
-    if cache is None and jnp.dtype(dtype) != F32:
+    if cache is None and not return_hidden_states and jnp.dtype(dtype) != F32:
         # Weight matrices [k, in, out] cast once, before the layer scan: cast inside it, a
-        # differentiated scan stacks a low-precision copy of every layer's weights as residuals,
-        # rewriting the whole stack each layer (issue 22). Norm vectors keep their dtype.
+        # differentiated scan (the training student) stacks a low-precision copy of every
+        # layer's weights as residuals, rewriting the whole stack each layer (issue 22). Not for
+        # the context encoder (hidden states; never differentiated): there the per-layer cast
+        # keeps no whole-model copy alive. Norm vectors keep their dtype.
         layer_params = jax.tree.map(
             lambda x: x.astype(dtype) if x.ndim >= 3 and x.dtype == F32 else x, layer_params
         )
