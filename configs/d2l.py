@@ -103,6 +103,10 @@ def _train(**kw) -> mlc.ConfigDict:
         max_ctx_chunk_len=-1,
         min_ctx_chunk_len=placeholder(int),
         num_chunk_probs=None,
+        # Cross-model self-gen records: the base's chat markup around a context is dropped before
+        # it is re-tokenized for the encoder (what inference shows it); True keeps it, as the
+        # official `detokenize_ctx_text` does (the encoder then reads the base's turn markup).
+        ctx_keep_base_template=False,
         compute_dtype="bfloat16",
         remat_policy="",  # "" = none; see d2l_loss.make_d2l_loss
         seed=42,

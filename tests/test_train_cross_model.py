@@ -169,6 +169,11 @@ def test_selfgen_contexts_are_retokenized_for_the_encoder(tokenizers, tmp_path):
     chunks = items[0]["ctx_chunks"]
     assert len(chunks) > 1 and chunks == slice_into_chunks(want, len(chunks), pre, suf)
 
+    # train.ctx_keep_base_template: the official decoding, the base's chat markup kept as text
+    cfg.train.update(max_ctx_chunk_len=-1, ctx_keep_base_template=True)
+    items, _ = d2l_items(cfg, parts, _write(tmp_path / "sg.jsonl", [rec]), 0, base_tok, ctx_tok)
+    assert items[0]["ctx_chunks"] == [tokenize_ctx_text(base_tok.decode(ids), ctx_tok)] != [want]
+
 
 def test_text_records_read_their_context_in_the_encoder_tokenizer(tokenizers, tmp_path):
     base_tok, ctx_tok = tokenizers

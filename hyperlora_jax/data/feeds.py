@@ -100,7 +100,9 @@ def _record_items(paths, opts, hp, seed: int, tokenizer=None, ctx_tokenizer=None
             num_chunk_probs=chunk.num_chunk_probs,
         )
         if not text:
-            records = pipeline.retokenize_contexts(records, tokenizer, ctx_tokenizer)
+            records = pipeline.retokenize_contexts(
+                records, tokenizer, ctx_tokenizer, opts.keep_base_template
+            )
     if text:
         # text records {context, prompt, response} (NIAH): tokenized here, gold-response CE
         if hp.objective != "ce":
@@ -167,6 +169,7 @@ class D2LFeed(NamedTuple):
     chunk: Any  # pipeline.ChunkConfig: context chunking (affixes filled per data source)
     max_qas_len: int  # <= 0: no limit
     max_qas_per_sample: int
+    keep_base_template: bool  # cross-model self-gen contexts (pipeline.document_text)
 
 
 def d2l_feed(config, parts) -> D2LFeed:
@@ -188,6 +191,7 @@ def d2l_feed(config, parts) -> D2LFeed:
         ),
         max_qas_len=t.max_qas_len,
         max_qas_per_sample=t.max_qas_per_sample,
+        keep_base_template=t.ctx_keep_base_template,
     )
 
 

@@ -158,27 +158,29 @@ def selfgen_item(
     return item
 
 
-def document_text(ctx_ids: Sequence[int], tokenizer) -> str:
+def document_text(ctx_ids: Sequence[int], tokenizer, keep_template: bool = False) -> str:
     """The document a self-gen record's templated context ids hold, decoded with the tokenizer
     that made them (the base model's). The chat affixes are dropped when the ids carry them, so
-    the text is the document alone; the official `detokenize_ctx_text` decodes them too and the
-    context encoder's template then wraps the base's turn markup a second time, which inference
-    (`internalize --ctx-model`, one template) never shows the encoder."""
+    the text is the document alone, as inference (`internalize --ctx-model`, one template) shows
+    it to the encoder; keep_template=True decodes them too, as the official `detokenize_ctx_text`
+    does (the encoder's template then wraps the base's turn markup)."""
     ids = [int(x) for x in np.asarray(ctx_ids).reshape(-1)]
     prefix, suffix = ctx_affixes(tokenizer)
     n, a, b = len(ids), len(prefix), len(suffix)
-    if n > a + b and ids[:a] == list(prefix) and ids[n - b :] == list(suffix):
+    if not keep_template and n > a + b and ids[:a] == list(prefix) and ids[n - b :] == list(suffix):
         ids = ids[a : n - b]
     return tokenizer.decode(ids)
 
 
-def retokenize_contexts(records: Sequence[Mapping], tokenizer, ctx_tokenizer) -> list[dict]:
+def retokenize_contexts(
+    records: Sequence[Mapping], tokenizer, ctx_tokenizer, keep_template: bool = False
+) -> list[dict]:
     """Self-gen records (contexts in the base tokenizer) with their `ctx_ids` re-tokenized for a
-    different context encoder: decoded with `tokenizer`, templated with `ctx_tokenizer` (official
-    cross-model preprocessing, `construct_and_tokenize_ctx_qa`); one batched encode. Records
-    without ctx_ids are left as they are (`selfgen_item` reports them)."""
+    different context encoder: decoded with `tokenizer` (`document_text`), templated with
+    `ctx_tokenizer` (official cross-model preprocessing, `construct_and_tokenize_ctx_qa`); one
+    batched encode. Records without ctx_ids are left as they are (`selfgen_item` reports them)."""
     at = [i for i, r in enumerate(records) if r.get("ctx_ids") is not None]
-    texts = [document_text(records[i]["ctx_ids"], tokenizer) for i in at]
+    texts = [document_text(records[i]["ctx_ids"], tokenizer, keep_template) for i in at]
     out = [dict(r) for r in records]
     for i, ids in zip(at, tokenize_ctx_texts(texts, ctx_tokenizer)):
         out[i]["ctx_ids"] = ids
