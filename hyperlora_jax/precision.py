@@ -91,20 +91,29 @@ def _low_matmul(x, w, dtype):
 
 
 def _low_matmul_fwd(x, w, dtype):
-    xl, wl = x.astype(dtype), w.astype(dtype)
+    # symbolic_zeros: x / w arrive as CustomVJPPrimal (value, perturbed); a frozen weight (the
+    # base model's) gets no weight-gradient dot, so jaxpr FLOP counts stay the real work.
+    xl, wl = x.value.astype(dtype), w.value.astype(dtype)
     y = jnp.matmul(xl, wl, preferred_element_type=jnp.float32)
-    return y, (xl, wl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+    dts = (jnp.zeros((0,), x.value.dtype), jnp.zeros((0,), w.value.dtype))
+    return y, (xl, wl, *dts, x.perturbed, w.perturbed)
 
 
 def _low_matmul_bwd(dtype, res, g):
-    xl, wl, x_dt, w_dt = res
+    xl, wl, x_dt, w_dt, need_dx, need_dw = res
     g = g.astype(dtype)
-    dx = jnp.einsum("...n,kn->...k", g, wl, preferred_element_type=jnp.float32)
-    # Tokens as a second contracted axis (a unit one): XLA then transposes x into [K, tokens]
-    # before the dot, the layout the fast kernel takes, instead of running it in f32.
-    x3, g3 = xl.reshape(1, -1, xl.shape[-1]), g.reshape(1, -1, g.shape[-1])
-    dw = jnp.einsum("bmk,bmn->kn", x3, g3, preferred_element_type=jnp.float32)
-    return dx.astype(x_dt.dtype), dw.astype(w_dt.dtype)
+    dx = dw = None
+    if need_dx:
+        dx = jnp.einsum("...n,kn->...k", g, wl, preferred_element_type=jnp.float32)
+        dx = dx.astype(x_dt.dtype)
+    if need_dw:
+        # Tokens as a second contracted axis (a unit one): XLA then transposes x into
+        # [K, tokens] before the dot, the layout the fast kernel takes, instead of running it
+        # in f32.
+        x3, g3 = xl.reshape(1, -1, xl.shape[-1]), g.reshape(1, -1, g.shape[-1])
+        dw = jnp.einsum("bmk,bmn->kn", x3, g3, preferred_element_type=jnp.float32)
+        dw = dw.astype(w_dt.dtype)
+    return dx, dw
 
 
-_low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd)
+_low_matmul.defvjp(_low_matmul_fwd, _low_matmul_bwd, symbolic_zeros=True)
