@@ -127,8 +127,8 @@ class SwiGLU(nn.Module):
             return f(x)
         nb = -(-n // blk)
         flat = jnp.pad(x.reshape(n, d), ((0, nb * blk - n), (0, 0)))
-        # Forward only (inference) this is ~1.5x faster than one shot; training passes None
-        # (Perceiver.proj_block_tokens).
+        # Forward only (inference) this is ~1.5x faster than one shot; bf16 training passes
+        # None (Perceiver.proj_block_tokens, model.project_features).
         y = jax.lax.map(f, flat.reshape(nb, blk, d)).reshape(nb * blk, self.out)
         return y[:n].reshape(*lead, self.out)
 
@@ -241,8 +241,9 @@ class Perceiver(nn.Module):
     cfg: PerceiverConfig
     dtype: jnp.dtype = jnp.float32
     # Modality projection block (SwiGLU.block_tokens); None = one shot over all tokens, which
-    # training uses: the gradient of the blocked lax.map is a scan of small weight-gradient
-    # matmuls whose stacked residuals XLA rewrites whole every step (issue 22: 4x slower in bf16).
+    # bf16 training uses: the gradient of the blocked lax.map is a scan of small weight-gradient
+    # matmuls whose stacked residuals XLA rewrites whole every step (issue 22: 4x slower in bf16;
+    # f32 training keeps the blocks, measured as fast there).
     proj_block_tokens: int | None = PROJ_BLOCK_TOKENS
 
     def setup(self):
