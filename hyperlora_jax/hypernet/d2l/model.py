@@ -326,7 +326,7 @@ class HyperLoRA(nn.Module):
 
     def head_outputs(self, head_in: jax.Array) -> jax.Array:
         """Per-layer bias-free head -> [N, L, M, r, d_lora]."""
-        return jnp.einsum("nlmrd,lmdo->nlmro", head_in, self.head)
+        return _head_matmul(head_in, self.head)
 
     def split_head(self, flat: jax.Array):
         """Raw head output -> (A, B) dicts with the per-(layer, rank) scalers applied."""
@@ -343,6 +343,26 @@ class HyperLoRA(nn.Module):
     def bias_lora(self):
         """The learned context-independent LoRA: (A[m] [L, r, d_in], B[m] [L, r, d_out])."""
         return self.bias_A(), self.bias_B()
+
+
+@jax.custom_vjp
+def _head_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum("nlmrd,lmdo->nlmro"), with a backward that returns the head's gradient in the
+    head's own [L, M, d, d_lora] layout: JAX's produced it as [L, d_lora, d] and every AdamW
+    fusion then read its 32M entries transposed (~0.5 s of a 4.4 s training step, issue 22)."""
+    return jnp.einsum("nlmrd,lmdo->nlmro", x, w)
+
+
+def _head_matmul_fwd(x, w):
+    return _head_matmul(x, w), (x, w)
+
+
+def _head_matmul_bwd(res, g):
+    x, w = res
+    return jnp.einsum("nlmro,lmdo->nlmrd", g, w), jnp.einsum("nlmrd,nlmro->lmdo", x, g)
+
+
+_head_matmul.defvjp(_head_matmul_fwd, _head_matmul_bwd)
 
 
 def encoder_layers(config: D2LConfig, ctx_config: ModelConfig) -> int:
