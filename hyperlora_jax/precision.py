@@ -10,9 +10,9 @@ softmax and norms in f32; a policy only picks the input and storage dtypes.
 "auto" picks `DEFAULTS[path]`, the policy measured fastest for that path on this project's
 2-core Zen 4 CPU (issue 22, benchmarks/vs_official.py): internalize bf16 (official hypernetwork,
 1,024 tokens: 4.3 -> 2.3 s); training bf16 (the D2L step, official hypernetwork, 512 ctx + 128
-QA: 13.8 CPU-s per step in f32, 9.1 in bf16 once `matmul` gave bf16 a fast backward and the
-Perceiver projection lost its gradient scan, measured under load ~4-7; before, bf16 was 1.7x
-slower than f32); generation f32 (the bf16 prefill is ~1.8x faster but each decode step, a
+QA: 6.27 s / 11.9 CPU-s per step in f32, 4.09 s / 7.55 CPU-s in bf16 at load 1.7, once `matmul`
+gave bf16 a fast backward and the Perceiver projection lost its gradient scan; before, bf16 was
+1.7x slower than f32); generation f32 (the bf16 prefill is ~1.8x faster but each decode step, a
 matrix-vector product, is 2x dearer in bf16: 0.30 CPU-s in f32, 0.61 with bf16 inputs, 0.74 with
 bf16-stored params, one token over a 4K cache; end to end the 4K-token in-prompt query was slower).
 The library functions stay exact (f32) unless asked.
