@@ -64,6 +64,20 @@ def measure_peaks(quick: bool = False) -> dict[str, dict[str, Any]]:
     return peaks
 
 
+def other_busy_cpus(seconds: float = 1.0, samples: int = 20) -> float:
+    """CPUs other processes keep busy now: the mean of runnable tasks in /proc/loadavg minus this
+    reader, sampled while the caller is idle (the 1-minute load average also counts the
+    benchmark's own last row, so it cannot say whether someone else shares the machine)."""
+    path = Path("/proc/loadavg")
+    if not path.exists():
+        return float("nan")
+    n = []
+    for _ in range(samples):
+        n.append(int(path.read_text().split()[3].split("/")[0]) - 1)
+        time.sleep(seconds / samples)
+    return round(statistics.mean(n), 2)
+
+
 def timeit(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5) -> dict[str, Any]:
     """Median/min wall time of fn() (results blocked on), after `warmup` untimed calls."""
     for _ in range(warmup):

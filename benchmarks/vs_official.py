@@ -49,7 +49,13 @@ def load1() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+# Above this many CPUs kept busy by other processes before a row (of 2), the row's frac_of_peak
+# is not reported: its times are inflated and would read as a lower fraction of the peak.
+MAX_OTHER_BUSY = 0.5
+
+
 def measure(rep, name, fn, flops, precision, peaks, repeats, official=None, **extra):
+    others = harness.other_busy_cpus()
     before = load1()
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
@@ -63,8 +69,10 @@ def measure(rep, name, fn, flops, precision, peaks, repeats, official=None, **ex
     row = {
         "row": name, "precision": precision, "first_call_s": first, "median_s": tm["median_s"],
         "min_s": tm["min_s"], "cpu_s": cpu, "gflop": flops / 1e9,
-        "frac_of_peak": flops / tm["median_s"] / peak["flops_per_s"],
-        "peak_mem_mib": mem["bytes"] / harness.MiB, "load1_before": before, "load1_after": load1(),
+        "frac_of_peak": (flops / tm["median_s"] / peak["flops_per_s"]
+                         if others <= MAX_OTHER_BUSY else None),
+        "peak_mem_mib": mem["bytes"] / harness.MiB, "other_busy_cpus": others,
+        "load1_before": before, "load1_after": load1(),
         **extra,
     }  # fmt: skip
     if official:
@@ -165,8 +173,9 @@ def main(argv=None) -> int:
         "re-measured 2026-12-04 at idle load. frac_of_peak divides the row's jaxpr matmul FLOPs by "
         "its median time and by the matmul peak (f32, or bf16 inputs with f32 accumulation) "
         "measured at the start of this run; cpu_s: process CPU seconds per call (all threads); "
-        "load1_* is the 1-minute load average (2 cores: above ~2 the CPU was shared and wall "
-        "times are inflated).",
+        "other_busy_cpus: CPUs other processes kept busy just before the row (/proc/loadavg "
+        f"runnable tasks); above {MAX_OTHER_BUSY} the machine was shared and frac_of_peak is left "
+        "empty; load1_* is the 1-minute load average (it includes this run's own last row).",
     )  # fmt: skip
     cfg_b = setups.base_config("tiny" if a.quick else "smollm2")
     base = transformer.init_params(cfg_b, jax.random.key(0))
