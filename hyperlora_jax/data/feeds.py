@@ -87,35 +87,30 @@ def _record_items(paths, opts, hp, seed: int, tokenizer=None, ctx_tokenizer=None
     chunk = opts.chunk
     records = [rec for _, _, rec in iter_raw_records(paths, errors=ErrorLog("raise"))]
     text = bool(records) and "ctx_ids" not in records[0] and "context" in records[0]
-    if ctx_tokenizer is not None:
+    if text:  # {context, prompt, response} (NIAH, facts): tokenized here, gold-response CE
+        if hp.objective != "ce":
+            raise ConfigError("text records carry no teacher log-probs: use train.loss=ce")
+        if tokenizer is None:
+            raise ConfigError("text records need the base model's tokenizer (--base_model)")
+    elif ctx_tokenizer is not None:
         if tokenizer is None:
             raise ConfigError(
                 "cross-model records need the base model's tokenizer (--base_model) beside the "
                 "context encoder's"
             )
+        records = pipeline.retokenize_contexts(
+            records, tokenizer, ctx_tokenizer, opts.keep_base_template
+        )
+    # contexts are chunked with the chat affixes of the tokenizer that wrote them
+    chunk_tok = ctx_tokenizer if ctx_tokenizer is not None else tokenizer if text else None
+    if chunk_tok is not None:
         chunk = pipeline.ChunkConfig.for_tokenizer(
-            ctx_tokenizer,
+            chunk_tok,
             max_chunk_len=chunk.max_chunk_len,
             min_chunk_len=chunk.min_chunk_len,
             num_chunk_probs=chunk.num_chunk_probs,
         )
-        if not text:
-            records = pipeline.retokenize_contexts(
-                records, tokenizer, ctx_tokenizer, opts.keep_base_template
-            )
     if text:
-        # text records {context, prompt, response} (NIAH): tokenized here, gold-response CE
-        if hp.objective != "ce":
-            raise ConfigError("text records carry no teacher log-probs: use train.loss=ce")
-        if tokenizer is None:
-            raise ConfigError("text records need the base model's tokenizer (--base_model)")
-        if ctx_tokenizer is None:
-            chunk = pipeline.ChunkConfig.for_tokenizer(
-                tokenizer,
-                max_chunk_len=chunk.max_chunk_len,
-                min_chunk_len=chunk.min_chunk_len,
-                num_chunk_probs=chunk.num_chunk_probs,
-            )
 
         def make_item(rec, rng):
             return pipeline.text_qa_item(rec, rng, tokenizer, chunk, ctx_tokenizer=ctx_tokenizer)
