@@ -45,6 +45,27 @@ def run_on_fake_devices(script: str, n: int = 8) -> dict:
     return json.loads(r.stdout.split("RESULT ", 1)[1])
 
 
+def packed_d2l_row(vocab_size: int) -> tuple[dict, list[dict]]:
+    """(one packed D2L batch row [1, ...], its items): two contexts (2 chunks + 1 chunk), one QA
+    each, random ids below vocab_size (tests comparing the training path's chunk LoRAs with
+    DocToLoRA's)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from hyperlora_jax.data import packing
+
+    rng = np.random.default_rng(0)
+    tok = lambda n: [int(x) for x in rng.integers(3, vocab_size, size=n)]  # noqa: E731
+    items = [
+        {"ctx_chunks": [tok(5), tok(3)], "input_ids": [tok(4)], "labels": [[-100, -100, 7, 8]]},
+        {"ctx_chunks": [tok(6)], "input_ids": [tok(5)], "labels": [[-100] * 4 + [5]]},
+    ]
+    pc = packing.PackConfig(
+        max_inp_len=12, max_ctx_len=16, max_contexts=2, max_chunks=4, max_qas=2, top_k=0
+    )
+    return {k: jnp.asarray(v)[None] for k, v in packing.pack_row(items, pc).items()}, items
+
+
 jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests compile the same tiny programs; a compilation cache inside the checkout lets the
 # pytest-xdist workers share them (a clean clone starts with an empty cache, as CI does;

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import packed_d2l_row
 
 from hyperlora_jax.cli import main as cli_main
 from hyperlora_jax.convert.official_d2l import convert, read_official
@@ -170,7 +171,6 @@ def test_training_and_inference_write_the_same_chunk_loras(encoder):
     """One D2L forward: the training loss (packed context rows, projection before the chunks are
     cut out) and DocToLoRA (one padded row per chunk) give the same per-chunk LoRAs and bias.
     Both run in f32; they differ only in summation order: rtol 1e-5, atol 1e-6."""
-    from hyperlora_jax.data import packing
     from hyperlora_jax.hypernet.d2l.api import DocToLoRA
     from hyperlora_jax.hypernet.d2l.model import bias_lora, init_params
     from hyperlora_jax.models.testing import tiny_model
@@ -186,16 +186,7 @@ def test_training_and_inference_write_the_same_chunk_loras(encoder):
     hyper = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.05 if "bias" in jax.tree_util.keystr(p).lower() else x, hyper
     )
-    rng = np.random.default_rng(0)
-    tok = lambda n: [int(x) for x in rng.integers(3, cfg.vocab_size, size=n)]  # noqa: E731
-    items = [
-        {"ctx_chunks": [tok(5), tok(3)], "input_ids": [tok(4)], "labels": [[-100, -100, 7, 8]]},
-        {"ctx_chunks": [tok(6)], "input_ids": [tok(5)], "labels": [[-100] * 4 + [5]]},
-    ]
-    pc = packing.PackConfig(
-        max_inp_len=12, max_ctx_len=16, max_contexts=2, max_chunks=4, max_qas=2, top_k=0
-    )
-    row = {k: jnp.asarray(v)[None] for k, v in packing.pack_row(items, pc).items()}
+    row, items = packed_d2l_row(cfg.vocab_size)
     loss = make_d2l_loss(hcfg, cfg, objective="ce", max_chunk_len=8)
     train_ad, _ = jax.jit(loss.adapter_fn)(hyper, base, row)  # [1, C + 1, L, r, d]
 

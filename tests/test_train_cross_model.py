@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import packed_d2l_row
 from PIL import Image
 
 from hyperlora_jax.cli import main
-from hyperlora_jax.data import packing
 from hyperlora_jax.data.feeds import d2l_items
 from hyperlora_jax.errors import ConfigError
 from hyperlora_jax.hypernet.d2l.api import DocToLoRA
@@ -99,16 +99,7 @@ def test_the_context_encoder_reads_the_contexts():
     assert parts.ctx_cfg.hidden_size == parts.hyper_cfg.feature_size == 48
     base, ctx = _frozen_models(parts)
     hyper = init_params(parts.hyper_cfg, jax.random.key(2))
-    rng = np.random.default_rng(0)
-    tok = lambda n: [int(x) for x in rng.integers(3, 500, size=n)]  # noqa: E731
-    items = [
-        {"ctx_chunks": [tok(5), tok(3)], "input_ids": [tok(4)], "labels": [[-100, -100, 7, 8]]},
-        {"ctx_chunks": [tok(6)], "input_ids": [tok(5)], "labels": [[-100] * 4 + [5]]},
-    ]
-    pc = packing.PackConfig(
-        max_inp_len=12, max_ctx_len=16, max_contexts=2, max_chunks=4, max_qas=2, top_k=0
-    )
-    row = {k: jnp.asarray(v)[None] for k, v in packing.pack_row(items, pc).items()}
+    row, items = packed_d2l_row(500)
     adapter_fn = jax.jit(parts.loss_fn.adapter_fn)
     got, _ = adapter_fn(hyper, {"base": base, "ctx": ctx}, row)
 
