@@ -313,7 +313,7 @@ def text_qa_item(
     context encoder's tokenizer (cross-model D2L) for the context; the QAs stay in `tokenizer`."""
 
     ctx, prompts, responses = text_qa_fields(rec)
-    ids = context_ids(ctx_tokenizer or tokenizer, ctx, chat_template)
+    ids = context_ids(tokenizer if ctx_tokenizer is None else ctx_tokenizer, ctx, chat_template)
     inputs, labels = [], []
     for p, r in zip(prompts, responses):
         x, y = qa_ids_and_labels(tokenizer, p, str(r), chat_template)
