@@ -6,16 +6,19 @@ softmax and norms in f32; a policy only picks the input and storage dtypes.
   f32          exact: f32 inputs and params (parity tests against the official fixtures)
   bf16         bf16 matmul / attention inputs, f32 accumulation, params kept in f32
   bf16-params  the same compute with params stored in bf16 (half the weight memory)
+  bf16-prefill generation: bf16 inputs for the prompt (matrix-matrix products), f32 for every
+               decode step (matrix-vector products, faster in f32 on CPU), params in f32
 
 "auto" picks `DEFAULTS[path]`, the policy measured fastest for that path on this project's
 2-core Zen 4 CPU (issue 22, benchmarks/vs_official.py): internalize bf16 (official hypernetwork,
 1,024 tokens: 4.3 -> 2.3 s); training bf16 (the D2L step, official hypernetwork, 512 ctx + 128
 QA: 6.27 s / 11.9 CPU-s per step in f32, 4.09 s / 7.55 CPU-s in bf16 at load 1.7, once `matmul`
 gave bf16 a fast backward and the Perceiver projection lost its gradient scan; before, bf16 was
-1.7x slower than f32); generation f32 (the bf16 prefill is ~1.8x faster but each decode step, a
-matrix-vector product, is 2x dearer in bf16: 0.30 CPU-s in f32, 0.61 with bf16 inputs, 0.74 with
-bf16-stored params, one token over a 4K cache; end to end the 4K-token in-prompt query was slower).
-The library functions stay exact (f32) unless asked.
+1.7x slower than f32); generation bf16-prefill: the prompt's matrix-matrix products are faster
+with bf16 inputs, but a decode step (matrix-vector products) is not, so the new tokens run in f32
+(2026-12-05, idle: a 4,115-token prompt + 32 tokens 11.5 s f32, 8.6 s bf16, 7.5 s bf16-prefill; a
+40-token prompt + 64 tokens 2.87 / 2.94 / 2.89 s). The library functions stay exact (f32) unless
+asked.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ class Precision:
     name: str
     compute: Any  # dtype of activations and matmul / attention inputs
     params: Any  # dtype the params are stored in
+    decode: Any = None  # compute dtype of generation's decode steps (None: `compute`)
+
+    @property
+    def decode_dtype(self) -> Any:
+        return self.compute if self.decode is None else self.decode
 
     def cast_params(self, tree: Any) -> Any:
         """Floating leaves of a params tree in `self.params` (a no-op when already so)."""
@@ -51,10 +59,13 @@ POLICIES = {
     "f32": Precision("f32", jnp.dtype(jnp.float32), jnp.dtype(jnp.float32)),
     "bf16": Precision("bf16", jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)),
     "bf16-params": Precision("bf16-params", jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16)),
+    "bf16-prefill": Precision(
+        "bf16-prefill", jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32), jnp.dtype(jnp.float32)
+    ),
 }
 
 # The policy "auto" resolves to, per path (measured, see the module docstring).
-DEFAULTS = {"internalize": "bf16", "generate": "f32", "train": "bf16"}
+DEFAULTS = {"internalize": "bf16", "generate": "bf16-prefill", "train": "bf16"}
 
 
 def get_precision(policy: str | Precision | None, path: str = "generate") -> Precision:

@@ -581,8 +581,9 @@ class Session:
             stop_ids=self._stop_ids,
             pad_id=self._pad_id,
             adapter=adapter,
-            dtype=self.dtype,
             pad_to_multiple=t_bucket,
+            # a policy may decode in another dtype than the prompt's (bf16-prefill)
+            **({"precision": self.precision} if self.precision else {"dtype": self.dtype}),
         )
         stops = np.asarray(self._stop_ids or (-1,))
         results = []

@@ -55,8 +55,9 @@ def test_prefill_blocks_equal_full_cache_path_and_hf_generate(family, monkeypatc
     real = seg.astype(bool)
     np.testing.assert_allclose(np.asarray(lf)[real], np.asarray(lc)[real], atol=1e-5, rtol=0)
     for name in ("k", "v"):  # real slots (pads are never attended; their K/V may differ)
-        got, want = np.asarray(cf[name])[:, :, :T], np.asarray(cc[name])[:, :, :T]
-        np.testing.assert_allclose(got[:, real], want[:, real], atol=1e-5, rtol=0)
+        # [L, B, kv, S, d] -> [L, kv, B, S, d]: real (B, S) slots as one boolean index
+        got, want = (np.asarray(c[name])[:, :, :, :T].swapaxes(1, 2) for c in (cf, cc))
+        np.testing.assert_allclose(got[:, :, real], want[:, :, real], atol=1e-5, rtol=0)
     for name in ("segment_ids", "end", "next_position"):
         np.testing.assert_array_equal(np.asarray(cf[name]), np.asarray(cc[name]))
     decoding._generate.clear_cache()  # retrace with the lowered block size

@@ -2,8 +2,13 @@
 
 bf16 = bf16 matmul / attention inputs with f32 accumulation. With the real SmolLM2-135M-Instruct
 (the embedded default base model) on a fixed set of 4 chat prompts: last-token logits within 2.0
-of f32 (max abs; logits span ~[-20, 30]; measured 0.34-1.15) with the same argmax, and 24 greedy
-tokens identical to f32, params kept in f32 ("bf16") or stored in bf16 ("bf16-params").
+of f32 (max abs; logits span ~[-20, 30]; measured 0.34-1.15) along the 24 greedy f32 tokens,
+run through bf16's prefill and cached decode steps, with the same argmax wherever f32's top two
+logits are >= MARGIN apart (>= 90% of the steps), and the free-running bf16 answers identical to
+f32's up to the first near-tie, params kept in f32 ("bf16") or stored in bf16 ("bf16-params"), and
+bf16 for the prompt only, f32 decode steps ("bf16-prefill", generation's "auto").
+Near-ties (f32 margins of 0.01-0.05 occur in these answers) flip on any change of summation order,
+so greedy tokens past one are not a property of the precision.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ PROMPTS = (
     "Write one sentence about the ocean.",
     "What is 12 plus 7?",
 )
+MARGIN = 0.25  # logits; bf16 flipped argmaxes only at f32 margins <= 0.05 here
 
 
 def test_policies_and_defaults():
@@ -31,6 +37,9 @@ def test_policies_and_defaults():
     bf = get_precision("bf16")
     assert (bf.compute, bf.params) == (jnp.bfloat16, jnp.float32)
     assert get_precision("bf16-params").params == jnp.bfloat16
+    pre = get_precision("bf16-prefill")  # bf16 prompt, f32 decode steps and params
+    assert (pre.compute, pre.decode_dtype, pre.params) == (jnp.bfloat16, jnp.float32, jnp.float32)
+    assert bf.decode_dtype == jnp.bfloat16
     assert get_precision(None) is POLICIES["f32"]  # exact unless asked
     for path, name in DEFAULTS.items():
         assert get_precision("auto", path) is POLICIES[name]
@@ -57,32 +66,41 @@ def test_bf16_keeps_smollm2_greedy_answers():
     from hyperlora_jax.models.decoding import chat
     from hyperlora_jax.models.load import load_base
     from hyperlora_jax.models.tokenizer import apply_chat
-    from hyperlora_jax.models.transformer import forward
+    from hyperlora_jax.models.transformer import forward, init_cache
 
     base = load_base(DEFAULT_MODEL)
     cfg, params, tok = base[0], base[1], base[2]
-    ids = [apply_chat(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
-    for policy in ("bf16", "bf16-params"):
-        pol = get_precision(policy)
-        for row in ids:
-            x = jnp.asarray([row])
-            want = forward(params, cfg, x, logits_at=jnp.asarray([[len(row) - 1]])).logits
-            got = forward(
-                pol.cast_params(params),
-                cfg,
-                x,
-                dtype=pol.compute,
-                logits_at=jnp.asarray([[len(row) - 1]]),
-            ).logits
-            err = float(jnp.max(jnp.abs(got - want)))
-            print(f"{policy}: max |logit diff| {err:.3f}")
-            assert err <= 2.0, (policy, err)
-            assert int(jnp.argmax(got)) == int(jnp.argmax(want))
     kw = dict(max_new_tokens=24, stop_ids=[])
     ref = chat(params, cfg, tok, list(PROMPTS), precision="f32", **kw)
-    for policy in ("bf16", "bf16-params"):
+    step = jax.jit(lambda p, x, c, dt: forward(p, cfg, x, cache=c, dtype=dt), static_argnums=3)
+    checked = 0
+    for policy in ("bf16", "bf16-params", "bf16-prefill"):
+        pol = get_precision(policy)
+        cast = pol.cast_params(params)
         out = chat(params, cfg, tok, list(PROMPTS), precision=policy, **kw)
-        np.testing.assert_array_equal(out.tokens, ref.tokens, err_msg=f"{policy}: {out.texts}")
+        for i, prompt in enumerate(PROMPTS):
+            ids = apply_chat(tok, [{"role": "user", "content": prompt}])
+            seq = ids + [int(t) for t in ref.tokens[i]]
+            want = np.asarray(forward(params, cfg, jnp.asarray([seq])).logits[0, len(ids) - 1 : -1])
+            # the f32 greedy sequence through bf16: prefill, then one cached decode step per token
+            cache = init_cache(cfg, 1, len(seq) + 1, pol.decode_dtype)
+            o = forward(cast, cfg, jnp.asarray([ids]), cache=cache, dtype=pol.compute, prefill=True)
+            got = [o.logits[0, -1]]
+            for t in seq[len(ids) : -1]:
+                o = step(cast, jnp.asarray([[t]]), o.cache, pol.decode_dtype)
+                got.append(o.logits[0, -1])
+            got = np.asarray(jnp.stack(got))
+            err = float(np.abs(got - want).max())
+            print(f"{policy} prompt {i}: max |logit diff| {err:.3f}")
+            assert err <= 2.0, (policy, i, err)
+            top2 = np.sort(want, -1)[:, -2:]
+            clear = top2[:, 1] - top2[:, 0] >= MARGIN  # not an f32 near-tie
+            np.testing.assert_array_equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+            checked += int(clear.sum())
+            # free-running: the same tokens up to the first f32 near-tie
+            n = int(np.argmin(clear)) if not clear.all() else len(clear)
+            np.testing.assert_array_equal(out.tokens[i][:n], ref.tokens[i][:n], err_msg=policy)
+    assert checked >= 0.9 * 3 * len(PROMPTS) * 24, checked  # near-ties stay rare
 
 
 def test_doc_to_lora_precision_policy():

@@ -20,6 +20,7 @@ from hyperlora_jax.cli.common import (
     probability,
 )
 from hyperlora_jax.errors import HyperLoraError, InputError
+from hyperlora_jax.precision import POLICIES
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
@@ -67,11 +68,11 @@ def add_session_args(p: argparse.ArgumentParser, *, max_batch: int) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument(
         "--precision",
-        choices=("f32", "bf16", "bf16-params", "auto"),
+        choices=(*POLICIES, "auto"),
         default=None,
         help="a precision policy (overrides --dtype): bf16 = bf16 matmul inputs with f32 "
-        "accumulation, params f32; bf16-params also stores the weights in bf16; auto = the one "
-        "measured fastest on CPU",
+        "accumulation, params f32; bf16-params also stores the weights in bf16; bf16-prefill = "
+        "bf16 for the prompt, f32 for each new token; auto = the one measured fastest on CPU",
     )
     p.add_argument(
         "--d2l",

@@ -76,7 +76,7 @@ def _sample(logits: jax.Array, key: jax.Array, temperature, top_p) -> jax.Array:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "max_new_tokens", "pad_id", "dtype"),
+    static_argnames=("config", "max_new_tokens", "pad_id", "dtype", "decode_dtype"),
 )
 def _generate(
     params,
@@ -92,10 +92,12 @@ def _generate(
     max_new_tokens,
     pad_id,
     dtype,
+    decode_dtype,
 ):
-    """Token ids [B, max_new_tokens]. stops: [S] stop ids (-1 = unused slot)."""
+    """Token ids [B, max_new_tokens]. stops: [S] stop ids (-1 = unused slot). The prompt runs in
+    `dtype`, each new token in `decode_dtype` (the KV cache's dtype)."""
     b, t = tokens.shape
-    cache = init_cache(config, b, t + max_new_tokens, dtype)
+    cache = init_cache(config, b, t + max_new_tokens, decode_dtype)
     last = jnp.full((b, 1), t - 1, jnp.int32)  # prompts are left-padded: the LM head only there
     out = forward(
         params,
@@ -119,7 +121,7 @@ def _generate(
 
     def body(state):
         step, tok, done, buf, cache, key = state
-        o = forward(params, config, tok[:, None], adapter=adapter, cache=cache, dtype=dtype)
+        o = forward(params, config, tok[:, None], adapter=adapter, cache=cache, dtype=decode_dtype)
         key, sub = jax.random.split(key)
         nxt = _sample(o.logits[:, -1], sub, temperature, top_p)
         nxt = jnp.where(done, pad_id, nxt)
@@ -160,7 +162,8 @@ def generate(
     stop_ids default: the tokenizer's EOS and end-of-turn tokens plus config.eos_token_id.
     seed: an int or a jax.random key; the same seed gives the same samples.
     precision: a policy of `hyperlora_jax.precision` ("f32" = the default, "bf16", "bf16-params",
-    "auto" = the one measured fastest for generation); params are cast to its param dtype.
+    "bf16-prefill", "auto" = the one measured fastest for generation); params are cast to its
+    param dtype.
     `dtype` alone sets the compute dtype and leaves the params as they are.
     mesh: a jax Mesh (models/sharding.py): the weights laid out by the training rules, the
     prompts (and a per-row adapter) split over its batch axes; same tokens as on one device.
@@ -180,9 +183,14 @@ def generate(
         stop_ids = stop_token_ids(tokenizer, config.eos_token_id)
     pad = _default_pad(config, tokenizer) if pad_id is None else int(pad_id)
     tokens, seg = left_pad(prompts, pad, pad_to_multiple)
+    decode_dtype = dtype
     if dtype is None:  # a policy: params cast once per call (load them in its dtype to skip it)
         policy = get_precision(precision, "generate")
-        params, dtype = policy.cast_params(params), policy.compute
+        params, dtype, decode_dtype = (
+            policy.cast_params(params),
+            policy.compute,
+            policy.decode_dtype,
+        )
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     n_rows = len(tokens)
     if mesh is not None:
@@ -203,6 +211,7 @@ def generate(
         max_new_tokens=int(max_new_tokens),
         pad_id=pad,
         dtype=jnp.dtype(dtype),
+        decode_dtype=jnp.dtype(decode_dtype),
     )
     out = np.asarray(out)[:n_rows]
     is_stop = np.isin(out, np.asarray(list(stop_ids) or [-1]))

@@ -194,15 +194,21 @@ def attention_mask(m: MaskInputs, window: int | None):
 
 
 # Query and key block length of the flash-style path (prefill, encoding, training).
-ATTN_BLOCK = 256
+ATTN_BLOCK = 512
+
+
+def _logit_scale(c: ModelConfig, hd: int) -> float:
+    qpas = c.query_pre_attn_scalar
+    return qpas**-0.5 if qpas is not None else hd**-0.5
 
 
 def _scale_logits(logits, c: ModelConfig, hd: int):
-    qpas = c.query_pre_attn_scalar
-    logits = logits * (qpas**-0.5 if qpas is not None else hd**-0.5)
-    if c.attn_logit_softcap is not None:
-        logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-    return logits
+    """Without a soft-cap the scale is already folded into the queries (`Attention`): one
+    multiply per query instead of one per logit."""
+    if c.attn_logit_softcap is None:
+        return logits
+    logits = logits * _logit_scale(c, hd)
+    return jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
 
 
 def _attend(qg, k, v, mask: MaskInputs, c: ModelConfig) -> jax.Array:
@@ -274,13 +280,20 @@ def _flash_attend(qg, k, v, mask: MaskInputs, c: ModelConfig, block: int) -> jax
 
 
 class Attention(nn.Module):
-    """GQA self-attention with optional q/k norm, soft-cap, sliding window and a KV cache."""
+    """GQA self-attention with optional q/k norm, soft-cap, sliding window and a KV cache.
+
+    `cache`: None, or this layer's {"k", "v": [B, kv_heads, S, head_dim], "end": [B]} (read
+    only). Returns (out, new K/V [B, kv_heads, T, head_dim] for the caller to write at `end`, or
+    None without a cache); the heads-first cache layout lets a decode step attend over it with no
+    transpose."""
 
     config: ModelConfig
     param_dtype: jnp.dtype = F32
     # The cache is empty and `mask` covers this call's own tokens: attend over them (flash path)
-    # and write K/V into the cache once, instead of attending over every cache slot.
+    # instead of over every cache slot.
     prefill: bool = False
+    # Keys may lie after their query (Gemma-3 image blocks): the full-mask path, not the blocks.
+    full_keys: bool = False
 
     @nn.compact
     def __call__(self, x, positions, inv_freq, mask: MaskInputs, lora, scale, adapter_index, cache):
@@ -305,30 +318,31 @@ class Attention(nn.Module):
             k = RMSNorm(**norm, **kw, name="k_norm")(k)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-
-        new_cache = None
-        if cache is not None:  # write this step's keys at slots [end, end + T)
-            upd = jax.vmap(lambda buf, new, e: jax.lax.dynamic_update_slice_in_dim(buf, new, e, 0))
-            k_all = upd(cache["k"], k.astype(cache["k"].dtype), cache["end"])
-            v_all = upd(cache["v"], v.astype(cache["v"].dtype), cache["end"])
-            new_cache = {"k": k_all, "v": v_all}
-            if not self.prefill:  # a decode step attends to all slots
-                k, v = k_all.astype(x.dtype), v_all.astype(x.dtype)
+        if c.attn_logit_softcap is None:  # see _scale_logits
+            q = q * jnp.asarray(_logit_scale(c, hd), q.dtype)
 
         g = nh // nkv
         # [b, kv, g, t, d]: batch dims leading so each einsum is a plain batched matmul
         # (XLA:CPU runs "btkgd,bskd->bkgts" as a slow generic loop, ~3x slower).
         qg = q.reshape(b, t, nkv, g, hd).transpose(0, 2, 3, 1, 4)
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        if cache is None or self.prefill:  # key j at index j: causal blocks, running softmax
-            out = _flash_attend(qg, kt, vt, mask, c, ATTN_BLOCK)
-        else:
+        new_kv = None
+        if cache is not None:
+            new_kv = (kt.astype(cache["k"].dtype), vt.astype(cache["v"].dtype))
+        if cache is not None and not self.prefill:  # a decode step attends to every slot
+            upd = jax.vmap(lambda buf, new, e: jax.lax.dynamic_update_slice_in_dim(buf, new, e, 1))
+            k_all = upd(cache["k"], new_kv[0], cache["end"]).astype(x.dtype)
+            v_all = upd(cache["v"], new_kv[1], cache["end"]).astype(x.dtype)
+            out = _attend(qg, k_all, v_all, mask, c)
+        elif self.full_keys:
             out = _attend(qg, kt, vt, mask, c)
+        else:  # key j at index j: causal blocks, running softmax
+            out = _flash_attend(qg, kt, vt, mask, c, ATTN_BLOCK)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, nh * hd).astype(x.dtype)
         out = Proj(nh * hd, h, ("heads", "embed"), name="o_proj", **kw)(  # no bias in any family
             out, _lora(lora, "o_proj"), scale, adapter_index
         )
-        return out, new_cache
+        return out, new_kv
 
 
 class MLP(nn.Module):

@@ -50,15 +50,18 @@ class LayerInputs(NamedTuple):
     k_idx: jax.Array  # [B, S] key slots (S = T without a cache, the cache length with one)
     k_seg: jax.Array  # [B, S]
     adapter_index: jax.Array | None  # [B, T] ints or [B, T, N] weights (see layers.lora_delta)
+    # {"k", "v": [L, B, kv_heads, S, head_dim], "end": [B]}: read by each layer at its index; the
+    # new K/V come back as the scan's output and are written once after it (no per-layer copy).
+    cache: Cache | None
 
 
 class PerLayer(NamedTuple):
-    """Inputs with a leading layer axis [k, ...], scanned with the layer params."""
+    """Inputs with a leading layer axis [k, ...] (k layers run), scanned with the layer params."""
 
     inv_freq: jax.Array  # [k, head_dim/2]
     sliding: jax.Array  # [k] bool
     lora: dict | None  # {"a", "b": {module: [k, ...]}}
-    cache: Cache | None  # {"k", "v": [k, B, S, kv_heads, head_dim], "end": [k, B]}
+    index: jax.Array  # [k] the layer's index (into LayerInputs.cache)
 
 
 class DecoderLayer(nn.Module):
@@ -69,6 +72,7 @@ class DecoderLayer(nn.Module):
     lora_scale: float = 1.0
     collect_hidden: bool = False
     prefill: bool = False
+    full_keys: bool = False
 
     @nn.compact
     def __call__(self, x, shared: LayerInputs, per_layer: PerLayer):
@@ -76,7 +80,12 @@ class DecoderLayer(nn.Module):
         lora = per_layer.lora
         norm = dict(dim=c.hidden_size, eps=c.rms_norm_eps, plus_one=c.norm_plus_one)
         kw = dict(param_dtype=self.param_dtype)
-        h, new_cache = Attention(c, prefill=self.prefill, name="attn", **kw)(
+        cache = shared.cache
+        if cache is not None:
+            i = per_layer.index
+            cache = {"k": cache["k"][i], "v": cache["v"][i], "end": cache["end"]}
+        attn = Attention(c, prefill=self.prefill, full_keys=self.full_keys, name="attn", **kw)
+        h, new_kv = attn(
             RMSNorm(**norm, **kw, name="attn_norm")(x),
             shared.positions,
             per_layer.inv_freq,
@@ -84,7 +93,7 @@ class DecoderLayer(nn.Module):
             lora,
             self.lora_scale,
             shared.adapter_index,
-            per_layer.cache,
+            cache,
         )
         if c.sandwich_norm:
             h = RMSNorm(**norm, **kw, name="post_attn_norm")(h)
@@ -95,7 +104,7 @@ class DecoderLayer(nn.Module):
         if c.sandwich_norm:
             h = RMSNorm(**norm, **kw, name="post_mlp_norm")(h)
         x = x + h
-        return x, (x if self.collect_hidden else None, new_cache)
+        return x, (x if self.collect_hidden else None, new_kv)
 
 
 class Decoder(nn.Module):
@@ -110,6 +119,11 @@ class Decoder(nn.Module):
     return_logits: bool = True
     remat_policy: str | None = None
     prefill: bool = False
+    full_keys: bool = False
+    # num_layers < the stored layers (early exit): each step reads its layer's weights from the
+    # whole stack (a "layer" variable collection holds the step's index) instead of a sliced copy
+    # of the first num_layers layers' weights, which cost a copy of them per call.
+    exit_early: bool = False
 
     @nn.compact
     def __call__(
@@ -151,16 +165,32 @@ class Decoder(nn.Module):
                         "jax.checkpoint_policies name such as 'dots_saveable'"
                     )
             layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=False)
-        scan = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, 0),
-            length=self.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, (hidden, new_cache) = scan(
-            c, self.param_dtype, self.lora_scale, self.collect_hidden, self.prefill, name="layers"
+        if self.exit_early:
+            scan = nn.scan(
+                nn.map_variables(layer_cls, ["params", "layer"], _pick_layer, mutable=False),
+                variable_broadcast="params",
+                variable_axes={"layer": 0},
+                split_rngs={"params": False},
+                in_axes=(nn.broadcast, 0),
+                length=self.num_layers,
+            )
+        else:
+            scan = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, 0),
+                length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+        x, (hidden, new_kv) = scan(
+            c,
+            self.param_dtype,
+            self.lora_scale,
+            self.collect_hidden,
+            self.prefill,
+            self.full_keys,
+            name="layers",
         )(x, shared, per_layer)
 
         x = RMSNorm(
@@ -192,7 +222,13 @@ class Decoder(nn.Module):
                 logits = matmul(x, w, x.dtype)  # f32 accumulation; fast bf16 backward
             if c.final_logit_softcap is not None:
                 logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
-        return logits, hs, new_cache
+        return logits, hs, new_kv
+
+
+def _pick_layer(variables: dict) -> dict:
+    """Decoder.exit_early: this scan step's layer out of the stacked weights."""
+    i = variables["layer"]["index"]
+    return {"params": jax.tree.map(lambda w: w[i], variables["params"])}
 
 
 def _segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -267,9 +303,9 @@ def _prepare_adapter(config, adapter, adapter_index, batch, k):
 def init_cache(
     config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32
 ) -> Cache:
-    """An empty KV cache: k/v [L, B, S, kv_heads, head_dim], slot segment ids, per-row end index
+    """An empty KV cache: k/v [L, B, kv_heads, S, head_dim], slot segment ids, per-row end index
     (slots written so far) and next position."""
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),
@@ -280,17 +316,29 @@ def init_cache(
 
 
 def _model(
-    config, k, param_dtype, dtype=F32, scale=1.0, hidden=False, logits=True, remat=None, pre=False
+    config,
+    k,
+    param_dtype,
+    dtype=F32,
+    scale=1.0,
+    hidden=False,
+    logits=True,
+    remat=None,
+    pre=False,
+    full_keys=False,
+    exit_early=False,
 ):
-    return Decoder(config, k, param_dtype, dtype, scale, hidden, logits, remat, pre)
+    return Decoder(
+        config, k, param_dtype, dtype, scale, hidden, logits, remat, pre, full_keys, exit_early
+    )
 
 
 def _dummy_inputs(config: ModelConfig, k: int):
     b, t = 1, 1
     z = jnp.zeros((b, t), jnp.int32)
-    shared = LayerInputs(z, z, z + 1, z, z + 1, None)
+    shared = LayerInputs(z, z, z + 1, z, z + 1, None, None)
     per_layer = PerLayer(
-        jnp.zeros((k, config.head_dim // 2), F32), jnp.zeros((k,), bool), None, None
+        jnp.zeros((k, config.head_dim // 2), F32), jnp.zeros((k,), bool), None, jnp.arange(k)
     )
     return z, shared, per_layer
 
@@ -378,7 +426,6 @@ def forward(
         raise InputError(f"adapter_index shape {adapter_index.shape} != tokens shape {(b, t)}")
 
     steps = jnp.arange(t, dtype=jnp.int32)[None, :]
-    layer_cache = None
     if cache is None:
         if positions is None:
             positions = _segment_positions(seg)
@@ -398,7 +445,6 @@ def forward(
         k_seg_attn = k_seg
         if prefill:  # keys = these T tokens at slots [0, T)
             k_idx, k_seg_attn = q_idx, seg
-        layer_cache = {"k": cache["k"], "v": cache["v"], "end": jnp.broadcast_to(end, (k, b))}
     positions = jnp.asarray(positions, jnp.int32)
     if image_groups is not None:
         image_groups = jnp.asarray(image_groups, jnp.int32)
@@ -407,18 +453,15 @@ def forward(
                 f"image_groups must be [batch, length] = {(b, t)} with image_embeddings "
                 f"[{b}, {t}, H], without a KV cache"
             )
+        # Keys may now lie after their query, which the blockwise path never visits: the layers
+        # take the full-mask path (`full_keys`).
         q_idx = _image_block_ends(q_idx, image_groups)
-        # Keys may now lie after their query, which the blockwise path never visits: attend over
-        # a fresh cache-shaped buffer instead (the full-mask path; its returned copy is dropped).
-        shape = (k, b, t, config.num_kv_heads, config.head_dim)
-        zeros = jnp.zeros(shape, dtype)
-        layer_cache = {"k": zeros, "v": zeros, "end": jnp.zeros((k, b), jnp.int32)}
 
     lora = _prepare_adapter(config, adapter, adapter_index, b, k)
     scale = adapter.scale if adapter is not None else 1.0
-    layer_params = jax.tree.map(lambda x: x[:k], params["layers"])
+    layer_params = params["layers"]
     if cache is None and not return_hidden_states and jnp.dtype(dtype) != F32:
-        # Weight matrices [k, in, out] cast once, before the layer scan: cast inside it, a
+        # Weight matrices [L, in, out] cast once, before the layer scan: cast inside it, a
         # differentiated scan (the training student) stacks a low-precision copy of every
         # layer's weights as residuals, rewriting the whole stack each layer (issue 22). Not for
         # the context encoder (hidden states; never differentiated): there the per-layer cast
@@ -431,23 +474,41 @@ def forward(
     inv_freq = jnp.asarray(_rope_table(config)[:k])
 
     model = _model(
-        config, k, F32, dtype, scale, return_hidden_states, return_logits, remat_policy, prefill
+        config,
+        k,
+        F32,
+        dtype,
+        scale,
+        return_hidden_states,
+        return_logits,
+        remat_policy,
+        prefill,
+        full_keys=image_groups is not None,
+        exit_early=k < config.num_layers,
     )
-    logits, hs, new_layer_cache = model.apply(
-        {"params": run_params},
+    variables = {"params": run_params}
+    if k < config.num_layers:
+        variables["layer"] = {"layers": {"index": jnp.arange(k)}}
+    logits, hs, new_kv = model.apply(
+        variables,
         tokens,
-        LayerInputs(positions, q_idx, seg, k_idx, k_seg_attn, adapter_index),
-        PerLayer(inv_freq, sliding, lora, layer_cache),
+        LayerInputs(positions, q_idx, seg, k_idx, k_seg_attn, adapter_index, cache),
+        PerLayer(inv_freq, sliding, lora, jnp.arange(k)),
         embeddings_noise,
         None if logits_at is None else jnp.asarray(logits_at, jnp.int32),
         image_embeddings,
         image_groups,
     )
     new_cache = None
-    if cache is not None:
+    if cache is not None:  # the T new keys/values [k, B, kv, T, d] at slots [end, end + T)
+        write = jax.vmap(  # over the batch (axis 1), each row at its own end
+            lambda buf, new, e: jax.lax.dynamic_update_slice_in_dim(buf, new, e, 2),
+            in_axes=(1, 1, 0),
+            out_axes=1,
+        )
         new_cache = {
-            "k": new_layer_cache["k"],
-            "v": new_layer_cache["v"],
+            "k": write(cache["k"], new_kv[0], cache["end"]),
+            "v": write(cache["v"], new_kv[1], cache["end"]),
             "segment_ids": k_seg,
             "end": cache["end"] + t,
             "next_position": cache["next_position"] + jnp.sum(seg != 0, axis=1, dtype=jnp.int32),
