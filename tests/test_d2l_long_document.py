@@ -1,4 +1,4 @@
-"""Long documents: grouped internalization equals the all-at-once compose, one compiled shape for
+"""Long documents: grouped internalization equals the all-at-once compose, four compiled shapes for
 any chunk count, and the size limits (chunks per document, the context window, --chunk-size > 0).
 
 Tiny official fixture (tiny-gemma2, window 2,048). Grouped vs all-at-once: the same per-chunk
@@ -66,14 +66,19 @@ def test_single_text_matches_chunk_document(d2l):
     assert ad.batch_shape == () and ad.rank == (k + 1) * d2l.config.rank
 
 
-def test_many_groups_one_compiled_shape(d2l):
-    """Chunk counts 2..15 and longest chunks 59..116 tokens (64 or 128 padded alone) share the
-    one [CHUNK_GROUP, pad(chunk size + affixes)] program: nothing compiles after the first."""
+def test_chunk_counts_share_four_compiled_shapes(d2l):
+    """Chunk counts run as groups of 1, 2, 4 or CHUNK_GROUP (8) rows, the next power of two:
+    documents of 10 and 15 chunks reuse the 8-row program of a 5-chunk one, a 2-chunk document
+    compiles the 2-row program once, and longest chunks of 59..116 tokens share one length."""
     d2l.internalize(_text(140, 5), 100)
     before = d2l_api.chunk_loras._cache_size()
-    ranks = [d2l.internalize(_text(n, 5), 100).rank for n in (32, 300, 500)]
-    assert [r // d2l.config.rank - 1 for r in ranks] == [2, 10, 15]
+    ranks = [d2l.internalize(_text(n, 5), 100).rank for n in (300, 500)]
+    assert [r // d2l.config.rank - 1 for r in ranks] == [10, 15]
     assert d2l_api.chunk_loras._cache_size() == before
+    assert d2l.internalize(_text(32, 5), 100).rank // d2l.config.rank - 1 == 2
+    assert d2l_api.chunk_loras._cache_size() == before + 1
+    d2l.internalize(_text(36, 6), 100)  # 2 chunks again
+    assert d2l_api.chunk_loras._cache_size() == before + 1
 
 
 def test_chunk_limit(d2l):

@@ -129,7 +129,9 @@ def make_d2l_loss(
         # packed tokens, not on the C x max_chunk_len mostly padded chunk rows.
         proj = project_features(params, hcfg, feats, dtype=hdtype)  # [B, (L,) Tc, latent]
         cf, cmask = gather_chunks(proj, seg_c, n_slots, max_chunk_len or tc)
-        a, b = generate_chunk_loras(params, hcfg, cf, cmask, dtype=hdtype, projected=True)
+        a, b = generate_chunk_loras(
+            params, hcfg, cf, cmask, layer_group=0, dtype=hdtype, projected=True
+        )
         ba, bb = bias_lora(params, hcfg)
         if not hcfg.use_bias:
             ba = jax.tree_util.tree_map(jnp.zeros_like, ba)

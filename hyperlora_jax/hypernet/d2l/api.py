@@ -12,9 +12,10 @@ Images (a Gemma-3 VLM context encoder, models/vision.py): `internalize(images=[.
 images (and optional text) ONE chunk; their soft tokens' activations feed the Perceiver as text
 activations do, and the adapter is for the (text-only) base model.
 
-Any document length in bounded memory: chunks run CHUNK_GROUP at a time through one compiled
-program and each group's LoRAs are written straight into the composed adapter's slots, so the
-activations stay those of one group; only the adapter grows (rank (K+1) r by design).
+Any document length in bounded memory: chunks run CHUNK_GROUP at a time (fewer chunks: the next
+power of two) through one compiled program and each group's LoRAs are written straight into the
+composed adapter's slots, so the activations stay those of one group; only the adapter grows
+(rank (K+1) r by design).
 Limits: at most MAX_DOC_CHUNKS chunks per document, and no chunk longer than the context model's
 window (max_position_embeddings) -- both InputErrors that name the chunk size that would fit.
 """
@@ -62,7 +63,8 @@ from hyperlora_jax.paths import as_path
 from hyperlora_jax.precision import Precision, get_precision
 
 # Chunks per compiled call: every document runs as groups of [CHUNK_GROUP, T] (the last group
-# padded), so a new chunk count compiles nothing and peak activations do not grow with the document.
+# padded; fewer chunks than that: a group of the next power of two, so a 1-chunk document does not
+# pay for 8), so at most 4 shapes compile and peak activations do not grow with the document.
 CHUNK_GROUP = 8
 # Chunks per document: the composed rank is (K + 1) r, so the adapter grows with K (SmolLM2-135M
 # down_proj: 2 MB of f32 per chunk, 4 GB at the limit). 2,048 takes a 2 MB text at chunk size 1,024
@@ -503,10 +505,10 @@ class DocToLoRA:
     ) -> Adapter:
         """Already-chunked documents (lists of token-id chunks) -> Adapter [n_docs, L, R, d].
 
-        Runs `group` chunks per call of one compiled program (all chunks padded to one length,
-        at least `pad_to`) and writes each chunk's LoRA into its rank slot of the composed
-        adapter: the same adapter as `compose` of all chunk LoRAs at once, with one group's
-        activations alive.
+        Runs `group` chunks (fewer: the next power of two) per call of one compiled program (all
+        chunks padded to one length, at least `pad_to`) and writes each chunk's LoRA into its rank
+        slot of the composed adapter: the same adapter as `compose` of all chunk LoRAs at once,
+        with one group's activations alive.
         """
         if not docs_chunks or any(len(d) == 0 for d in docs_chunks):
             raise InputError("every document needs at least one chunk")
@@ -516,6 +518,8 @@ class DocToLoRA:
         slot = [(g, j) for g, k in enumerate(n_chunks) for j in range(k)]
         tokens, mask = pad_chunks(flat, multiple=self.pad_multiple, length=pad_to)
         m = shd.batch_multiple(self.mesh)  # a group's chunks split over the batch axes
+        # fewer chunks than a group: the next power of two (<= 2x the work, 4 shapes at most)
+        group = min(group, 1 << (len(flat) - 1).bit_length())
         group = -(-group // m) * m
         kw = dict(config=self.config, ctx_config=self.ctx_config, iterative=iterative)
 

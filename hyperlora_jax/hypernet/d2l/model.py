@@ -349,8 +349,10 @@ class HyperLoRA(nn.Module):
 def _head_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """einsum("nlmrd,lmdo->nlmro"), with a backward that returns the head's gradient in the
     head's own [L, M, d, d_lora] layout: JAX's produced it as [L, d_lora, d] and every AdamW
-    fusion then read its 32M entries transposed (~0.5 s of a 4.4 s training step, issue 22)."""
-    return jnp.einsum("nlmrd,lmdo->nlmro", x, w)
+    fusion then read its 32M entries transposed (~0.5 s of a 4.4 s training step, issue 22).
+    The head goes first: with x first XLA:CPU copies the whole head transposed on every call
+    (123 MB for the official hypernetwork, 5x slower)."""
+    return jnp.einsum("lmdo,nlmrd->nlmro", w, x)
 
 
 def _head_matmul_fwd(x, w):
@@ -455,6 +457,13 @@ def project_features(params: dict, config: D2LConfig, features: jax.Array, *, dt
     return model.apply({"params": params}, features, method=HyperLoRA.project)
 
 
+# Layers per Perceiver pass in batched inference (l2l): lax.map over groups of this many layers
+# bounds the Perceiver's activations (official hypernetwork, 1,024 tokens, f32: 1.2 GB of XLA
+# temporaries with all 30 layers at once) without slowing it: its weights are shared by every
+# layer, so a group of layers is already one tall matmul.
+LAYER_GROUP = 8
+
+
 def generate_chunk_loras(
     params: dict,
     config: D2LConfig,
@@ -462,6 +471,7 @@ def generate_chunk_loras(
     mask: jax.Array,
     *,
     iterative: bool = False,
+    layer_group: int = LAYER_GROUP,
     dtype=jnp.float32,
     projected: bool = False,
 ):
@@ -469,15 +479,18 @@ def generate_chunk_loras(
 
     features: l2l [N, L, T, H] or early-exit [N, T, H], mask [N, T]; projected=True: features
     are already project_features outputs (last axis latent_size).
-    iterative=True runs the Perceiver layer by layer with lax.map (l2l only), so only one layer's
-    Perceiver activations are alive at a time; the result equals the batched one.
+    l2l runs the Perceiver over `layer_group` layers at a time with lax.map, over one layer at a
+    time with iterative=True (the official iterative mode), or over all at once with
+    layer_group=0 (training: a lax.map would put a scan in the gradient); same result each way.
     """
     model = HyperLoRA(config, dtype)
     v = {"params": params}
-    if iterative and config.layer_to_layer:
+    group = 1 if iterative else layer_group
+    if group and config.layer_to_layer:
         per_layer = jax.lax.map(
             lambda f: model.apply(v, f, mask, projected, method=HyperLoRA.aggregate_one_layer),
             jnp.swapaxes(features, 0, 1),
+            batch_size=group if group > 1 else None,
         )  # [L, N, M, r, d]
         latents = jnp.swapaxes(per_layer, 0, 1)
     else:
