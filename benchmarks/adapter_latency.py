@@ -97,16 +97,10 @@ def bench_d2l(rep, base_name, hyper_names, lengths, modes, dtype, repeats, chunk
 
 
 def bench_t2l(rep, base_name, n_desc, repeats):
-    from hyperlora_jax.hypernet.t2l.model import T2LConfig, generate_adapter
+    from hyperlora_jax.hypernet.t2l.model import generate_adapter
     from hyperlora_jax.hypernet.t2l.model import init_params as t2l_init
 
-    base = setups.base_config(base_name)
-    mods = ("q_proj", "v_proj")
-    cfg = T2LConfig(
-        modules=mods, in_features=tuple(base.module_dims(m)[0] for m in mods),
-        out_features=tuple(base.module_dims(m)[1] for m in mods), num_layers=base.num_layers,
-        task_emb_size=1024, latent_size=128, head_in_size=512, head="L", head_init="default",
-    )  # fmt: skip
+    cfg = setups.t2l_config(setups.base_config(base_name))
     params = t2l_init(cfg, jax.random.key(0))
     embs = jnp.asarray(np.random.default_rng(0).normal(size=(n_desc, 1024)), jnp.float32)
     fn = jax.jit(lambda p, e: generate_adapter(cfg, p, e))

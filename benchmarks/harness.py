@@ -91,7 +91,8 @@ def timeit(fn: Callable[[], Any], warmup: int = 1, repeats: int = 5) -> dict[str
 
 
 def peak_memory_of(fn: Callable[[], Any]) -> dict[str, Any]:
-    """Peak memory growth while running fn() once: device allocator peak or host peak RSS."""
+    """Peak memory growth while running fn() once: device allocator peak or host peak RSS (then
+    also `process_bytes`, the whole process's peak RSS during the call)."""
     dev = device_memory()
     if dev is not None:
         start = dev[1]
@@ -100,7 +101,8 @@ def peak_memory_of(fn: Callable[[], Any]) -> dict[str, Any]:
     reset_peak_rss()
     start = rss_bytes()
     jax.block_until_ready(fn())
-    return {"kind": "host_rss_peak", "bytes": max(0, peak_rss_bytes() - start)}
+    peak = peak_rss_bytes()
+    return {"kind": "host_rss_peak", "bytes": max(0, peak - start), "process_bytes": peak}
 
 
 def tree_bytes(tree) -> int:

@@ -7,8 +7,9 @@ bytes, the transient memory (peak RSS growth) of internalizing and of one in-pro
 the crossover N above which internalizing is cheaper:
     N* = t_internalize / (t_query_in_prompt - t_query_adapter).
 Precision: --precision auto runs internalize and the queries in the policies measured fastest
-for each (hyperlora_jax.precision.DEFAULTS: bf16 and f32). The in-prompt baseline is skipped for
-documents past the base model's window (SmolLM2: 8,192 tokens); internalizing has no such limit.
+for each (hyperlora_jax.precision.DEFAULTS: bf16 and bf16-prefill). The in-prompt baseline is
+skipped for documents past the base model's window (SmolLM2: 8,192 tokens); internalizing has no
+such limit.
 
   python -m benchmarks.query_cost --quick      # smoke
   python -m benchmarks.query_cost              # SmolLM2 shape, cpu_default hypernet, 256 to
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--question-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--precision", default="auto", help="f32, bf16, bf16-params or auto")
+    p.add_argument("--precision", default="auto", help="a hyperlora_jax.precision policy or auto")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     if a.quick:
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     def ask(prompt, adapter):
         return decoding.generate(params, cfg_b, [prompt], adapter=adapter, stop_ids=(),
                                  max_new_tokens=a.new_tokens,
-                                 dtype=pol_gen.compute).tokens  # fmt: skip
+                                 precision=pol_gen).tokens  # fmt: skip
 
     base_q = harness.timeit(lambda: ask(question, None), warmup=1, repeats=a.repeats)["median_s"]
     for n in [int(x) for x in a.lengths.split(",")]:
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
             "crossover_N": cross,
             "internalize_peak_mib": mib(mem_int), "in_prompt_peak_mib": mib(mem_ctx),
             "kv_cache_mib": kv_cache_bytes(cfg_b, n + a.question_tokens + a.new_tokens,
-                                           pol_gen.compute) / harness.MiB,
+                                           pol_gen.decode_dtype) / harness.MiB,
             "adapter_mib": harness.tree_bytes(ad) / harness.MiB,
         })  # fmt: skip
         for n_q in (1, 10, 100):

@@ -46,6 +46,21 @@ def d2l_config(name: str, base: ModelConfig) -> D2LConfig:
     return D2LConfig.for_base(base, ("down_proj",), **HYPERNETS[name])
 
 
+def t2l_config(base: ModelConfig, tiny: bool = False):
+    """The official T2L L head for `base` (reference/official-cpu-timings.md): latent 128, head
+    input 512, q_proj + v_proj, task embeddings of size 1024 given directly."""
+    from hyperlora_jax.hypernet.t2l.model import T2LConfig
+
+    mods = ("q_proj", "v_proj")
+    latent, head_in = (16, 32) if tiny else (128, 512)
+    return T2LConfig(
+        modules=mods, in_features=tuple(base.module_dims(m)[0] for m in mods),
+        out_features=tuple(base.module_dims(m)[1] for m in mods), num_layers=base.num_layers,
+        task_emb_size=1024, latent_size=latent, head_in_size=head_in, head="L",
+        head_init="default",
+    )  # fmt: skip
+
+
 def document_chunks(n_tokens: int, vocab: int, chunk: int | None = 1024, seed: int = 0):
     """A templated n-token document (prefix + random ids + suffix), split by the official rule."""
     rng = np.random.default_rng(seed)

@@ -3,14 +3,16 @@
 Rows (shapes of /work/shared/reference/official-cpu-timings.md, SmolLM2 shape, random weights):
 internalize a 1,024-token document with the official 157.5M hypernetwork (batched, iterative);
 the D2L training step (512 ctx + 128 QA, top-16 KL + L1, AdamW); a 4,115-token document in the
-prompt + 32 greedy tokens; the embedded-size (cpu_default) hypernetwork internalizing 1,012 tokens.
+prompt + 32 greedy tokens; the shipped default hypernetwork (hyperlora_jax.embedded) internalizing
+1,012 tokens through DocToLoRA;
+T2L adapters for 64 descriptions (official L head; f32 only).
 Each row: median of --repeats after a warm-up, matmul FLOPs from the jaxpr, achieved / measured
 matmul peak of the row's precision, and the 1-minute load average before and after (the machine
 may be shared: read the ratios, and the load, before the absolute times). The matmul peaks are
 measured at the start and the end of the run.
 
   python -m benchmarks.vs_official --quick                 # smoke (tiny shapes)
-  python -m benchmarks.vs_official --precisions f32,bf16   # ~20 min on 2 idle cores
+  python -m benchmarks.vs_official        # f32, bf16, bf16-prefill: ~8 min on 2 idle cores
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 from benchmarks import harness, setups
 from benchmarks.adapter_latency import make_internalize
 from benchmarks.train_throughput import d2l_batch
+from hyperlora_jax.embedded import EMBEDDED_D2L
 from hyperlora_jax.hypernet.d2l import api as dl
 from hyperlora_jax.hypernet.d2l.model import init_params as d2l_init
 from hyperlora_jax.models import decoding, transformer
@@ -42,7 +45,12 @@ OFFICIAL = {
     "internalize_1024_iterative": 9.15,
     "d2l_train_step": 10.12,
     "in_prompt_4115_plus_32": 13.99,  # official with SDPA attention
+    "t2l_64_adapters": 0.33,  # official batched path (measured 2026-11-30, not re-measured)
 }
+
+
+# Policies that differ from another only in generation's decode steps: the in-prompt row alone.
+DECODE_ONLY = ("bf16-prefill",)
 
 
 def load1() -> float:
@@ -71,7 +79,8 @@ def measure(rep, name, fn, flops, precision, peaks, repeats, official=None, **ex
         "min_s": tm["min_s"], "cpu_s": cpu, "gflop": flops / 1e9,
         "frac_of_peak": (flops / tm["median_s"] / peak["flops_per_s"]
                          if others <= MAX_OTHER_BUSY else None),
-        "peak_mem_mib": mem["bytes"] / harness.MiB, "other_busy_cpus": others,
+        "peak_mem_mib": mem["bytes"] / harness.MiB,
+        "process_peak_mib": mem.get("process_bytes", 0) / harness.MiB, "other_busy_cpus": others,
         "load1_before": before, "load1_after": load1(),
         **extra,
     }  # fmt: skip
@@ -82,29 +91,39 @@ def measure(rep, name, fn, flops, precision, peaks, repeats, official=None, **ex
 
 
 def internalize_rows(rep, a, cfg_b, base, peaks, pol_name):
+    if pol_name in DECODE_ONLY:
+        return
     pol = get_precision(pol_name)
     params = pol.cast_params(base)
-    for hname, n, modes in (("official", 1024, ("batched", "iterative")), ("cpu_default", 1012,
-                            ("batched",))):  # fmt: skip
-        if a.quick:
-            hname, n = "tiny", 256
-        hcfg = setups.d2l_config(hname, cfg_b)
-        hp = pol.cast_params(d2l_init(hcfg, jax.random.key(1)))
-        fns = make_internalize(hp, params, hcfg, cfg_b, pol.compute)
-        chunks = setups.document_chunks(n, cfg_b.vocab_size, 1024)
-        tokens, mask = dl.pad_chunks(chunks, multiple=32)
-        for mode in modes:
-            flops = count_flops(
-                lambda t, m, hp=hp, hcfg=hcfg, it=(mode == "iterative"): dl.chunk_loras(
-                    hp, params, t, m, config=hcfg, ctx_config=cfg_b, iterative=it,
-                    dtype=pol.compute,
-                ),
-                jnp.asarray(tokens), jnp.asarray(mask),
-            )  # fmt: skip
-            key = f"internalize_{n}_{mode}"
-            measure(rep, f"internalize {n} tokens, {hname}, {mode}",
-                    lambda f=fns[mode], c=chunks: f(c), flops, pol_name, peaks, a.repeats,
-                    OFFICIAL.get(key) if hname == "official" else None)  # fmt: skip
+    hname, n = ("tiny", 256) if a.quick else ("official", 1024)
+    hcfg = setups.d2l_config(hname, cfg_b)
+    hp = pol.cast_params(d2l_init(hcfg, jax.random.key(1)))
+    fns = make_internalize(hp, params, hcfg, cfg_b, pol.compute)
+    chunks = setups.document_chunks(n, cfg_b.vocab_size, 1024)
+    tokens, mask = dl.pad_chunks(chunks, multiple=32)
+    for mode in ("batched", "iterative"):
+        flops = count_flops(
+            lambda t, m, it=(mode == "iterative"): dl.chunk_loras(
+                hp, params, t, m, config=hcfg, ctx_config=cfg_b, iterative=it, dtype=pol.compute,
+            ),
+            jnp.asarray(tokens), jnp.asarray(mask),
+        )  # fmt: skip
+        measure(rep, f"internalize {n} tokens, {hname}, {mode}", lambda f=fns[mode]: f(chunks),
+                flops, pol_name, peaks, a.repeats,
+                None if a.quick else OFFICIAL[f"internalize_{n}_{mode}"])  # fmt: skip
+    if not a.quick:  # the shipped default hypernetwork through the public API (base weights
+        # random: the speed does not depend on them)
+        d = dl.DocToLoRA.from_checkpoint(EMBEDDED_D2L, base_model=(cfg_b, base), precision=pol)
+        chunks = setups.document_chunks(1012, cfg_b.vocab_size, 1024)
+        tokens, mask = dl.pad_chunks(chunks, multiple=d.pad_multiple)
+        flops = count_flops(
+            lambda t, m: dl.chunk_loras(d.params, d.ctx_params, t, m, config=d.config,
+                                        ctx_config=d.ctx_config, dtype=d.dtype),
+            jnp.asarray(tokens), jnp.asarray(mask),
+        )  # fmt: skip
+        measure(rep, "internalize 1012 tokens, embedded default (DocToLoRA)",
+                lambda: jax.tree.leaves(d.internalize_chunks([chunks])), flops, pol_name, peaks,
+                a.repeats)  # fmt: skip
 
 
 def in_prompt_row(rep, a, cfg_b, base, peaks, pol_name):
@@ -115,24 +134,26 @@ def in_prompt_row(rep, a, cfg_b, base, peaks, pol_name):
     t = -(-n // 8) * 8
 
     def prefill(p, x):
-        cache = transformer.init_cache(cfg_b, 1, t + new, pol.compute)
+        cache = transformer.init_cache(cfg_b, 1, t + new, pol.decode_dtype)
         return transformer.forward(p, cfg_b, x, cache=cache, dtype=pol.compute, prefill=True,
                                    logits_at=jnp.full((1, 1), t - 1))  # fmt: skip
 
     def step(p, x, cache):
-        return transformer.forward(p, cfg_b, x, cache=cache, dtype=pol.compute)
+        return transformer.forward(p, cfg_b, x, cache=cache, dtype=pol.decode_dtype)
 
     x = jnp.zeros((1, t), jnp.int32)
-    cache = jax.eval_shape(lambda: transformer.init_cache(cfg_b, 1, t + new, pol.compute))
+    cache = jax.eval_shape(lambda: transformer.init_cache(cfg_b, 1, t + new, pol.decode_dtype))
     flops = count_flops(prefill, params, x) + (new - 1) * count_flops(step, params, x[:, :1], cache)
     measure(rep, f"{n}-token document in the prompt + {new} greedy tokens",
             lambda: decoding.generate(params, cfg_b, [prompt], max_new_tokens=new, stop_ids=(),
-                                      dtype=pol.compute).tokens,
+                                      precision=pol).tokens,
             flops, pol_name, peaks, a.repeats, None if a.quick else
             OFFICIAL["in_prompt_4115_plus_32"])  # fmt: skip
 
 
 def train_row(rep, a, cfg_b, base, peaks, pol_name):
+    if pol_name in DECODE_ONLY:
+        return
     pol = get_precision(pol_name)
     params = pol.cast_params(base)
     ctx, pr, resp = (64, 8, 24) if a.quick else (512, 32, 96)
@@ -155,11 +176,29 @@ def train_row(rep, a, cfg_b, base, peaks, pol_name):
             None if a.quick else OFFICIAL["d2l_train_step"])  # fmt: skip
 
 
+def t2l_row(rep, a, cfg_b, base, peaks, pol_name):
+    """T2L adapters for 64 task embeddings (official L head). f32 only: the T2L hypernetwork has
+    no precision policy (its matmuls are small; the output, 112 MB of LoRA factors, dominates)."""
+    from hyperlora_jax.hypernet.t2l.model import generate_adapter
+    from hyperlora_jax.hypernet.t2l.model import init_params as t2l_init
+
+    if pol_name != "f32":
+        return
+    cfg = setups.t2l_config(cfg_b, tiny=a.quick)
+    params = t2l_init(cfg, jax.random.key(2))
+    n = 8 if a.quick else 64
+    embs = jnp.asarray(np.random.default_rng(0).normal(size=(n, cfg.task_emb_size)), jnp.float32)
+    fn = jax.jit(lambda p, e: generate_adapter(cfg, p, e))
+    flops = count_flops(lambda e: generate_adapter(cfg, params, e), embs)
+    measure(rep, f"T2L adapters for {n} descriptions", lambda: fn(params, embs), flops, pol_name,
+            peaks, a.repeats, None if a.quick else OFFICIAL["t2l_64_adapters"])  # fmt: skip
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--precisions", default="f32,bf16")
-    p.add_argument("--rows", default="internalize,in_prompt,train")
+    p.add_argument("--precisions", default="f32,bf16,bf16-prefill")
+    p.add_argument("--rows", default="internalize,in_prompt,train,t2l")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
@@ -179,7 +218,8 @@ def main(argv=None) -> int:
     )  # fmt: skip
     cfg_b = setups.base_config("tiny" if a.quick else "smollm2")
     base = transformer.init_params(cfg_b, jax.random.key(0))
-    rows = {"internalize": internalize_rows, "in_prompt": in_prompt_row, "train": train_row}
+    rows = {"internalize": internalize_rows, "in_prompt": in_prompt_row, "train": train_row,
+            "t2l": t2l_row}  # fmt: skip
     for pol in a.precisions.split(","):
         for r in a.rows.split(","):
             rows[r](rep, a, cfg_b, base, peaks, pol)
