@@ -70,9 +70,12 @@ def test_vs_official_quick(tmp_path):
     assert vs_official.main(["--quick", "--out", str(tmp_path)]) == 0
     data, _ = _report(tmp_path, "vs_official")
     rows = data["tables"]["rows"]
-    assert {r["precision"] for r in rows} == {"f32", "bf16"} and len(rows) == 10
+    assert {r["precision"] for r in rows} == {"f32", "bf16", "bf16-prefill"} and len(rows) == 10
+    assert [r["precision"] for r in rows if r["row"].startswith("T2L")] == ["f32"]  # no policy
+    assert ["in the prompt" in r["row"] for r in rows if r["precision"] == "bf16-prefill"] == [True]
     for r in rows:
         assert r["median_s"] > 0 and r["gflop"] > 0 and r["other_busy_cpus"] >= 0
+        assert r["process_peak_mib"] >= r["peak_mem_mib"] >= 0
         shared = r["other_busy_cpus"] > vs_official.MAX_OTHER_BUSY
         assert (r["frac_of_peak"] is None) if shared else (r["frac_of_peak"] > 0)
         assert r["load1_before"] >= 0 and r["load1_after"] >= 0
