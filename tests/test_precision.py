@@ -130,10 +130,13 @@ def test_doc_to_lora_precision_policy():
             assert err <= 0.05 * scale, (policy, err, scale)
 
 
-def test_session_precision_policy(fixtures_dir):
+def test_session_precision_policy(fixtures_dir, monkeypatch):
     """Session(precision=...) (the chat / serve --precision flag): base weights stored in the
     policy's param dtype, compute and the D2L hypernetwork in its compute / param dtypes."""
-    from hyperlora_jax.session import Session
+    from hyperlora_jax.models import decoding
+    from hyperlora_jax.session import ChatRequest, Session
+
+    gen = decoding._generate
 
     d2l = fixtures_dir / "official" / "d2l"
     s = Session(str(d2l / "tiny-gemma2"), d2l=d2l / "pytorch_model.bin", precision="bf16-params")
@@ -146,6 +149,13 @@ def test_session_precision_policy(fixtures_dir):
     auto = Session(str(d2l / "tiny-gemma2"), d2l=d2l / "pytorch_model.bin", precision="auto")
     assert auto.dtype == jnp.dtype(POLICIES[DEFAULTS["generate"]].compute)
     assert auto.d2l().dtype == jnp.dtype(POLICIES[DEFAULTS["internalize"]].compute)
+    # answers run the policy's prompt and decode dtypes (bf16-prefill decodes in f32)
+    seen = []
+    monkeypatch.setattr(decoding, "_generate", lambda *a, **kw: seen.append(kw) or gen(*a, **kw))
+    (res,) = auto.answer([ChatRequest("The cat sat on", max_new_tokens=6)])
+    pol = POLICIES[DEFAULTS["generate"]]
+    assert [(kw["dtype"], kw["decode_dtype"]) for kw in seen] == [(pol.compute, pol.decode_dtype)]
+    assert res.completion_tokens > 0
     with pytest.raises(ConfigError, match="precision 'half'"):
         Session(str(d2l / "tiny-gemma2"), precision="half")
 
