@@ -43,6 +43,9 @@ def test_policies_and_defaults():
     assert get_precision(None) is POLICIES["f32"]  # exact unless asked
     for path, name in DEFAULTS.items():
         assert get_precision("auto", path) is POLICIES[name]
+    from hyperlora_jax.cli.models import PRECISIONS  # the --precision choices
+
+    assert PRECISIONS == (*POLICIES, "auto")
     with pytest.raises(ConfigError, match="precision 'fp8'"):
         get_precision("fp8")
     with pytest.raises(ConfigError, match="unknown path"):
@@ -73,20 +76,24 @@ def test_bf16_keeps_smollm2_greedy_answers():
     kw = dict(max_new_tokens=24, stop_ids=[])
     ref = chat(params, cfg, tok, list(PROMPTS), precision="f32", **kw)
     step = jax.jit(lambda p, x, c, dt: forward(p, cfg, x, cache=c, dtype=dt), static_argnums=3)
+    ids = [apply_chat(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
+    seqs = [x + [int(t) for t in r] for x, r in zip(ids, ref.tokens)]
+    wants = [  # f32 logits along each greedy answer
+        np.asarray(forward(params, cfg, jnp.asarray([s])).logits[0, len(x) - 1 : -1])
+        for x, s in zip(ids, seqs)
+    ]
     checked = 0
     for policy in ("bf16", "bf16-params", "bf16-prefill"):
         pol = get_precision(policy)
         cast = pol.cast_params(params)
         out = chat(params, cfg, tok, list(PROMPTS), precision=policy, **kw)
-        for i, prompt in enumerate(PROMPTS):
-            ids = apply_chat(tok, [{"role": "user", "content": prompt}])
-            seq = ids + [int(t) for t in ref.tokens[i]]
-            want = np.asarray(forward(params, cfg, jnp.asarray([seq])).logits[0, len(ids) - 1 : -1])
+        for i, (ids_i, seq, want) in enumerate(zip(ids, seqs, wants)):
             # the f32 greedy sequence through bf16: prefill, then one cached decode step per token
             cache = init_cache(cfg, 1, len(seq) + 1, pol.decode_dtype)
-            o = forward(cast, cfg, jnp.asarray([ids]), cache=cache, dtype=pol.compute, prefill=True)
+            x = jnp.asarray([ids_i])
+            o = forward(cast, cfg, x, cache=cache, dtype=pol.compute, prefill=True)
             got = [o.logits[0, -1]]
-            for t in seq[len(ids) : -1]:
+            for t in seq[len(ids_i) : -1]:
                 o = step(cast, jnp.asarray([[t]]), o.cache, pol.decode_dtype)
                 got.append(o.logits[0, -1])
             got = np.asarray(jnp.stack(got))

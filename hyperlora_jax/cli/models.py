@@ -20,7 +20,9 @@ from hyperlora_jax.cli.common import (
     probability,
 )
 from hyperlora_jax.errors import HyperLoraError, InputError
-from hyperlora_jax.precision import POLICIES
+
+# hyperlora_jax.precision.POLICIES + "auto", spelled out: the parser must not import jax
+PRECISIONS = ("f32", "bf16", "bf16-params", "bf16-prefill", "auto")
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
@@ -68,7 +70,7 @@ def add_session_args(p: argparse.ArgumentParser, *, max_batch: int) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument(
         "--precision",
-        choices=(*POLICIES, "auto"),
+        choices=PRECISIONS,
         default=None,
         help="a precision policy (overrides --dtype): bf16 = bf16 matmul inputs with f32 "
         "accumulation, params f32; bf16-params also stores the weights in bf16; bf16-prefill = "

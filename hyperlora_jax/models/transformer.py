@@ -75,8 +75,10 @@ class DecoderLayer(nn.Module):
     full_keys: bool = False
 
     @nn.compact
-    def __call__(self, x, shared: LayerInputs, per_layer: PerLayer):
+    def __call__(self, carry, shared: LayerInputs, per_layer: PerLayer):
+        """carry: x, or (x, hidden [k+1, B, T, H]) with collect_hidden."""
         c = self.config
+        x, hidden = carry if self.collect_hidden else (carry, None)
         lora = per_layer.lora
         norm = dict(dim=c.hidden_size, eps=c.rms_norm_eps, plus_one=c.norm_plus_one)
         kw = dict(param_dtype=self.param_dtype)
@@ -104,7 +106,13 @@ class DecoderLayer(nn.Module):
         if c.sandwich_norm:
             h = RMSNorm(**norm, **kw, name="post_mlp_norm")(h)
         x = x + h
-        return x, (x if self.collect_hidden else None, new_kv)
+        if hidden is None:
+            return x, new_kv
+        # written in place into the carried stack (slot 0: the embeddings) rather than stacked as
+        # the scan's output and concatenated after it, which held two copies of the stack. Only
+        # for encoders that are never differentiated: a gradient would keep the stack per layer.
+        hidden = jax.lax.dynamic_update_index_in_dim(hidden, x, per_layer.index + 1, 0)
+        return (x, hidden), new_kv
 
 
 class Decoder(nn.Module):
@@ -152,7 +160,6 @@ class Decoder(nn.Module):
             x = x * jnp.asarray(c.hidden_size**0.5, dtype=self.dtype)
         if image_groups is not None:  # Gemma-3: soft tokens replace image placeholders, unscaled
             x = jnp.where(image_groups[..., None] > 0, image_embeddings.astype(self.dtype), x)
-        emb_out = x
 
         layer_cls = DecoderLayer
         if self.remat_policy is not None:
@@ -183,7 +190,11 @@ class Decoder(nn.Module):
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-        x, (hidden, new_kv) = scan(
+        carry = x
+        if self.collect_hidden:
+            hidden = jnp.zeros((self.num_layers + 1, *x.shape), x.dtype)
+            carry = (x, jax.lax.dynamic_update_index_in_dim(hidden, x, 0, 0))
+        carry, new_kv = scan(
             c,
             self.param_dtype,
             self.lora_scale,
@@ -191,7 +202,8 @@ class Decoder(nn.Module):
             self.prefill,
             self.full_keys,
             name="layers",
-        )(x, shared, per_layer)
+        )(carry, shared, per_layer)
+        x, hidden = carry if self.collect_hidden else (carry, None)
 
         x = RMSNorm(
             c.hidden_size,
@@ -201,8 +213,8 @@ class Decoder(nn.Module):
             name="final_norm",
         )(x)
         hs = None
-        if self.collect_hidden:
-            hs = jnp.concatenate([emb_out[None], hidden[:-1], x[None]], axis=0).swapaxes(0, 1)
+        if self.collect_hidden:  # the last layer's output final-normed, as HF's hidden_states
+            hs = jax.lax.dynamic_update_index_in_dim(hidden, x, self.num_layers, 0).swapaxes(0, 1)
         logits = None
         if self.return_logits:
             if c.tie_word_embeddings:

@@ -86,7 +86,9 @@ def chunk_loras(
     dtype=jnp.float32,
 ):
     """Token chunks [N, T] -> per-chunk (A, B) dicts, [N, L, r, d]. One program per shape."""
-    feats = context_features(ctx_params, ctx_config, config, tokens, mask, dtype=dtype)
+    feats = context_features(
+        ctx_params, ctx_config, config, tokens, mask, dtype=dtype, zero_padding=False
+    )
     return generate_chunk_loras(hyper_params, config, feats, mask, iterative=iterative, dtype=dtype)
 
 
@@ -115,7 +117,7 @@ def image_chunk_loras(
     ids = jnp.where(groups > 0, 0, tokens)  # placeholders may lie past the LM's vocabulary
     feats = context_features(
         ctx_params, ctx_config, config, ids, mask, dtype=dtype,
-        image_embeddings=embeds.astype(dtype), image_groups=groups,
+        image_embeddings=embeds.astype(dtype), image_groups=groups, zero_padding=False,
     )  # fmt: skip
     return generate_chunk_loras(hyper_params, config, feats, mask, iterative=iterative, dtype=dtype)
 
