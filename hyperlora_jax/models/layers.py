@@ -193,7 +193,8 @@ def attention_mask(m: MaskInputs, window: int | None):
     return allowed[:, None, None]
 
 
-# Query and key block length of the flash-style path (prefill, encoding, training).
+# Query and key block length of the flash-style path (prefill, encoding, training). The f32
+# prefill of a 4,120-token prompt on SmolLM2: 9.9 s at 256, 8.7 s at 512, 11.4 s at 1,024.
 ATTN_BLOCK = 512
 
 
