@@ -12,7 +12,7 @@ may be shared: read the ratios, and the load, before the absolute times). The ma
 measured at the start and the end of the run.
 
   python -m benchmarks.vs_official --quick                 # smoke (tiny shapes)
-  python -m benchmarks.vs_official        # f32, bf16, bf16-prefill: ~8 min on 2 idle cores
+  python -m benchmarks.vs_official        # f32, bf16, bf16-prefill, bf16-params: ~8 min idle
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ OFFICIAL = {
 }
 
 
-# Policies that differ from another only in generation's decode steps: the in-prompt row alone.
-DECODE_ONLY = ("bf16-prefill",)
+# Rows of policies that matter on some rows only (the rest run every row): bf16-prefill differs
+# from bf16 only in generation's decode steps; bf16-params (weights stored in bf16) is the
+# low-memory internalize (iterative: the least memory of all).
+POLICY_ROWS = {"bf16-prefill": ("in_prompt",), "bf16-params": ("internalize",)}
 
 
 def load1() -> float:
@@ -91,8 +93,6 @@ def measure(rep, name, fn, flops, precision, peaks, repeats, official=None, **ex
 
 
 def internalize_rows(rep, a, cfg_b, base, peaks, pol_name):
-    if pol_name in DECODE_ONLY:
-        return
     pol = get_precision(pol_name)
     params = pol.cast_params(base)
     hname, n = ("tiny", 256) if a.quick else ("official", 1024)
@@ -152,8 +152,6 @@ def in_prompt_row(rep, a, cfg_b, base, peaks, pol_name):
 
 
 def train_row(rep, a, cfg_b, base, peaks, pol_name):
-    if pol_name in DECODE_ONLY:
-        return
     pol = get_precision(pol_name)
     params = pol.cast_params(base)
     ctx, pr, resp = (64, 8, 24) if a.quick else (512, 32, 96)
@@ -197,7 +195,7 @@ def t2l_row(rep, a, cfg_b, base, peaks, pol_name):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--precisions", default="f32,bf16,bf16-prefill")
+    p.add_argument("--precisions", default="f32,bf16,bf16-prefill,bf16-params")
     p.add_argument("--rows", default="internalize,in_prompt,train,t2l")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results")
@@ -222,7 +220,8 @@ def main(argv=None) -> int:
             "t2l": t2l_row}  # fmt: skip
     for pol in a.precisions.split(","):
         for r in a.rows.split(","):
-            rows[r](rep, a, cfg_b, base, peaks, pol)
+            if r in POLICY_ROWS.get(pol, rows):
+                rows[r](rep, a, cfg_b, base, peaks, pol)
     rep.extra["load1_start"] = load_start
     rep.extra["matmul_peak_at_end"] = harness.measure_peaks(a.quick)
     rep.extra["official_s"] = OFFICIAL

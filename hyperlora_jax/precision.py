@@ -5,7 +5,8 @@ softmax and norms in f32; a policy only picks the input and storage dtypes.
 
   f32          exact: f32 inputs and params (parity tests against the official fixtures)
   bf16         bf16 matmul / attention inputs, f32 accumulation, params kept in f32
-  bf16-params  the same compute with params stored in bf16 (half the weight memory)
+  bf16-params  the same compute with params stored in bf16 (half the weight memory; with
+               iterative internalize, the least transient memory of all)
   bf16-prefill generation: bf16 inputs for the prompt (matrix-matrix products), f32 for every
                decode step (matrix-vector products, faster in f32 on CPU), params in f32
 

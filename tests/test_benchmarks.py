@@ -70,9 +70,12 @@ def test_vs_official_quick(tmp_path):
     assert vs_official.main(["--quick", "--out", str(tmp_path)]) == 0
     data, _ = _report(tmp_path, "vs_official")
     rows = data["tables"]["rows"]
-    assert {r["precision"] for r in rows} == {"f32", "bf16", "bf16-prefill"} and len(rows) == 10
+    policies = {"f32", "bf16", "bf16-prefill", "bf16-params"}
+    assert {r["precision"] for r in rows} == policies and len(rows) == 12
     assert [r["precision"] for r in rows if r["row"].startswith("T2L")] == ["f32"]  # no policy
     assert ["in the prompt" in r["row"] for r in rows if r["precision"] == "bf16-prefill"] == [True]
+    low = [r["row"] for r in rows if r["precision"] == "bf16-params"]
+    assert [x.rsplit(", ", 1)[1] for x in low] == ["batched", "iterative"]
     for r in rows:
         assert r["median_s"] > 0 and r["gflop"] > 0 and r["other_busy_cpus"] >= 0
         assert r["process_peak_mib"] >= r["peak_mem_mib"] >= 0

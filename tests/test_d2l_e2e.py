@@ -75,11 +75,12 @@ def test_end_to_end_matches_official(setup):
     assert not np.asarray(ad.a["down_proj"][0, :, 16:]).any()
     assert not np.asarray(ad.b["down_proj"][0, :, 16:]).any()
 
-    # Iterative mode gives the same adapter.
+    # Iterative mode (each layer's LoRA made inside the encoder's layer scan): the same adapter.
     it = d2l.internalize(meta["docs"], n, iterative=True)
-    np.testing.assert_allclose(
-        np.asarray(it.b["down_proj"]), np.asarray(ad.b["down_proj"]), atol=1e-5
-    )
+    for got, want in ((it.a, ad.a), (it.b, ad.b)):
+        np.testing.assert_allclose(
+            np.asarray(got["down_proj"]), np.asarray(want["down_proj"]), rtol=1e-4, atol=1e-6
+        )
 
 
 def test_converted_checkpoint_gives_same_adapter(setup, fixtures_dir, tmp_path):

@@ -71,14 +71,14 @@ def test_chunk_counts_share_four_compiled_shapes(d2l):
     documents of 10 and 15 chunks reuse the 8-row program of a 5-chunk one, a 2-chunk document
     compiles the 2-row program once, and longest chunks of 59..116 tokens share one length."""
     d2l.internalize(_text(140, 5), 100)
-    before = d2l_api.chunk_loras._cache_size()
+    before = d2l_api.batched_chunk_loras._cache_size()
     ranks = [d2l.internalize(_text(n, 5), 100).rank for n in (300, 500)]
     assert [r // d2l.config.rank - 1 for r in ranks] == [10, 15]
-    assert d2l_api.chunk_loras._cache_size() == before
+    assert d2l_api.batched_chunk_loras._cache_size() == before
     assert d2l.internalize(_text(32, 5), 100).rank // d2l.config.rank - 1 == 2
-    assert d2l_api.chunk_loras._cache_size() == before + 1
+    assert d2l_api.batched_chunk_loras._cache_size() == before + 1
     d2l.internalize(_text(36, 6), 100)  # 2 chunks again
-    assert d2l_api.chunk_loras._cache_size() == before + 1
+    assert d2l_api.batched_chunk_loras._cache_size() == before + 1
 
 
 def test_chunk_limit(d2l):

@@ -111,6 +111,25 @@ def test_early_exit_equals_first_hidden_states(family):
     np.testing.assert_allclose(hs[:, k], normed, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("k", [2, None])
+def test_layer_fn_consumes_each_hidden_state(tiny, k):
+    """forward(layer_fn=f) stacks f(entry, index) over the k+1 entries return_hidden_states gives
+    (early exit or all layers), and returns no hidden states itself."""
+    _, cfg, params = tiny
+    toks = _tokens(2, T, seed=2)
+    full = forward(params, cfg, toks, num_layers=k, return_hidden_states=True, return_logits=False)
+    out = forward(
+        params, cfg, toks, num_layers=k, return_logits=False,
+        layer_fn=lambda h, i: (jnp.sum(h * h, axis=1), i),
+    )  # fmt: skip
+    assert out.hidden_states is None
+    sums, index = out.layer_outputs
+    n = full.hidden_states.shape[1]
+    np.testing.assert_array_equal(np.asarray(index), np.arange(n))
+    want = np.sum(np.asarray(full.hidden_states) ** 2, axis=2).swapaxes(0, 1)  # [k+1, B, H]
+    np.testing.assert_allclose(np.asarray(sums), want, rtol=1e-5, atol=0)
+
+
 def test_cached_decoding_matches_full_forward(tiny):
     """Prefill 8 tokens (row 1 left-padded by 2) into a 16-slot cache, then 4 single-token steps;
     logits equal the uncached forward over the whole sequence (windows of 4 < 12 tokens)."""

@@ -112,8 +112,8 @@ def test_bf16_keeps_smollm2_greedy_answers():
 
 def test_doc_to_lora_precision_policy():
     """DocToLoRA(precision=...) sets the compute dtype and the hypernetwork params' dtype; the
-    bf16 chunk LoRAs stay within 5% (max abs, relative to the largest entry) of the f32 ones on a
-    tiny random model."""
+    bf16 chunk LoRAs, batched and iterative, stay within 5% (max abs, relative to the largest
+    entry) of the f32 ones on a tiny random model."""
     from hyperlora_jax.hypernet.d2l.api import DocToLoRA
     from hyperlora_jax.hypernet.d2l.model import D2LConfig, init_params
     from hyperlora_jax.models.testing import tiny_config
@@ -129,12 +129,12 @@ def test_doc_to_lora_precision_policy():
         d2l = DocToLoRA(hcfg, hyper, base, cfg, precision=policy)
         assert d2l.dtype == jnp.bfloat16
         assert all(x.dtype == pdt for x in jax.tree.leaves(d2l.params))
-        for got, want in zip(
-            jax.tree.leaves(d2l.chunk_loras(chunks)), jax.tree.leaves(ref), strict=True
-        ):
-            scale = float(jnp.max(jnp.abs(want)))
-            err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
-            assert err <= 0.05 * scale, (policy, err, scale)
+        for iterative in (False, True):  # iterative: streamed, own compile options in bf16-params
+            got_all = d2l.chunk_loras(chunks, iterative=iterative)
+            for got, want in zip(jax.tree.leaves(got_all), jax.tree.leaves(ref), strict=True):
+                scale = float(jnp.max(jnp.abs(want)))
+                err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
+                assert err <= 0.05 * scale, (policy, iterative, err, scale)
 
 
 def test_session_precision_policy(fixtures_dir, monkeypatch):

@@ -66,7 +66,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--iterative",
         action="store_true",
-        help="run the Perceiver layer by layer (lower peak memory, same result)",
+        help="make each layer's LoRA as the context encoder produces that layer's activations "
+        "(the least memory, same result)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     add_mesh(p)

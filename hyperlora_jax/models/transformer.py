@@ -8,6 +8,7 @@ whose layer axis is scanned along with the layer params; `adapter=None` is the b
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax.linen as nn
@@ -39,6 +40,8 @@ class ForwardOutput(NamedTuple):
     logits: jax.Array | None  # [B, T, V] f32 (final soft-cap applied)
     hidden_states: jax.Array | None  # [B, k+1, T, H]; last entry has the final norm applied
     cache: Cache | None
+    # layer_fn's outputs for the same k+1 entries as hidden_states, stacked [k+1, ...]
+    layer_outputs: Any = None
 
 
 class LayerInputs(NamedTuple):
@@ -73,12 +76,14 @@ class DecoderLayer(nn.Module):
     collect_hidden: bool = False
     prefill: bool = False
     full_keys: bool = False
+    layer_fn: Callable | None = None  # forward(layer_fn=...)
 
     @nn.compact
     def __call__(self, carry, shared: LayerInputs, per_layer: PerLayer):
         """carry: x, or (x, hidden [k+1, B, T, H]) with collect_hidden."""
         c = self.config
         x, hidden = carry if self.collect_hidden else (carry, None)
+        consumed = None if self.layer_fn is None else self.layer_fn(x, per_layer.index)
         lora = per_layer.lora
         norm = dict(dim=c.hidden_size, eps=c.rms_norm_eps, plus_one=c.norm_plus_one)
         kw = dict(param_dtype=self.param_dtype)
@@ -106,13 +111,14 @@ class DecoderLayer(nn.Module):
         if c.sandwich_norm:
             h = RMSNorm(**norm, **kw, name="post_mlp_norm")(h)
         x = x + h
+        out = new_kv if consumed is None else (new_kv, consumed)
         if hidden is None:
-            return x, new_kv
+            return x, out
         # written in place into the carried stack (slot 0: the embeddings) rather than stacked as
         # the scan's output and concatenated after it, which held two copies of the stack. Only
         # for encoders that are never differentiated: a gradient would keep the stack per layer.
         hidden = jax.lax.dynamic_update_index_in_dim(hidden, x, per_layer.index + 1, 0)
-        return (x, hidden), new_kv
+        return (x, hidden), out
 
 
 class Decoder(nn.Module):
@@ -132,6 +138,7 @@ class Decoder(nn.Module):
     # whole stack (a "layer" variable collection holds the step's index) instead of a sliced copy
     # of the first num_layers layers' weights, which cost a copy of them per call.
     exit_early: bool = False
+    layer_fn: Callable | None = None  # forward(layer_fn=...)
 
     @nn.compact
     def __call__(
@@ -201,9 +208,13 @@ class Decoder(nn.Module):
             self.collect_hidden,
             self.prefill,
             self.full_keys,
+            self.layer_fn,
             name="layers",
         )(carry, shared, per_layer)
         x, hidden = carry if self.collect_hidden else (carry, None)
+        consumed = None
+        if self.layer_fn is not None:
+            new_kv, consumed = new_kv
 
         x = RMSNorm(
             c.hidden_size,
@@ -215,6 +226,9 @@ class Decoder(nn.Module):
         hs = None
         if self.collect_hidden:  # the last layer's output final-normed, as HF's hidden_states
             hs = jax.lax.dynamic_update_index_in_dim(hidden, x, self.num_layers, 0).swapaxes(0, 1)
+        if consumed is not None:  # the last entry: the final-normed output
+            last = self.layer_fn(x, jnp.asarray(self.num_layers, jnp.int32))
+            consumed = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), consumed, last)
         logits = None
         if self.return_logits:
             if c.tie_word_embeddings:
@@ -234,7 +248,7 @@ class Decoder(nn.Module):
                 logits = matmul(x, w, x.dtype)  # f32 accumulation; fast bf16 backward
             if c.final_logit_softcap is not None:
                 logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
-        return logits, hs, new_kv
+        return logits, hs, new_kv, consumed
 
 
 def _pick_layer(variables: dict) -> dict:
@@ -339,10 +353,12 @@ def _model(
     pre=False,
     full_keys=False,
     exit_early=False,
+    layer_fn=None,
 ):
     return Decoder(
-        config, k, param_dtype, dtype, scale, hidden, logits, remat, pre, full_keys, exit_early
-    )
+        config, k, param_dtype, dtype, scale, hidden, logits, remat, pre, full_keys, exit_early,
+        layer_fn,
+    )  # fmt: skip
 
 
 def _dummy_inputs(config: ModelConfig, k: int):
@@ -399,6 +415,7 @@ def forward(
     prefill: bool = False,
     image_embeddings: jax.Array | None = None,
     image_groups: jax.Array | None = None,
+    layer_fn: Callable[[jax.Array, jax.Array], Any] | None = None,
 ) -> ForwardOutput:
     """Run the decoder on tokens [B, T].
 
@@ -417,6 +434,10 @@ def forward(
     image_groups [B, T] ints (k > 0: a placeholder of image k, models/vision.py) with
     image_embeddings [B, T, H]: Gemma-3 images, their soft tokens in place of the placeholders'
     embeddings and bidirectional attention within each image (no KV cache).
+    layer_fn(h, i): called on each of the k+1 hidden states of return_hidden_states as the layer
+    scan produces it (h [B, T, H] in `dtype`, i its entry as an int32 scalar); its outputs,
+    stacked [k+1, ...], come back as ForwardOutput.layer_outputs: a consumer of every layer's
+    activations (D2L's iterative mode) for which the [B, k+1, T, H] stack never exists.
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
@@ -472,12 +493,13 @@ def forward(
     lora = _prepare_adapter(config, adapter, adapter_index, b, k)
     scale = adapter.scale if adapter is not None else 1.0
     layer_params = params["layers"]
-    if cache is None and not return_hidden_states and jnp.dtype(dtype) != F32:
+    encoder = return_hidden_states or layer_fn is not None
+    if cache is None and not encoder and jnp.dtype(dtype) != F32:
         # Weight matrices [L, in, out] cast once, before the layer scan: cast inside it, a
         # differentiated scan (the training student) stacks a low-precision copy of every
         # layer's weights as residuals, rewriting the whole stack each layer (issue 22). Not for
-        # the context encoder (hidden states; never differentiated): there the per-layer cast
-        # keeps no whole-model copy alive. Norm vectors keep their dtype.
+        # the context encoder (hidden states or layer_fn; never differentiated): there the
+        # per-layer cast keeps no whole-model copy alive. Norm vectors keep their dtype.
         layer_params = jax.tree.map(
             lambda x: x.astype(dtype) if x.ndim >= 3 and x.dtype == F32 else x, layer_params
         )
@@ -497,11 +519,12 @@ def forward(
         prefill,
         full_keys=image_groups is not None,
         exit_early=k < config.num_layers,
+        layer_fn=layer_fn,
     )
     variables = {"params": run_params}
     if k < config.num_layers:
         variables["layer"] = {"layers": {"index": jnp.arange(k)}}
-    logits, hs, new_kv = model.apply(
+    logits, hs, new_kv, consumed = model.apply(
         variables,
         tokens,
         LayerInputs(positions, q_idx, seg, k_idx, k_seg_attn, adapter_index, cache),
@@ -525,7 +548,7 @@ def forward(
             "end": cache["end"] + t,
             "next_position": cache["next_position"] + jnp.sum(seg != 0, axis=1, dtype=jnp.int32),
         }
-    return ForwardOutput(logits, hs, new_cache)
+    return ForwardOutput(logits, hs, new_cache, consumed)
 
 
 # `forward` under jit, with the config and the shape-changing flags static.
@@ -539,5 +562,6 @@ forward_jit = jax.jit(
         "dtype",
         "remat_policy",
         "prefill",
+        "layer_fn",
     ),
 )

@@ -39,6 +39,7 @@ from hyperlora_jax.hypernet.d2l.model import (
     context_features,
     encoder_layers,
     generate_chunk_loras,
+    streamed_chunk_loras,
 )
 from hyperlora_jax.lora.adapter import Adapter
 from hyperlora_jax.models import sharding as shd
@@ -73,7 +74,6 @@ CHUNK_GROUP = 8
 MAX_DOC_CHUNKS = 2048
 
 
-@functools.partial(jax.jit, static_argnames=("config", "ctx_config", "iterative", "dtype"))
 def chunk_loras(
     hyper_params: dict,
     ctx_params: dict,
@@ -85,11 +85,41 @@ def chunk_loras(
     iterative: bool = False,
     dtype=jnp.float32,
 ):
-    """Token chunks [N, T] -> per-chunk (A, B) dicts, [N, L, r, d]. One program per shape."""
+    """Token chunks [N, T] -> per-chunk (A, B) dicts, [N, L, r, d]. One program per shape.
+
+    iterative (l2l): each layer's LoRA made as the encoder produces that layer's activations
+    (model.streamed_chunk_loras), for the least memory; otherwise all layers' features first."""
+    kw = dict(config=config, ctx_config=ctx_config, dtype=dtype)
+    if not (iterative and config.layer_to_layer):
+        return batched_chunk_loras(hyper_params, ctx_params, tokens, mask, **kw)
+    stored_bf16 = jax.tree.leaves(hyper_params)[0].dtype == jnp.bfloat16
+    traced = isinstance(tokens, jax.core.Tracer)  # inside a jit: its compile options apply
+    run = _streamed_bf16_stored if stored_bf16 and not traced else _streamed
+    return run(hyper_params, config, ctx_params, ctx_config, tokens, mask, dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "ctx_config", "dtype"))
+def batched_chunk_loras(hyper_params, ctx_params, tokens, mask, *, config, ctx_config, dtype):
+    """chunk_loras through the features of all layers at once (their Perceiver in groups)."""
     feats = context_features(
         ctx_params, ctx_config, config, tokens, mask, dtype=dtype, zero_padding=False
     )
-    return generate_chunk_loras(hyper_params, config, feats, mask, iterative=iterative, dtype=dtype)
+    return generate_chunk_loras(hyper_params, config, feats, mask, dtype=dtype)
+
+
+_STREAMED_STATIC = ("config", "ctx_config", "dtype")
+_streamed = jax.jit(streamed_chunk_loras, static_argnames=_STREAMED_STATIC)
+# A hypernetwork stored in bf16 (policy bf16-params): XLA's loop-invariant code motion hoists
+# weight casts out of the layer scan, holding a cast copy of every layer's weights at once
+# (official hypernetwork, SmolLM2, 1,024 tokens: 451 MiB of temporaries, 856 with the base in
+# bf16 too); without the pass each layer's are cast as the scan reaches them (100 MiB either
+# way, and faster). An f32-stored one keeps the pass: there it holds the bf16 policy's casts of
+# the shared Perceiver weights out of the loop (201 MiB with it, 304 without; f32: the same).
+_streamed_bf16_stored = jax.jit(
+    streamed_chunk_loras,
+    static_argnames=_STREAMED_STATIC,
+    compiler_options={"xla_disable_hlo_passes": "while-loop-invariant-code-motion"},
+)
 
 
 @functools.partial(
@@ -115,6 +145,11 @@ def image_chunk_loras(
     _, soft = vision.encode_images(vision_params, vision_config, pixels.astype(dtype))
     embeds = vision.scatter_soft_tokens(tokens, soft, vision_config.image_token_id)
     ids = jnp.where(groups > 0, 0, tokens)  # placeholders may lie past the LM's vocabulary
+    if iterative and config.layer_to_layer:
+        return streamed_chunk_loras(
+            hyper_params, config, ctx_params, ctx_config, ids, mask, dtype=dtype,
+            image_embeddings=embeds.astype(dtype), image_groups=groups,
+        )  # fmt: skip
     feats = context_features(
         ctx_params, ctx_config, config, ids, mask, dtype=dtype,
         image_embeddings=embeds.astype(dtype), image_groups=groups, zero_padding=False,
@@ -507,10 +542,10 @@ class DocToLoRA:
     ) -> Adapter:
         """Already-chunked documents (lists of token-id chunks) -> Adapter [n_docs, L, R, d].
 
-        Runs `group` chunks (fewer: the next power of two) per call of one compiled program (all
-        chunks padded to one length, at least `pad_to`) and writes each chunk's LoRA into its rank
-        slot of the composed adapter: the same adapter as `compose` of all chunk LoRAs at once,
-        with one group's activations alive.
+        Runs `group` chunks (fewer: the next power of two; iterative: 1) per call of one compiled
+        program (all chunks padded to one length, at least `pad_to`) and writes each chunk's LoRA
+        into its rank slot of the composed adapter: the same adapter as `compose` of all chunk
+        LoRAs at once, with one group's activations alive.
         """
         if not docs_chunks or any(len(d) == 0 for d in docs_chunks):
             raise InputError("every document needs at least one chunk")
@@ -520,8 +555,9 @@ class DocToLoRA:
         slot = [(g, j) for g, k in enumerate(n_chunks) for j in range(k)]
         tokens, mask = pad_chunks(flat, multiple=self.pad_multiple, length=pad_to)
         m = shd.batch_multiple(self.mesh)  # a group's chunks split over the batch axes
-        # fewer chunks than a group: the next power of two (<= 2x the work, 4 shapes at most)
-        group = min(group, 1 << (len(flat) - 1).bit_length())
+        # fewer chunks than a group: the next power of two (<= 2x the work, 4 shapes at most);
+        # iterative: one chunk per call, so the transient memory does not grow with the document
+        group = 1 if iterative else min(group, 1 << (len(flat) - 1).bit_length())
         group = -(-group // m) * m
         kw = dict(config=self.config, ctx_config=self.ctx_config, iterative=iterative)
 
@@ -648,7 +684,9 @@ class DocToLoRA:
         Limits (InputError): `max_chunks` chunks per document, chunks within the context
         model's window (see chunk_document).
         images: one document of images (then `texts`, one str, if given) through a Gemma-3 VLM
-        context encoder (internalize_images); the base model stays text-only."""
+        context encoder (internalize_images); the base model stays text-only.
+        iterative: each layer's LoRA made as the context encoder produces that layer's
+        activations (the same adapter, far less transient memory; see chunk_loras)."""
         if images is not None:
             if texts is not None and not isinstance(texts, str):
                 raise InputError("with images, texts is one str (the text after the images)")

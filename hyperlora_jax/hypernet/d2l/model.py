@@ -182,17 +182,23 @@ class ResMLPPerLayer(nn.Module):
     d: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [..., L, M, r, d]
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+        """x [..., L, M, r, d]; with `layer`, x [..., 1, M, r, d] is that layer's alone."""
         L, d, h = self.num_layers, self.d, 4 * self.d  # noqa: N806
-        w1 = self.param("w1", _uniform(math.sqrt(3 / d)), (L, d, h))
-        b1 = self.param("b1", _uniform(math.sqrt(1 / d)), (L, h))
-        w2 = self.param("w2", _uniform(math.sqrt(3 / h)), (L, h, d))
-        b2 = self.param("b2", _uniform(math.sqrt(1 / h)), (L, d))
+        w1 = _at(self.param("w1", _uniform(math.sqrt(3 / d)), (L, d, h)), layer)
+        b1 = _at(self.param("b1", _uniform(math.sqrt(1 / d)), (L, h)), layer)
+        w2 = _at(self.param("w2", _uniform(math.sqrt(3 / h)), (L, h, d)), layer)
+        b2 = _at(self.param("b2", _uniform(math.sqrt(1 / h)), (L, d)), layer)
         y = LayerNorm(name="ln_in")(x)
         y = jnp.einsum("...lmrd,ldh->...lmrh", y, w1) + b1[:, None, None, :]
         y = nn.silu(y)
         y = jnp.einsum("...lmrh,lhd->...lmrd", y, w2) + b2[:, None, None, :]
         return x + LayerNorm(name="ln_out")(y)
+
+
+def _at(w: jax.Array, layer: jax.Array | None) -> jax.Array:
+    """A per-layer parameter [L, ...], or only `layer`'s entry as [1, ...]."""
+    return w if layer is None else jax.lax.dynamic_slice_in_dim(w, layer, 1, 0)
 
 
 class ResMLPShared(nn.Module):
@@ -201,7 +207,7 @@ class ResMLPShared(nn.Module):
     d: int
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, layer=None):  # layer: unused, the weights are every layer's
         y = LayerNorm(name="ln_in")(x)
         y = nn.Dense(
             4 * self.d,
@@ -312,33 +318,41 @@ class HyperLoRA(nn.Module):
         out = self.aggregator.resample(x, mask)
         return out.reshape(x.shape[0], len(c.module_dims), c.rank, c.latent_size)
 
-    def resmlp(self, latents: jax.Array) -> jax.Array:
+    # `layer` (an int scalar, may be traced) in the methods below: the latents are that one
+    # layer's, [N, 1, M, r, d], and only its slice of each per-layer weight is read.
+    def resmlp(self, latents: jax.Array, layer: jax.Array | None = None) -> jax.Array:
         """The residual MLP blocks (f32) on latents [N, L, M, r, d]."""
         x = latents.astype(jnp.float32)
         for block in self.pre_head:
-            x = block(x)
+            x = block(x, layer)
         return x
 
-    def head_inputs(self, latents: jax.Array) -> jax.Array:
+    def head_inputs(self, latents: jax.Array, layer: jax.Array | None = None) -> jax.Array:
         """ResMLP blocks then L2 normalisation (no eps) -> head input [N, L, M, r, d]."""
-        x = self.resmlp(latents)
+        x = self.resmlp(latents, layer)
         return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
-    def head_outputs(self, head_in: jax.Array) -> jax.Array:
+    def head_outputs(self, head_in: jax.Array, layer: jax.Array | None = None) -> jax.Array:
         """Per-layer bias-free head -> [N, L, M, r, d_lora]."""
-        return _head_matmul(head_in, self.head)
+        return _head_matmul(head_in, _at(self.head, layer))
 
-    def split_head(self, flat: jax.Array):
+    def split_head(self, flat: jax.Array, layer: jax.Array | None = None):
         """Raw head output -> (A, B) dicts with the per-(layer, rank) scalers applied."""
         sa, sb = self.scaler_A(), self.scaler_B()
         a, b = {}, {}
         for j, (m, i, o) in enumerate(self.config.module_dims):
-            a[m] = flat[:, :, j, :, :i] * sa[m][None, :, :, None]
-            b[m] = flat[:, :, j, :, i : i + o] * sb[m][None, :, :, None]
+            a[m] = flat[:, :, j, :, :i] * _at(sa[m], layer)[None, :, :, None]
+            b[m] = flat[:, :, j, :, i : i + o] * _at(sb[m], layer)[None, :, :, None]
         return a, b
 
-    def loras_from_latents(self, latents: jax.Array):
-        return self.split_head(self.head_outputs(self.head_inputs(latents)))
+    def loras_from_latents(self, latents: jax.Array, layer: jax.Array | None = None):
+        x = self.head_outputs(self.head_inputs(latents, layer), layer)
+        return self.split_head(x, layer)
+
+    def loras_one_layer(self, features_l: jax.Array, mask: jax.Array, layer: jax.Array):
+        """Everything for one layer l: its activations [N, T, H] -> (A, B) [N, 1, r, d]."""
+        latents = self.aggregate_one_layer(features_l, mask)[:, None]
+        return self.loras_from_latents(latents, layer)
 
     def bias_lora(self):
         """The learned context-independent LoRA: (A[m] [L, r, d_in], B[m] [L, r, d_out])."""
@@ -502,6 +516,45 @@ def generate_chunk_loras(
     else:
         latents = model.apply(v, features, mask, projected, method=HyperLoRA.aggregate)
     return model.apply(v, latents, method=HyperLoRA.loras_from_latents)
+
+
+def streamed_chunk_loras(
+    params: dict,
+    config: D2LConfig,
+    ctx_params: dict,
+    ctx_config: ModelConfig,
+    tokens: jax.Array,
+    mask: jax.Array,
+    *,
+    dtype=jnp.float32,
+    image_embeddings: jax.Array | None = None,
+    image_groups: jax.Array | None = None,
+):
+    """The iterative mode (l2l), streamed: token chunks [N, T] -> (A, B) [N, L, r, d], with the
+    Perceiver, ResMLP and head run on each layer's activations inside the frozen encoder's layer
+    scan, as it produces them. The official iterative mode (and generate_chunk_loras) first
+    materialises all L layers' features: the same LoRAs, but that stack is the mode's largest
+    buffer (67 MiB at 1,024 tokens on SmolLM2); streamed, memory is one layer's activations."""
+    model = HyperLoRA(config, dtype)
+    v = {"params": params}
+
+    def one_layer(h, i):
+        a, b = model.apply(v, h.astype(jnp.float32), mask, i, method=HyperLoRA.loras_one_layer)
+        return jax.tree.map(lambda x: x[:, 0], (a, b))
+
+    out = transformer.forward(
+        ctx_params,
+        ctx_config,
+        tokens,
+        segment_ids=mask.astype(jnp.int32),
+        num_layers=encoder_layers(config, ctx_config),
+        return_logits=False,
+        dtype=dtype,
+        image_embeddings=image_embeddings,
+        image_groups=image_groups,
+        layer_fn=one_layer,
+    ).layer_outputs  # [L, N, r, d]
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
 
 
 def bias_lora(params: dict, config: D2LConfig):
