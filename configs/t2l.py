@@ -120,6 +120,7 @@ def _sft_train(**over) -> ml_collections.ConfigDict:
         label_smoothing=0.1,
         l2_reg_generated_w=1e-3,
         neftune_alpha=5.0,
+        task_emb_noise=0.0,  # ours (0 = official): see t2l_loss.make_t2l_sft_loss
         inp_max_len=512,
         oracle_library="",
         # the training descriptions' embeddings made ahead by `encoder` (an .npz of

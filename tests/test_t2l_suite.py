@@ -71,6 +71,26 @@ def test_lm_head_at_label_positions_gives_the_same_loss():
     np.testing.assert_allclose(float(part[1]["main_loss"]), float(full[1]["main_loss"]), rtol=1e-5)
 
 
+def test_task_emb_noise_is_gaussian_noise_on_the_embeddings():
+    """train.task_emb_noise=s: the loss is the noiseless loss on embeddings + s * N(0, 1) (drawn
+    from the step's key), and differs from the loss without noise."""
+    cfg, base, tcfg = _setup()
+    params = t2l_init(tcfg, jax.random.key(1))
+    leaves, tree = jax.tree.flatten(params)  # the SFT init's zero head ignores the embedding
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
+    batch = _batch(np.random.default_rng(0))
+    key = jax.random.key(2)
+    noisy = t2l_loss.make_t2l_sft_loss(tcfg, cfg, task_emb_noise=0.3)(params, base, batch, key, 3)
+    clean = t2l_loss.make_t2l_sft_loss(tcfg, cfg)
+    drawn = jax.random.normal(jax.random.fold_in(key, 2), batch["task_embs"].shape)
+    moved = {**batch, "task_embs": batch["task_embs"] + 0.3 * np.asarray(drawn)}
+    np.testing.assert_allclose(float(noisy[0]), float(clean(params, base, moved, key, 3)[0]), 1e-5)
+    assert abs(float(noisy[0]) - float(clean(params, base, batch, key, 3)[0])) > 1e-4
+
+
 def test_lora_library_row_uses_its_own_task_adapter():
     cfg, base, tcfg = _setup()
     lib = build.lora_library_init(tcfg, cfg, 3, jax.random.key(3))

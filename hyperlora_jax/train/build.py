@@ -59,6 +59,11 @@ def _t2l_lm_kw(config, d) -> dict:
     )
 
 
+def _t2l_sft_loss(config, d, base_cfg, tcfg):
+    noise = config.train.task_emb_noise
+    return t2l_loss.make_t2l_sft_loss(tcfg, base_cfg, task_emb_noise=noise, **_t2l_lm_kw(config, d))
+
+
 # The loss of each family by its config name (d2l: train.loss, t2l: train.objective):
 # name -> (objective, teacher top-k of a row, factory(config, derived, base_cfg, hyper_cfg)).
 LOSSES = {
@@ -67,7 +72,7 @@ LOSSES = {
         "ce": ("ce", 0, _d2l_loss("ce")),  # gold answers (NIAH)
     },
     "t2l": {
-        "sft": ("sft", 0, lambda c, d, b, h: t2l_loss.make_t2l_sft_loss(h, b, **_t2l_lm_kw(c, d))),
+        "sft": ("sft", 0, _t2l_sft_loss),
         "recon": ("recon", 0, lambda c, d, b, h: t2l_loss.make_t2l_recon_loss(h)),
         # plain LoRAs (a library of num_adapters), no hypernetwork
         "lora": (

@@ -36,13 +36,22 @@ def make_t2l_sft_loss(
     dtype=jnp.float32,
     remat_policy: str | None = None,
     max_label_len: int | None = None,
+    task_emb_noise: float = 0.0,
 ) -> LossFn:
-    """T2L SFT: description -> adapter; CE with label smoothing, per-sample mean, + L2 on A/B."""
+    """T2L SFT: description -> adapter; CE with label smoothing, per-sample mean, + L2 on A/B.
+
+    task_emb_noise (ours; the official adds none): std of Gaussian noise added to each task
+    embedding (L2 x sqrt(E) scale: about 1 per entry) in training, so that descriptions between
+    the trained ones map to adapters between theirs rather than onto the nearest task."""
 
     def adapter_fn(params, batch, rng):
+        embs = batch["task_embs"]
+        if task_emb_noise:
+            noise = jax.random.normal(jax.random.fold_in(rng, 2), embs.shape, embs.dtype)
+            embs = embs + task_emb_noise * noise
         a, b = HyperModulator(tcfg).apply(
             {"params": params},
-            batch["task_embs"],
+            embs,
             deterministic=False,
             rngs={"dropout": jax.random.fold_in(rng, 0)},
         )
