@@ -584,7 +584,10 @@ class DocToLoRA:
                 if self.mesh is not None:
                     out = jax.tree.map(lambda x: shd.put_rows(x, self.mesh), out)
             out = _write_slots(out, loras, doc[start : start + group], idx[start : start + group])
-            if prev is not None:  # at most two groups in flight: activations stay bounded
+            # at most two groups in flight (iterative: one), so the activations stay bounded
+            if iterative:
+                jax.block_until_ready(loras)
+            elif prev is not None:
                 jax.block_until_ready(prev)
             prev = loras
         a_scale = None
