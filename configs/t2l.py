@@ -127,6 +127,8 @@ def _sft_train(**over) -> ml_collections.ConfigDict:
         # `launch/device/lease.py prepare --job t2l`): no sentence encoder at training time
         task_embeddings="",
     )
+    if over.get("objective") == "lora":  # plain LoRAs read no task embedding
+        del t["task_emb_noise"]
     return _loop(t, over)
 
 
