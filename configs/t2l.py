@@ -233,7 +233,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.warmup_steps = 100
         return c
     if arg.startswith("smollm2_universe_"):
-        # The task universe (`data task-suite`, ~410 training tasks): the classic presets with a
+        # The task universe (`data task-suite`, ~520 training tasks): the classic presets with a
         # wall-clock budget (the LR decays over it), as a 2-core CPU affords.
         c = get_config(arg.replace("universe_", ""))
         c.name = arg

@@ -179,7 +179,7 @@ def register(subparsers) -> None:
         "--kind",
         choices=("universe", "classic"),
         default="universe",
-        help="universe: ~500 parametric tasks with held-out members and families; classic: the "
+        help="universe: ~600 parametric tasks with held-out members and families; classic: the "
         "46-task suite the shipped T2L was trained on",
     )
     ts.add_argument(

@@ -333,8 +333,9 @@ class PrecomputedEncoder:
     """Embeddings looked up by description (exact text, then the official formatted text).
 
     Files: .jsonl with {"description", "embedding"} per line; .npz with arrays `descriptions`
-    (strings) and `embeddings` [N, E]; .npy holding [N, E] plus a sibling .json/.txt list of
-    descriptions (same stem). Stored vectors are used as-is (already normalised as trained).
+    (strings) and `embeddings` [N, E] (optionally int8 times a `scale` [N]); .npy holding [N, E]
+    plus a sibling .json/.txt list of descriptions (same stem). Stored vectors are used as-is
+    (already normalised as trained).
     """
 
     def __init__(self, path: str | Path):
@@ -359,10 +360,10 @@ class PrecomputedEncoder:
             with np.load(p, allow_pickle=False) as z:
                 if "descriptions" not in z or "embeddings" not in z:
                     raise InputError(f"{p} must hold arrays 'descriptions' and 'embeddings'")
-                descs, embs = (
-                    [str(x) for x in z["descriptions"]],
-                    z["embeddings"].astype(np.float32),
-                )
+                descs, embs = [str(x) for x in z["descriptions"]], z["embeddings"]
+                embs = embs.astype(np.float32)
+                if "scale" in z:  # int8 vectors, one scale each (launch/device/lease.py)
+                    embs = embs * z["scale"].astype(np.float32)[:, None]
         elif p.suffix == ".npy":
             embs = np.load(p, allow_pickle=False).astype(np.float32)
             side = [p.with_suffix(".json"), p.with_suffix(".txt")]
