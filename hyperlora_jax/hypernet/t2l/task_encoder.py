@@ -3,7 +3,7 @@
 * `BertSentenceEncoder`: a Flax BERT-family encoder (BertModel weights from a sentence-transformers
   or HF folder: safetensors + tokenizer.json), CLS or mean pooling. Proven on all-MiniLM-L6-v2.
 * `BaseLMEncoder`: the base LM itself, last-token pooling of the final hidden state (the official
-  fallback when no `--emb_model` is given).
+  fallback when no `--emb_model` is given); ours: mean pooling of any layer (0: token embeddings).
 * `PrecomputedEncoder`: embeddings looked up by description from a .npy/.npz/.jsonl file. This is
   how the released checkpoints' gte-large-en-v1.5 embeddings are used here: compute them once in
   PyTorch (see `GTE_RECIPE`) and pass the file.
@@ -291,28 +291,50 @@ class BertSentenceEncoder:
 
 
 class BaseLMEncoder:
-    """The base LM as the embedder: last-token pooling of the final hidden state (final norm
-    applied), official fallback when a T2L checkpoint has no `emb_model`."""
+    """The base LM as the embedder. Default: last-token pooling of the final hidden state (final
+    norm applied), the official fallback when a T2L checkpoint has no `emb_model`.
+
+    `layer` picks the hidden state (-1: the final one; 0: the token embeddings, no transformer
+    layer runs; k: the k-th layer's output) and `pooling` how its tokens are pooled. Ours:
+    `pooling="mean", layer=0` is a bag of the base model's own token embeddings, which keeps the
+    literal words of a description (a prefix, a separator, label words) in the space the LoRA
+    writes to; see the universe T2L's model card for what it measured."""
 
     def __init__(
-        self, model_dir: str | Path, normalization: str = "l2_sqrt_dim", format_fn=add_full_stop
+        self,
+        model_dir: str | Path,
+        normalization: str = "l2_sqrt_dim",
+        format_fn=add_full_stop,
+        pooling: str = "last_token",
+        layer: int = -1,
     ):
-
+        if pooling not in POOLINGS:
+            raise ConfigError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
         self.config, self.params, self.tokenizer, _ = load_base(model_dir)
+        if not -1 <= layer <= self.config.num_layers:
+            raise ConfigError(
+                f"encoder layer {layer}: the base model has layers 0..{self.config.num_layers}"
+                " (-1 = the final hidden state)"
+            )
         self.normalization, self.format_fn = normalization, format_fn
+        self.pooling, self.layer = pooling, layer
         self.dim = self.config.hidden_size
         self._fwd = jax.jit(self._forward)
 
     def _forward(self, params, ids, mask):
-        out = forward(
-            params,
-            self.config,
-            ids,
-            segment_ids=mask,
-            return_hidden_states=True,
-            return_logits=False,
-        )
-        return pool(out.hidden_states[:, -1], mask, "last_token")
+        if self.layer == 0:
+            hidden = params["embedding"][ids].astype(jnp.float32)
+        else:
+            out = forward(
+                params,
+                self.config,
+                ids,
+                segment_ids=mask,
+                return_hidden_states=True,
+                return_logits=False,
+            )
+            hidden = out.hidden_states[:, self.layer]
+        return pool(hidden, mask, self.pooling)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         texts = (
@@ -442,7 +464,12 @@ def from_spec(spec: dict, base_model: str | Path | None = None, *, required: boo
     kind = spec.get("kind")
     if kind == "base_lm":
         if base_model is not None:
-            return BaseLMEncoder(base_model, spec.get("normalization", "l2_sqrt_dim"))
+            return BaseLMEncoder(
+                base_model,
+                spec.get("normalization", "l2_sqrt_dim"),
+                pooling=spec.get("pooling", "last_token"),
+                layer=spec.get("layer", -1),
+            )
         if required:
             raise ConfigError("encoder kind base_lm embeds with the base model: pass base_model")
         return None
