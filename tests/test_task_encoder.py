@@ -94,31 +94,35 @@ def test_base_lm_last_token_matches_hf_torch():
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("layer", [0, 1])
-def test_base_lm_mean_of_a_layer_matches_hf_torch(layer):
+@pytest.mark.parametrize(
+    "model, layer", [("t2l/tiny-mistral", 0), ("t2l/tiny-mistral", 1), ("d2l/tiny-gemma2", 0)]
+)
+def test_base_lm_mean_of_a_layer_matches_hf_torch(model, layer):
     """Ours (`pooling="mean", layer=k`): the masked mean of HF's hidden_states[k] (0: the token
-    embeddings), L2 * sqrt(H); from_spec builds it from a checkpoint's encoder spec (atol 1e-5)."""
+    embeddings, with Gemma's sqrt(H) scale; unnormalised here); from_spec builds it from a
+    checkpoint's encoder spec (rtol, atol 1e-5). Differs from the last-token default."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hyperlora_jax.hypernet.t2l.task_encoder import from_spec
 
-    spec = {"kind": "base_lm", "pooling": "mean", "layer": layer}
-    enc = from_spec(spec, T2L / "tiny-mistral")
+    path = T2L.parent / model
+    spec = {"kind": "base_lm", "pooling": "mean", "layer": layer, "normalization": "none"}
+    enc = from_spec(spec, path)
     texts = ["Summarize the text", 'Start the output with "Hey" in lower case, please.']
     got = enc.encode(texts)
-    tok = AutoTokenizer.from_pretrained(str(T2L / "tiny-mistral"))
+    tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(T2L / "tiny-mistral", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     batch = tok([add_full_stop(t) for t in texts], padding=True, return_tensors="pt")
     with torch.no_grad():
         hs = model(**batch, output_hidden_states=True).hidden_states[layer]
     m = batch["attention_mask"][..., None].float()
-    want = torch.nn.functional.normalize((hs * m).sum(1) / m.sum(1)) * np.sqrt(hs.shape[-1])
-    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
-    assert not np.allclose(got, BaseLMEncoder(T2L / "tiny-mistral").encode(texts), atol=1e-2)
+    np.testing.assert_allclose(got, ((hs * m).sum(1) / m.sum(1)).numpy(), rtol=1e-5, atol=1e-5)
+    spec["normalization"] = "l2_sqrt_dim"
+    assert not np.allclose(from_spec(spec, path).encode(texts), BaseLMEncoder(path).encode(texts))
 
 
 def test_base_lm_encoder_refuses_bad_options():

@@ -322,8 +322,10 @@ class BaseLMEncoder:
         self._fwd = jax.jit(self._forward)
 
     def _forward(self, params, ids, mask):
-        if self.layer == 0:
+        if self.layer == 0:  # hidden_states[0] without running the layers
             hidden = params["embedding"][ids].astype(jnp.float32)
+            if self.config.embed_scale:  # Gemma
+                hidden = hidden * self.config.hidden_size**0.5
         else:
             out = forward(
                 params,
