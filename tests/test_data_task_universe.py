@@ -97,3 +97,32 @@ def test_suite_eval_refuses_unknown_modes(tmp_path):
 
     with pytest.raises(InputError, match="unknown \\['oracles'\\]"):
         evaluate_suite(None, None, None, tmp_path, tasks={}, modes=("oracles",))
+
+
+def test_definition_in_the_prompt(tmp_path):
+    """--definition description: every row's parsed task definition is the task's first
+    description (training tasks: a training description; held-out tasks: the first evaluation
+    description, the one `eval t2l-suite --descriptions 1` gives the T2L); default: empty."""
+    from hyperlora_jax.cli import main
+    from hyperlora_jax.data import sni
+
+    small = ["--n-train", "2", "--n-valid", "1", "--n-test", "2", "--oracle-check"]
+    suffix = " Please complete the task without any explanation."
+    for definition in ("description", "none"):
+        out = tmp_path / definition
+        assert (
+            main(["data", "task-suite", "--out", str(out), "--definition", definition, *small]) == 0
+        )
+        s = yaml.safe_load((out / "splits.yaml").read_text())
+        for name in (s["train"][0], s["held_out_members"][0], s["held_out_families"][0]):
+            task = sni.load_task(out / name, split="test")
+            first = (
+                task.metadata["descriptions"]
+                if name in s["train"]
+                else task.metadata["eval_descriptions"]
+            )[0]
+            assert first == next(t for t in U.TASKS if t.name == name).descriptions[0]
+            want = first + suffix if definition == "description" else suffix
+            assert [ex["task_def"] for ex in task.examples] == [want, want], name
+    with pytest.raises(ts.InputError, match="definition 'task' is not one of"):
+        ts.write_tasks(tmp_path / "bad", [], {}, 2, 1, 1, 1, 0, definition="task")

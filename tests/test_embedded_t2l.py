@@ -62,13 +62,16 @@ def test_suite_numbers_match_the_model_card(smollm2, tmp_path):
 
 
 def test_universe_t2l_numbers_match_its_model_card(smollm2, tmp_path):
-    """The task-universe T2L on a subset of both held-out sets and of its training tasks."""
+    """The task-universe T2L on a subset of both held-out sets and of its training tasks, in the
+    prompt layout it was trained with (`data task-suite --definition description`)."""
     from hyperlora_jax.data import task_universe
     from hyperlora_jax.embedded import UNIVERSE_T2L
 
     card = json.loads((UNIVERSE_T2L / "eval_summary.json").read_text())
-    suite = task_universe.write_universe(tmp_path / "universe")  # `data task-suite` defaults
-    res = _matches_card(smollm2, suite, UNIVERSE_T2L, card, ("base_desc", "t2l"))
+    meta = json.loads((UNIVERSE_T2L / "t2l.json").read_text())
+    assert meta["prompt_definition"] == card["definition"] == "description"
+    suite = task_universe.write_universe(tmp_path / "universe", definition=card["definition"])
+    res = _matches_card(smollm2, suite, UNIVERSE_T2L, card, ("base", "t2l"))
     held = [t for t, g in card["test_subset"].items() if g.startswith("held_out")]
     assert np.mean([res[t]["t2l"] for t in held]) >= 0.6  # tasks it never trained on
 

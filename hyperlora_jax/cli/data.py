@@ -196,6 +196,14 @@ def register(subparsers) -> None:
         "task per family)",
     )
     ts.add_argument(
+        "--definition",
+        choices=("none", "description"),
+        default="none",
+        help="each prompt's task definition: none (instruction-free: the task is only in the T2L "
+        "description) or description (the task's first description, as the official SNI prompts "
+        "hold the task's definition)",
+    )
+    ts.add_argument(
         "--n-train", type=non_negative_int, default=200, help="training examples per task"
     )
     ts.add_argument("--n-valid", type=non_negative_int, default=20)
@@ -418,7 +426,7 @@ def _task_suite(args: argparse.Namespace) -> int:
     if args.kind == "classic":
         if args.drop:
             raise InputError("--drop is for the universe; the classic suite is fixed")
-        out = task_suite.write_suite(args.out, *sizes)
+        out = task_suite.write_suite(args.out, *sizes, definition=args.definition)
         counts = {k: len(v) for k, v in task_suite.read_splits(out).items()}
     else:
         names = {t.name for t in task_universe.TASKS}
@@ -428,7 +436,9 @@ def _task_suite(args: argparse.Namespace) -> int:
             raise InputError(f"--drop names unknown tasks, first {unknown[0]!r}; check {args.drop}")
         if args.oracle_check:
             drop |= names - set(task_universe.oracle_check_tasks())
-        out = task_universe.write_universe(args.out, *sizes, drop=tuple(sorted(drop)))
+        out = task_universe.write_universe(
+            args.out, *sizes, drop=tuple(sorted(drop)), definition=args.definition
+        )
         counts = {k: len(v) for k, v in task_suite.read_splits(out).items()} | {
             "dropped": len(drop)
         }

@@ -160,7 +160,9 @@ def run_t2l_demo(
     max_new_tokens: int = 28,
 ) -> list[dict]:
     """Outputs on the task's inputs: base model, base with the description in the prompt, and
-    base + the adapter T2L generates from the description (which is then not in the prompt)."""
+    base + the adapter T2L generates from the description, prompted the way the checkpoint was
+    trained (its `prompt_definition`: "description" puts the description in the prompt too, as
+    the official SNI prompts hold the task definition; "none": the prompt holds only the input)."""
     from hyperlora_jax.data.sni import sni_example
     from hyperlora_jax.eval.suite import prompt_and_answer
     from hyperlora_jax.hypernet.t2l.api import TextToLoRA
@@ -176,7 +178,9 @@ def run_t2l_demo(
     t0 = time.perf_counter()
     adapter = unstack(t2l.generate([description]))[0]
     t_gen = time.perf_counter() - t0
-    print("\nText-to-LoRA: task description (not in the prompt of the adapter outputs):")
+    with_definition = t2l.meta.get("prompt_definition", "none") == "description"
+    where = "also in the prompt" if with_definition else "not in the prompt"
+    print(f"\nText-to-LoRA: task description ({where} of the adapter outputs):")
     print(f"  {description!r}\n  -> rank-{t2l.config.rank} LoRA on {list(adapter.modules)}")
     if spec.get("task") and description == spec["description"]:
         print(f"  (task: {spec['task']})")
@@ -192,7 +196,12 @@ def run_t2l_demo(
             params, config, told, max_new_tokens=max_new_tokens, tokenizer=tok
         ).texts,
         "T2L adapter": decoding.generate(
-            params, config, plain, adapter=adapter, max_new_tokens=max_new_tokens, tokenizer=tok
+            params,
+            config,
+            told if with_definition else plain,
+            adapter=adapter,
+            max_new_tokens=max_new_tokens,
+            tokenizer=tok,
         ).texts,
     }
     result = []

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from hyperlora_jax.errors import InputError
+
 WORDS = """apple river stone cloud garden window silver forest candle market bridge orange
 winter summer pencil mountain basket thunder island marble rabbit lantern meadow coffee harbor
 violin ladder feather blanket castle desert engine planet rocket mirror jacket pepper tiger
@@ -718,23 +720,33 @@ def random_descriptions(n: int, seed: int = 0) -> list[str]:
     ][:n] + ["".join(r.choice(alphabet) for _ in range(32)) for _ in range(max(0, n - 3))]
 
 
-def _lol_row(task: Task, i: int, split: str, x: str, y: str) -> dict:
-    # Instruction-free: the definition is empty and there are no examples (the empty "Positive
-    # Example" header only ends the definition for the Lots-of-LoRAs parser), so the prompt holds
-    # the problem plus the official "Please complete the task without any explanation." suffix.
+def _lol_row(task: Task, i: int, split: str, x: str, y: str, definition: str = "") -> dict:
+    # No examples (the empty "Positive Example" header only ends the definition for the
+    # Lots-of-LoRAs parser): the prompt holds the definition (empty: instruction-free), the problem
+    # and the official "Please complete the task without any explanation." suffix.
     text = (
-        "Definition: \n\nPositive Example\n\nNow complete the following example -\n"
+        f"Definition: {definition}\n\nPositive Example\n\nNow complete the following example -\n"
         f"Input: {x}\nOutput:\n\n"
     )
     return {"id": f"{task.name}-{split}-{i}", "input": text, "output": [y]}
 
 
+DEFINITIONS = ("none", "description")
+
+
 def write_suite(
-    out_dir: str | Path, n_train: int = 400, n_valid: int = 50, n_test: int = 100, seed: int = 0
+    out_dir: str | Path,
+    n_train: int = 400,
+    n_valid: int = 50,
+    n_test: int = 100,
+    seed: int = 0,
+    definition: str = "none",
 ) -> Path:
     """Write the 46-task suite (what the shipped T2L was trained and evaluated on)."""
     s = {"train": [t.name for t in train_tasks()], "held_out": list(HELD_OUT_TASKS)}
-    return write_tasks(out_dir, TASKS, s, HELD_OUT_DESCRIPTIONS, n_train, n_valid, n_test, seed)
+    return write_tasks(
+        out_dir, TASKS, s, HELD_OUT_DESCRIPTIONS, n_train, n_valid, n_test, seed, definition
+    )
 
 
 def read_splits(suite: str | Path) -> dict[str, list[str]]:
@@ -751,13 +763,19 @@ def write_tasks(
     n_valid: int,
     n_test: int,
     seed: int,
+    definition: str = "none",
 ) -> Path:
     """Write every task as `<out_dir>/<task>/{metadata.yaml, train/valid/test.jsonl}`.
 
     metadata.yaml holds the training descriptions under `descriptions` and the evaluation ones
     under `eval_descriptions` (a held-out task's are all of them; a training task keeps its last
     `eval_descriptions` out of training); `<out_dir>/splits.yaml` is `splits` (task name lists;
-    `held_out` marks the held-out tasks)."""
+    `held_out` marks the held-out tasks). `definition`: what every prompt's task definition is:
+    "none" (instruction-free: the task is only in the T2L description) or "description" (the
+    task's first description, in training and evaluation, as the official SNI prompts always hold
+    the task's definition; a held-out task's first is its first evaluation description)."""
+    if definition not in DEFINITIONS:
+        raise InputError(f"definition {definition!r} is not one of {DEFINITIONS}")
     out = Path(out_dir)
     held = set(splits.get("held_out", []))
     for task in tasks:
@@ -778,10 +796,11 @@ def write_tasks(
         }
         (t / "metadata.yaml").write_text(yaml.safe_dump(meta, sort_keys=True))
         pairs = examples(task, n_train + n_valid + n_test, seed=seed)
+        task_def = d[0] if definition == "description" else ""
         cuts = {"train": (0, n_train), "valid": (n_train, n_train + n_valid)}
         cuts["test"] = (n_train + n_valid, len(pairs))
         for split, (lo, hi) in cuts.items():
-            rows = [_lol_row(task, i, split, *pairs[i]) for i in range(lo, hi)]
+            rows = [_lol_row(task, i, split, *pairs[i], task_def) for i in range(lo, hi)]
             (t / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "splits.yaml").write_text(yaml.safe_dump(splits))
     return out

@@ -1016,11 +1016,14 @@ def write_universe(
     n_test: int = 50,
     seed: int = 0,
     drop: tuple[str, ...] = (),
+    definition: str = "none",
 ) -> Path:
     """Write every task (minus `drop`, e.g. tasks whose oracle LoRA failed) in the suite layout;
     `splits.yaml` lists train, held_out_members and held_out_families, and `held_out` (both
-    held-out sets) for readers of the two-way suite."""
+    held-out sets) for readers of the two-way suite. `definition`: see `task_suite.write_tasks`."""
     s = {k: [t for t in v if t not in drop] for k, v in splits().items()}
     s["held_out"] = s["held_out_members"] + s["held_out_families"]
     tasks = [t for t in TASKS if t.name not in drop]
-    return write_tasks(out_dir, tasks, s, EVAL_DESCRIPTIONS, n_train, n_valid, n_test, seed)
+    return write_tasks(
+        out_dir, tasks, s, EVAL_DESCRIPTIONS, n_train, n_valid, n_test, seed, definition
+    )

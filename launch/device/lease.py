@@ -212,7 +212,7 @@ def _download_wheels(dest: Path, python_version: str = "3.12") -> None:
 
 def _t2l_pack(dest: Path, n_tasks: int = 0) -> dict:
     """dest/t2l.tar.xz: the task universe's training tasks (metadata + train split of `data
-    task-suite` with its defaults, the universe launch/t2l_smollm2_universe.sh trains and
+    task-suite --definition description`, the universe launch/t2l_smollm2_universe.sh trains and
     evaluates on; the first n_tasks of them when n_tasks > 0, for rehearsals) and
     task_embeddings.npz: their descriptions embedded here by the t2l preset's encoder, so the
     device needs no sentence encoder. int8 with one scale per vector (`PrecomputedEncoder`): in
@@ -234,6 +234,7 @@ def _t2l_pack(dest: Path, n_tasks: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         full, uni, npz = Path(tmp) / "full", Path(tmp) / "universe", Path(tmp) / "embs.npz"
         cmd = [sys.executable, "-m", "hyperlora_jax.cli", "data", "task-suite", f"--out={full}"]
+        cmd.append("--definition=description")  # the shipped universe T2L's prompts
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if r.returncode:
             fail(f"`{' '.join(cmd)}` exited {r.returncode}:\n{r.stderr[-1500:]}")
